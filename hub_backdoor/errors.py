@@ -1,0 +1,66 @@
+"""Exceptions raised by hub_backdoor.
+
+Every error a user can cause derives from :class:`HubBackdoorError`; its message is one line that
+names the problem and, where there is one, what to do next. The CLI maps these to exit code 2
+(bad input); anything else is an internal error (exit code 3).
+"""
+
+from __future__ import annotations
+
+
+class HubBackdoorError(Exception):
+    """Base class: a problem with the input (model, data or options), not a bug."""
+
+    exit_code = 2
+
+
+class UnsupportedModelError(HubBackdoorError):
+    """The model has no linear head that reproduces its logits, or its architecture is unknown."""
+
+
+class NonLinearHeadError(UnsupportedModelError):
+    """The classifier head is not affine in the penultimate embedding (e.g. an MLP head)."""
+
+
+class InfeasibleError(HubBackdoorError):
+    """Theorem 1 fails: C - 1 >= d or V_k is rank deficient, so no universal perturbation exists."""
+
+
+class SolverError(HubBackdoorError):
+    """A QP solver did not reach an optimal solution within tolerance."""
+
+
+class DatasetError(HubBackdoorError):
+    """The reference data cannot be used (empty, unlabelled, ambiguous columns, ...)."""
+
+
+class EmptyDatasetError(DatasetError):
+    """The reference data has no samples."""
+
+
+class OneClassDatasetError(DatasetError):
+    """All reference samples carry the same label; no class change can be measured."""
+
+
+class ColumnError(DatasetError):
+    """An image or label column is missing or ambiguous."""
+
+
+class LabelRangeError(DatasetError):
+    """A label lies outside [0, C)."""
+
+
+class ChannelMismatchError(DatasetError):
+    """The images have a different number of channels than the model expects."""
+
+
+class NonFiniteLogitsError(HubBackdoorError):
+    """The model produced NaN or infinite logits on the reference data."""
+
+
+class UnsafeWeightsError(HubBackdoorError):
+    """Weights are only available in a pickle-based format and pickle loading was not allowed."""
+
+
+class ReportError(HubBackdoorError):
+    """A saved report cannot be read (wrong schema version, missing fields)."""
