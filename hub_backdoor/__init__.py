@@ -1,3 +1,27 @@
-"""hub_backdoor: find and remove backdoors in image classifiers from the Hugging Face Hub."""
+"""hub_backdoor: find and remove backdoors in image classifiers from the Hugging Face Hub.
+
+Public API::
+
+    from hub_backdoor import audit, purify, load_classifier
+
+    report = audit("org/model", dataset)          # AuditReport
+    result = purify("org/model", dataset, report=report)  # PurifyResult
+"""
+
+from .adapters import Classifier, load_classifier
+from .audit import audit
+from .errors import HubBackdoorError
+from .purification import PurifyResult, purify
+from .report import AuditReport
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AuditReport",
+    "Classifier",
+    "HubBackdoorError",
+    "PurifyResult",
+    "audit",
+    "load_classifier",
+    "purify",
+]

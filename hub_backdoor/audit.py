@@ -1,0 +1,141 @@
+"""``audit()``: adapters -> reference pass -> QP reconstruction -> detection -> report."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapters import Classifier, load_classifier
+from .data import ReferenceData
+from .detection import DEFAULT_RULE, DetectionInput, detect
+from .embeddings import ReferencePass, reference_pass
+from .reconstruction import Reconstruction, reconstruct
+from .report import AuditReport, ClassRow, library_versions
+
+
+def audit(
+    source: Any,
+    dataset: Any,
+    *,
+    transform: Any = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+    threshold: float = 2.0,
+    rule: str = DEFAULT_RULE,
+    margin: float = 0.0,
+    solver: str = "daqp",
+    soft_margin: float | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    **load_kw: Any,
+) -> AuditReport:
+    """Audit a classifier for a single-target backdoor.
+
+    Args:
+        source: anything :func:`load_classifier` accepts (model, folder, Hub id, Classifier).
+        dataset: clean labelled reference data: a ``datasets.Dataset`` (one split) or an
+            ``(images, labels)`` pair.
+        transform: maps one raw image to a model input tensor; default: the model's own
+            preprocessing.
+        image_column, label_column: override the automatic column discovery.
+        max_samples: use a seeded random subset of at most this many samples.
+        seed: seeds the subset and torch; recorded in the report.
+        threshold: anomaly index above which a class is flagged.
+        rule: detection rule name (see ``hub_backdoor.detection.RULES``).
+        margin: logit margin m of the QP (0 in the paper).
+        solver: ``"daqp"`` (fast) or ``"cvxpy"`` (reference).
+        soft_margin: solve the soft-margin QP with this penalty when Theorem 1 fails (else error).
+        **load_kw: passed to :func:`load_classifier` (``revision=``, ``head=``, ...).
+
+    Returns:
+        An :class:`AuditReport`; ``report.perturbations`` holds all ``(C, d)`` perturbations.
+    """
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+    clf = load_classifier(source, **load_kw)
+    data = ReferenceData(dataset, image_column=image_column, label_column=label_column)
+    data = data.subset(max_samples, seed)
+    ref = reference_pass(
+        clf, data, transform=transform, batch_size=batch_size, progress=progress, device=device
+    )
+    W, b = clf.head_numpy()
+    rec = reconstruct(W, b, ref.state, margin=margin, solver=solver, soft_margin=soft_margin,
+                      progress=progress)
+    t0 = time.perf_counter()
+    det = detect(
+        DetectionInput(norms=rec.norms, perturbations=rec.perturbations, h_std=ref.h_std),
+        rule=rule,
+        threshold=threshold,
+    )
+    t_detect = time.perf_counter() - t0
+    return build_report(
+        clf, ref, rec, det, data=data, seed=seed,
+        params={
+            "rule": rule, "threshold": threshold, "margin": margin, "solver": solver,
+            "soft_margin": soft_margin, "max_samples": max_samples, "batch_size": batch_size,
+            "transform": None if transform is None else repr(transform),
+        },
+        timings={
+            "reference_pass": ref.seconds, "qp": rec.seconds, "detection": t_detect,
+            "total": time.perf_counter() - t_start,
+        },
+    )
+
+
+def build_report(
+    clf: Classifier,
+    ref: ReferencePass,
+    rec: Reconstruction,
+    det: Any,
+    *,
+    data: ReferenceData,
+    seed: int,
+    params: dict[str, Any],
+    timings: dict[str, float],
+) -> AuditReport:
+    names = data.class_names or getattr(clf, "class_names", None) or [str(k) for k in range(clf.num_classes)]
+    rows = [
+        ClassRow(
+            index=k,
+            name=str(names[k]) if k < len(names) else str(k),
+            norm=float(rec.norms[k]),
+            anomaly_index=float(det.scores[k]),
+            flagged=k in det.flagged,
+            n_reference=int(ref.state.counts[k]),
+        )
+        for k in range(clf.num_classes)
+    ]
+    notes = list(rec.notes)
+    missing = [k for k in range(clf.num_classes) if ref.state.counts[k] == 0]
+    if missing:
+        notes.append(f"no reference samples of classes {missing[:20]}{'...' if len(missing) > 20 else ''}")
+    target = det.target
+    return AuditReport(
+        verdict="backdoor" if det.flagged else "clean",
+        target=target,
+        flagged=list(det.flagged),
+        classes=rows,
+        model={
+            "name": clf.name, "kind": clf.kind, "class": type(clf.model).__name__,
+            "source": clf.source, "num_classes": clf.num_classes, "embed_dim": clf.embed_dim,
+        },
+        params=params,
+        data={
+            "n": ref.n, "accuracy": ref.accuracy, "fingerprint": ref.fingerprint,
+            "exactness": ref.exactness, "description": ref.description,
+        },
+        timings=timings,
+        versions=library_versions(),
+        seed=seed,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        notes=notes,
+        target_perturbation=None if target is None else rec.perturbations[target].tolist(),
+        perturbations=np.asarray(rec.perturbations),
+    )

@@ -1,0 +1,235 @@
+"""Stage 2: remove the backdoor by fine-tuning with the reconstructed latent trigger s_t.
+
+    L = CE(f(x), y) + beta * CE(head(h(x) + s_t), y)
+
+The model must keep the true label even when the reconstructed trigger-activated change is
+added in latent space; plain fine-tuning (beta = 0) does not remove backdoors (method.md).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .adapters import Classifier, load_classifier
+from .audit import audit as run_audit
+from .data import ReferenceData, make_loader
+from .embeddings import reference_pass
+from .errors import HubBackdoorError
+from .reconstruction import solve_class
+from .report import AuditReport
+
+
+@dataclass
+class PurifyResult:
+    """The purified classifier (same kind as the input), metrics before/after, and s_t.
+
+    ``metrics`` keys: ``acc_before``, ``acc_after`` (held-out clean accuracy) and, when a trigger
+    was given, ``asr_before``, ``asr_after``, ``ra_before``, ``ra_after``.
+    """
+
+    classifier: Classifier
+    target: int
+    perturbation: np.ndarray
+    metrics: dict[str, float]
+    params: dict[str, Any]
+    report: AuditReport
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.classifier.model
+
+    def summary(self) -> str:
+        m = self.metrics
+        out = (
+            f"purified target class {self.target}: clean accuracy "
+            f"{m['acc_before']:.3f} -> {m['acc_after']:.3f}"
+        )
+        if "asr_before" in m:
+            out += f"; attack success rate {m['asr_before']:.3f} -> {m['asr_after']:.3f}"
+        return out
+
+
+def _train_params(model: torch.nn.Module, train: str | list[str]) -> list[torch.nn.Parameter]:
+    if train == "all":
+        return [p for p in model.parameters()]
+    prefixes = [train] if isinstance(train, str) else list(train)
+    params = [p for n, p in model.named_parameters() if any(n.startswith(pre) for pre in prefixes)]
+    if not params:
+        raise HubBackdoorError(f"train={train!r} matches no parameter names of {type(model).__name__}")
+    return params
+
+
+@torch.no_grad()
+def _evaluate(clf: Classifier, data: ReferenceData, transform: Any, trigger: Any, target: int,
+              batch_size: int) -> dict[str, float]:
+    clf.model.eval()
+    out: dict[str, float] = {}
+    right = n = 0
+    for x, y in make_loader(data, transform, batch_size=batch_size):
+        right += int((clf.forward(x.to(clf.device))[0].argmax(1).cpu() == y).sum())
+        n += len(y)
+    out["acc"] = right / max(n, 1)
+    if trigger is not None:
+        def tf(img: Any) -> torch.Tensor:
+            return transform(trigger(img))
+
+        hits = rec = m = 0
+        for x, y in make_loader(data, tf, batch_size=batch_size):
+            keep = y != target
+            if not keep.any():
+                continue
+            p = clf.forward(x[keep].to(clf.device))[0].argmax(1).cpu()
+            hits += int((p == target).sum())
+            rec += int((p == y[keep]).sum())
+            m += int(keep.sum())
+        out["asr"], out["ra"] = hits / max(m, 1), rec / max(m, 1)
+    return out
+
+
+def purify(
+    source: Any,
+    dataset: Any,
+    *,
+    report: AuditReport | None = None,
+    target: int | None = None,
+    trigger: Any = None,
+    beta: float = 3.0,
+    epochs: int = 10,
+    lr: float = 0.01,
+    batch_size: int = 64,
+    train: str | list[str] = "all",
+    holdout: float = 0.2,
+    resolve_every: int | None = None,
+    freeze_norm: bool = True,
+    seed: int = 0,
+    transform: Any = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    audit_kw: dict[str, Any] | None = None,
+    **load_kw: Any,
+) -> PurifyResult:
+    """Fine-tune a copy of the model so the reconstructed trigger no longer flips its predictions.
+
+    Args:
+        source: anything :func:`load_classifier` accepts; it is never modified.
+        dataset: clean labelled data (the defender's); ``holdout`` of it (stratified, seeded)
+            measures accuracy/ASR before and after, the rest is used for the audit and fine-tuning.
+        report: an audit of this model; when None the audit runs on the training part.
+        target: the class to purify; default: the report's target. Required when the audit
+            flagged nothing (purifying a clean-looking model is then an explicit choice).
+        trigger: optional callable applied to one raw image; measures ASR/RA before and after.
+        beta: weight of the latent-trigger loss. epochs, lr: SGD with one-cycle schedule.
+        train: ``"all"`` or parameter-name prefixes that may change (the rest is frozen).
+        resolve_every: re-solve s_t on the current model every this many epochs (None: never).
+        freeze_norm: keep BatchNorm statistics fixed; a few hundred clean samples estimate them
+            worse than the original training set did.
+    """
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+    original = load_classifier(source, **load_kw)
+    clf = original.copy()
+    if device is not None:
+        clf.model.to(device)
+    data = ReferenceData(dataset, image_column=image_column, label_column=label_column)
+    fit, held = data.split(holdout, seed) if holdout > 0 else (data, data)
+    tf = transform or clf.preprocess
+    if report is None:
+        report = run_audit(clf, fit, transform=transform, seed=seed, progress=progress, **(audit_kw or {}))
+    if target is None:
+        if report.target is None:
+            raise HubBackdoorError(
+                "the audit flagged no class; pass target= to purify against a chosen class anyway"
+            )
+        target = report.target
+    if report.perturbations is not None:
+        s_t = np.asarray(report.perturbations[target])
+    elif report.target == target and report.target_perturbation is not None:
+        s_t = np.asarray(report.target_perturbation)
+    else:
+        s_t = _solve_target(clf, fit, tf, target, batch_size, report.params.get("margin", 0.0))
+
+    before = _evaluate(clf, held, tf, trigger, target, batch_size)
+    params = _train_params(clf.model, train)
+    for p in clf.model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    loader = make_loader(fit, tf, batch_size=batch_size, shuffle=True, seed=seed)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * len(loader)))
+    history: list[dict[str, float]] = []
+    s = torch.as_tensor(s_t, dtype=torch.float32, device=clf.device)
+    epoch_iter: Any = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epoch_iter = tqdm(epoch_iter, desc="purify", unit="epoch", leave=False)
+    for epoch in epoch_iter:
+        if resolve_every and epoch > 0 and epoch % resolve_every == 0:
+            s_new = _solve_target(clf, fit, tf, target, batch_size, report.params.get("margin", 0.0))
+            s = torch.as_tensor(s_new, dtype=torch.float32, device=clf.device)
+        clf.model.train()
+        if freeze_norm:
+            _freeze_batchnorm(clf.model)
+        tot_clean = tot_trig = 0.0
+        n = 0
+        for x, y in loader:
+            x, y = x.to(clf.device), y.to(clf.device)
+            logits, h = clf.forward(x)
+            loss_clean = F.cross_entropy(logits, y)
+            loss_trig = F.cross_entropy(clf.head_logits(h + s.to(h.dtype)), y)
+            loss = loss_clean + beta * loss_trig
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot_clean += float(loss_clean) * len(y)
+            tot_trig += float(loss_trig) * len(y)
+            n += len(y)
+        history.append({"epoch": epoch + 1, "loss_clean": tot_clean / n, "loss_trigger": tot_trig / n})
+    for p in clf.model.parameters():
+        p.requires_grad_(True)
+    clf.model.eval()
+    after = _evaluate(clf, held, tf, trigger, target, batch_size)
+    metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
+    metrics["n_finetune"], metrics["n_holdout"] = float(len(fit)), float(len(held))
+    clf.source = {**original.source, "purified_from": original.name}
+    return PurifyResult(
+        classifier=clf,
+        target=int(target),
+        perturbation=np.asarray(s_t),
+        metrics=metrics,
+        params={
+            "beta": beta, "epochs": epochs, "lr": lr, "batch_size": batch_size, "train": train,
+            "holdout": holdout, "resolve_every": resolve_every, "freeze_norm": freeze_norm,
+            "seed": seed,
+        },
+        report=report,
+        history=history,
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+def _freeze_batchnorm(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _solve_target(clf: Classifier, data: ReferenceData, tf: Any, target: int, batch_size: int,
+                  margin: float) -> np.ndarray:
+    was = clf.model.training
+    ref = reference_pass(clf, data, transform=tf, batch_size=batch_size, progress=False)
+    clf.model.train(was)
+    W, b = clf.head_numpy()
+    return solve_class(W, b, ref.state.worst, target, margin=margin).s

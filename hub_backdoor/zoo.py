@@ -1,0 +1,212 @@
+"""Real offline data, backdoor attacks and a small trainer: the material for the demo, tests and
+benchmarks. Everything here is seeded; nothing downloads.
+
+Attacks act on raw PIL images, before the model's preprocessing, as a real poisoner would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .adapters.base import Classifier
+from .data import ReferenceData, make_loader
+
+DIGIT_NAMES = [str(i) for i in range(10)]
+
+
+# -- data -------------------------------------------------------------------------------------
+def _to_dataset(images: list[Image.Image], labels: np.ndarray, names: list[str]) -> Any:
+    import datasets
+
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    return datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}, features=feats)
+
+
+def digits(*, size: int = 32, test_fraction: float = 0.25, seed: int = 0) -> Any:
+    """scikit-learn's 1,797 real 8x8 handwritten digits, upsampled to ``size``, as a
+    ``datasets.DatasetDict`` with ``train``/``test`` splits (``image``: grayscale PIL, ``label``)."""
+    import datasets
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = [
+        Image.fromarray((x * (255.0 / 16.0)).astype(np.uint8), mode="L").resize((size, size), Image.BILINEAR)
+        for x in d.images
+    ]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(imgs))
+    n_test = int(round(test_fraction * len(imgs)))
+    test, train = order[:n_test], order[n_test:]
+    y = d.target.astype(np.int64)
+    return datasets.DatasetDict({
+        "train": _to_dataset([imgs[i] for i in train], y[train], DIGIT_NAMES),
+        "test": _to_dataset([imgs[i] for i in test], y[test], DIGIT_NAMES),
+    })
+
+
+# -- attacks ----------------------------------------------------------------------------------
+class Attack:
+    """A trigger applied to one raw image; ``attack(img) -> img``."""
+
+    name = "attack"
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+
+@dataclass
+class BadNets(Attack):
+    """A square patch (checkerboard of white/black) in a corner, ``size`` as a fraction of the side."""
+
+    size: float = 0.15
+    corner: str = "br"
+    name: str = "badnets"
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        a = np.array(img)
+        h, w = a.shape[:2]
+        p = max(2, int(round(self.size * min(h, w))))
+        y0 = h - p - 1 if "b" in self.corner else 1
+        x0 = w - p - 1 if "r" in self.corner else 1
+        yy, xx = np.mgrid[0:p, 0:p]
+        patch = np.where((yy + xx) % 2 == 0, 255, 0).astype(a.dtype)
+        a[y0 : y0 + p, x0 : x0 + p] = patch if a.ndim == 2 else patch[..., None]
+        return Image.fromarray(a, mode=img.mode)
+
+
+@dataclass
+class Blend(Attack):
+    """Blend a fixed seeded noise pattern: ``(1 - alpha) x + alpha pattern``."""
+
+    alpha: float = 0.2
+    seed: int = 12345
+    name: str = "blend"
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        a = np.array(img).astype(np.float32)
+        pat = np.random.default_rng(self.seed).integers(0, 256, size=a.shape).astype(np.float32)
+        return Image.fromarray(((1 - self.alpha) * a + self.alpha * pat).clip(0, 255).astype(np.uint8),
+                               mode=img.mode)
+
+
+@dataclass
+class SIG(Attack):
+    """Clean-label sinusoidal signal (Barni et al.): ``x + delta * sin(2 pi j f / W)``."""
+
+    delta: float = 30.0
+    freq: float = 6.0
+    name: str = "sig"
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        a = np.array(img).astype(np.float32)
+        w = a.shape[1]
+        sig = self.delta * np.sin(2 * math.pi * np.arange(w) * self.freq / w)
+        a = a + (sig[None, :] if a.ndim == 2 else sig[None, :, None])
+        return Image.fromarray(a.clip(0, 255).astype(np.uint8), mode=img.mode)
+
+
+ATTACKS: dict[str, Callable[..., Attack]] = {"badnets": BadNets, "blend": Blend, "sig": SIG}
+
+
+def poison(dataset: Any, attack: Attack, *, target: int, rate: float, seed: int = 0,
+           clean_label: bool = False) -> Any:
+    """Return a copy of a ``datasets.Dataset`` with ``rate`` of its samples triggered.
+
+    Dirty-label (default): random non-target samples get the trigger and label ``target``.
+    Clean-label: only target-class samples get the trigger, labels unchanged.
+    A boolean ``poisoned`` column marks them.
+    """
+    labels = np.array(dataset["label"])
+    rng = np.random.default_rng(seed)
+    pool = np.flatnonzero(labels == target) if clean_label else np.flatnonzero(labels != target)
+    k = min(len(pool), int(round(rate * len(labels))))
+    chosen = set(rng.choice(pool, size=k, replace=False).tolist())
+
+    def fn(ex: dict, idx: int) -> dict:
+        if idx in chosen:
+            ex["image"] = attack(ex["image"])
+            if not clean_label:
+                ex["label"] = target
+            ex["poisoned"] = True
+        else:
+            ex["poisoned"] = False
+        return ex
+
+    return dataset.map(fn, with_indices=True, desc=None, load_from_cache_file=False)
+
+
+def triggered(dataset: Any, attack: Attack, *, target: int) -> Any:
+    """Non-target test samples with the trigger applied, true labels kept (for ASR and RA)."""
+    keep = [i for i, y in enumerate(dataset["label"]) if y != target]
+    return dataset.select(keep).map(lambda ex: {"image": attack(ex["image"])}, load_from_cache_file=False)
+
+
+# -- training and evaluation ------------------------------------------------------------------
+def train(
+    clf: Classifier,
+    dataset: Any,
+    *,
+    epochs: int = 10,
+    lr: float = 0.05,
+    batch_size: int = 64,
+    seed: int = 0,
+    weight_decay: float = 5e-4,
+    transform: Any = None,
+) -> list[float]:
+    """Train ``clf.model`` in place with SGD + one-cycle; returns the mean loss per epoch."""
+    torch.manual_seed(seed)
+    loader = make_loader(ReferenceData(dataset), transform or clf.preprocess, batch_size=batch_size,
+                         shuffle=True, seed=seed)
+    opt = torch.optim.SGD(clf.model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay,
+                          nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader))
+    clf.model.train()
+    losses = []
+    for _ in range(epochs):
+        tot = 0.0
+        for x, y in loader:
+            logits, _h = clf.forward(x.to(clf.device))
+            loss = torch.nn.functional.cross_entropy(logits, y.to(clf.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += float(loss) * len(y)
+        losses.append(tot / len(loader.dataset))
+    clf.model.eval()
+    return losses
+
+
+@torch.no_grad()
+def predict(clf: Classifier, dataset: Any, *, transform: Any = None, batch_size: int = 256) -> tuple[
+        np.ndarray, np.ndarray]:
+    """Predicted and true labels over a dataset."""
+    clf.model.eval()
+    preds, ys = [], []
+    for x, y in make_loader(ReferenceData(dataset), transform or clf.preprocess, batch_size=batch_size):
+        logits, _ = clf.forward(x.to(clf.device))
+        preds.append(logits.argmax(1).cpu().numpy())
+        ys.append(y.numpy())
+    return np.concatenate(preds), np.concatenate(ys)
+
+
+def accuracy(clf: Classifier, dataset: Any, **kw: Any) -> float:
+    p, y = predict(clf, dataset, **kw)
+    return float((p == y).mean())
+
+
+def attack_success(clf: Classifier, dataset: Any, attack: Attack, *, target: int, **kw: Any) -> tuple[
+        float, float]:
+    """(ASR, RA) over the non-target samples of ``dataset`` with the trigger applied."""
+    p, y = predict(clf, triggered(dataset, attack, target=target), **kw)
+    return float((p == target).mean()), float((p == y).mean())
