@@ -64,3 +64,11 @@ class UnsafeWeightsError(HubBackdoorError):
 
 class ReportError(HubBackdoorError):
     """A saved report cannot be read (wrong schema version, missing fields)."""
+
+
+class RepoNotFoundError(HubBackdoorError):
+    """The Hub repo does not exist, or is private/gated and the token gives no access."""
+
+
+class RevisionNotFoundError(HubBackdoorError):
+    """The repo exists but the branch, tag, pull request ref or commit sha does not."""
