@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from .adapters import Classifier, load_classifier
-from .data import ReferenceData
-from .detection import DEFAULT_RULE, DetectionInput, detect
+from .data import ReferenceData, StreamingReference, reference_data
+from .detection import DEFAULT_RULE, NEEDS_NONNEG, DetectionInput, detect
+from .distributed import reconstruct_distributed, resolve
 from .embeddings import ReferencePass, reference_pass
-from .reconstruction import Reconstruction, reconstruct
+from .reconstruction import Reconstruction
 from .report import AuditReport, ClassRow, library_versions
 
 
@@ -34,24 +35,33 @@ def audit(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     progress: bool = True,
+    accelerator: Any = None,
     **load_kw: Any,
 ) -> AuditReport:
     """Audit a classifier for a single-target backdoor.
 
     Args:
         source: anything :func:`load_classifier` accepts (model, folder, Hub id, Classifier).
-        dataset: clean labelled reference data: a ``datasets.Dataset`` (one split) or an
-            ``(images, labels)`` pair.
+        dataset: clean labelled reference data: a ``datasets.Dataset`` (one split), an
+            ``(images, labels)`` pair, or a stream (``datasets.IterableDataset`` from
+            ``load_dataset(..., streaming=True)``; memory then stays bounded by one batch).
         transform: maps one raw image to a model input tensor; default: the model's own
             preprocessing.
         image_column, label_column: override the automatic column discovery.
-        max_samples: use a seeded random subset of at most this many samples.
+        max_samples: use a seeded random subset of at most this many samples (a stream: its
+            first ``max_samples`` examples).
         seed: seeds the subset and torch; recorded in the report.
         threshold: anomaly index above which a class is flagged.
         rule: detection rule name (see ``hub_backdoor.detection.RULES``).
         margin: logit margin m of the QP (0 in the paper).
         solver: ``"daqp"`` (fast) or ``"cvxpy"`` (reference).
         soft_margin: solve the soft-margin QP with this penalty when Theorem 1 fails (else error).
+        accelerator: run over several processes / on a GPU with ``accelerate``: ``None`` (auto:
+            an ``Accelerator`` under ``torchrun`` / ``accelerate launch``, else one plain
+            process), ``True``, ``False`` or an ``accelerate.Accelerator``. The reference pass
+            and the per-class QPs are split over the processes; detection and the report are
+            computed on the main process and the same report is returned on every process (see
+            :mod:`hub_backdoor.distributed`).
         **load_kw: passed to :func:`load_classifier` (``revision=``, ``head=``, ...).
 
     Returns:
@@ -59,34 +69,57 @@ def audit(
     """
     t_start = time.perf_counter()
     torch.manual_seed(seed)
+    dist = resolve(accelerator)
     clf = load_classifier(source, **load_kw)
-    data = ReferenceData(dataset, image_column=image_column, label_column=label_column)
+    data = reference_data(dataset, image_column=image_column, label_column=label_column)
     data = data.subset(max_samples, seed)
     ref = reference_pass(
-        clf, data, transform=transform, batch_size=batch_size, progress=progress, device=device
+        clf, data, transform=transform, batch_size=batch_size, progress=progress, device=device,
+        accelerator=dist,
     )
     W, b = clf.head_numpy()
-    rec = reconstruct(W, b, ref.state, margin=margin, solver=solver, soft_margin=soft_margin,
-                      progress=progress)
-    t0 = time.perf_counter()
-    det = detect(
-        DetectionInput(norms=rec.norms, perturbations=rec.perturbations, h_std=ref.h_std),
-        rule=rule,
-        threshold=threshold,
+    qp = dict(margin=margin, solver=solver, soft_margin=soft_margin, progress=progress and dist.is_main)
+    rec = reconstruct_distributed(W, b, ref.state, dist, **qp)
+    nonneg = (
+        reconstruct_distributed(W, b, ref.state, dist, nonneg=True, **qp) if rule in NEEDS_NONNEG else None
     )
-    t_detect = time.perf_counter() - t0
-    return build_report(
-        clf, ref, rec, det, data=data, seed=seed,
-        params={
-            "rule": rule, "threshold": threshold, "margin": margin, "solver": solver,
-            "soft_margin": soft_margin, "max_samples": max_samples, "batch_size": batch_size,
-            "transform": None if transform is None else repr(transform),
-        },
-        timings={
-            "reference_pass": ref.seconds, "qp": rec.seconds, "detection": t_detect,
-            "total": time.perf_counter() - t_start,
-        },
-    )
+
+    def finish() -> AuditReport | None:
+        if not dist.is_main:  # detection and the report happen on the main process only
+            return None
+        t0 = time.perf_counter()
+        det = detect(
+            DetectionInput(
+                norms=rec.norms, perturbations=rec.perturbations, h_std=ref.h_std,
+                nonneg_norms=None if nonneg is None else nonneg.norms,
+            ),
+            rule=rule,
+            threshold=threshold,
+        )
+        t_detect = time.perf_counter() - t0
+        return build_report(
+            clf, ref, rec, det, data=data, seed=seed,
+            params={
+                "rule": rule, "threshold": threshold, "margin": margin, "solver": solver,
+                "soft_margin": soft_margin, "max_samples": max_samples, "batch_size": batch_size,
+                "transform": None if transform is None else repr(transform),
+                "num_processes": dist.world, "streaming": isinstance(data, StreamingReference),
+            },
+            timings={
+                "reference_pass": ref.seconds,
+                "qp": rec.seconds + (nonneg.seconds if nonneg is not None else 0.0),
+                "detection": t_detect,
+                "total": time.perf_counter() - t_start,
+            },
+        )
+
+    report = dist.run(finish)
+    if dist.active:  # every process returns the main process's report
+        if report is not None:
+            report.perturbations = None
+        report = dist.broadcast_object(report)
+        report.perturbations = np.asarray(rec.perturbations)
+    return report
 
 
 def build_report(
@@ -95,7 +128,7 @@ def build_report(
     rec: Reconstruction,
     det: Any,
     *,
-    data: ReferenceData,
+    data: ReferenceData | StreamingReference,
     seed: int,
     params: dict[str, Any],
     timings: dict[str, float],

