@@ -26,7 +26,11 @@ def data():
     test = ds["test"]
     half = len(test) // 2
     # the defender's clean data and a disjoint evaluation set
-    return {"train": ds["train"], "defend": test.select(range(half)), "eval": test.select(range(half, len(test)))}
+    return {
+        "train": ds["train"],
+        "defend": test.select(range(half)),
+        "eval": test.select(range(half, len(test))),
+    }
 
 
 @pytest.fixture(scope="module")

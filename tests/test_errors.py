@@ -120,7 +120,8 @@ def test_ambiguous_label_column():
     msg = _one_line(e)
     assert "ambiguous label column" in msg and "coarse" in msg
     # naming the column resolves it
-    assert audit(_clf(), _ds(coarse="label"), label_column="coarse", progress=False, rule="mad").data["n"] == 16
+    r = audit(_clf(), _ds(coarse="label"), label_column="coarse", progress=False, rule="mad")
+    assert r.data["n"] == 16
 
 
 def test_named_column_that_does_not_exist():
