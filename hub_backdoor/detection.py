@@ -24,12 +24,15 @@ class DetectionInput:
         perturbations: ``(C, d)`` the s_k themselves.
         h_std: ``(d,)`` per-dimension std of h(x) over the clean reference set.
         nonneg_norms: ``(C,)`` ||s_k|| of the QP with ``s >= 0`` (None when not solved).
+        quantile_norms: ``(C,)`` ||s_k|| when the collapse takes a quantile over the samples
+            instead of the max (needs per-sample logits; the benchmark computes it; None otherwise).
     """
 
     norms: np.ndarray
     perturbations: np.ndarray | None = None
     h_std: np.ndarray | None = None
     nonneg_norms: np.ndarray | None = None
+    quantile_norms: np.ndarray | None = None
 
 
 @dataclass
@@ -91,6 +94,55 @@ def _agree(inp: DetectionInput) -> np.ndarray:
     return np.minimum(_mad_nonneg(inp), _dormant(inp))
 
 
+def loo_anomaly_index(x: np.ndarray) -> np.ndarray:
+    """Leave-one-out anomaly index: entry k against the median and MAD of the *other* entries,
+    so one outlier does not widen the spread it is measured against."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros_like(x)
+    for k in range(len(x)):
+        rest = np.delete(x, k)
+        med = np.median(rest)
+        mad = MAD_SCALE * np.median(np.abs(rest - med))
+        out[k] = (med - x[k]) / mad if mad > 0 else 0.0
+    return out
+
+
+def _mad_log(inp: DetectionInput) -> np.ndarray:
+    return anomaly_index(np.log(np.maximum(np.asarray(inp.norms, dtype=np.float64), 1e-12)))
+
+
+def _mad_loo(inp: DetectionInput) -> np.ndarray:
+    return loo_anomaly_index(inp.norms)
+
+
+def _min_gap(inp: DetectionInput) -> np.ndarray:
+    """Only the smallest norm can be flagged: its gap to the second smallest, in robust standard
+    deviations (an extreme-value test on the arg-min class)."""
+    x = np.asarray(inp.norms, dtype=np.float64)
+    out = np.zeros_like(x)
+    if len(x) < 3:
+        return out
+    order = np.argsort(x)
+    mad = MAD_SCALE * np.median(np.abs(x - np.median(x)))
+    if mad > 0:
+        out[order[0]] = (x[order[1]] - x[order[0]]) / mad
+    return out
+
+
+def _mad_quantile(inp: DetectionInput) -> np.ndarray:
+    if inp.quantile_norms is None:
+        raise ValueError("rule 'mad-quantile' needs the quantile reconstruction (quantile_norms)")
+    return anomaly_index(inp.quantile_norms)
+
+
+def _agree_mad(inp: DetectionInput) -> np.ndarray:
+    return np.minimum(_mad(inp), _dormant(inp))
+
+
+def _agree_loo(inp: DetectionInput) -> np.ndarray:
+    return np.minimum(_mad_loo(inp), _dormant(inp))
+
+
 #: Detection rules: name -> fn(DetectionInput) -> scores (C,).
 #:   "mad"         the paper (arXiv v1): MAD anomaly index of ||s_k||
 #:   "mad-nonneg"  MAD anomaly index of ||s_k|| with s >= 0 (a trigger switches features on)
@@ -102,6 +154,13 @@ RULES: dict[str, Callable[[DetectionInput], np.ndarray]] = {
     "mad-nonneg": _mad_nonneg,
     "dormant": _dormant,
     "agree": _agree,
+    # candidates of the benchmark's detection study (docs/benchmarks.md)
+    "mad-log": _mad_log,  # MAD on log ||s_k|| (norms are positive and skewed)
+    "mad-loo": _mad_loo,  # leave-one-out MAD: the outlier does not inflate its own yardstick
+    "min-gap": _min_gap,  # extreme-value test on the smallest norm only
+    "mad-quantile": _mad_quantile,  # 95 % quantile instead of the max in the collapse
+    "agree-mad": _agree_mad,  # "mad" and "dormant" flag the same class
+    "agree-loo": _agree_loo,  # "mad-loo" and "dormant" flag the same class
 }
 
 #: Rules that need the extra s >= 0 reconstruction.

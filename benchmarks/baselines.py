@@ -1,0 +1,106 @@
+"""Baseline defenses on the same models and clean data: plain fine-tuning (FT), Neural Cleanse
+(trigger reverse engineering + MAD, then unlearning) and CLP (data-free channel Lipschitz pruning).
+
+* FT: :func:`benchmarks.core.finetune` with ``beta = 0`` (same schedule as this project's loss).
+* Neural Cleanse (Wang et al., S&P 2019): per class a mask m and pattern p minimising
+  ``CE(f((1 - m) x + m p), k) + lambda |m|_1`` (Adam, all classes optimised jointly in one batch);
+  lambda is fixed (``2 / (H W)``: a full-image mask costs 2 nats) instead of NC's adaptive schedule.
+  The class whose mask L1 norm has MAD anomaly index > 2 (low side) is flagged; unlearning
+  fine-tunes on the clean data with 20 % of each batch stamped with the reversed trigger, true
+  labels kept. Nothing flagged: the model is returned unchanged (as BackdoorBench does).
+* CLP (Zheng et al., ECCV 2022): for every Conv2d followed by a BatchNorm2d (module order, as the
+  official code pairs them) the upper bound of each channel's Lipschitz constant is the spectral
+  norm of its kernel scaled by |gamma / sigma|; channels above mean + u * std within the layer
+  (u = 3) get their BN weight and bias zeroed. Models without conv-BN pairs (ViT): not applicable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hub_backdoor.adapters.base import Classifier
+from hub_backdoor.detection import anomaly_index
+
+from .core import finetune
+
+
+def nc_reverse(clf: Classifier, X: torch.Tensor, *, steps: int, bs: int, seed: int,
+               lr: float = 0.1) -> dict[str, Any]:
+    """Reverse-engineer one trigger per class; returns masks, patterns, L1 norms, scores, flag."""
+    dev = X.device
+    model = clf.model.eval()
+    C = clf.num_classes
+    ch, H, W = X.shape[1:]
+    lam = 2.0 / (H * W)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    m_raw = torch.zeros(C, 1, H, W, device=dev, requires_grad=True)
+    p_raw = (torch.randn(C, ch, H, W, generator=g) * 0.1).to(dev).requires_grad_(True)
+    opt = torch.optim.Adam([m_raw, p_raw], lr=lr, betas=(0.5, 0.9))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    labels = torch.arange(C, device=dev).repeat_interleave(bs)
+    for _ in range(steps):
+        idx = torch.randint(0, len(X), (bs,), generator=g).to(dev)
+        xb = X[idx]
+        m, p = torch.sigmoid(m_raw), torch.tanh(p_raw)
+        xt = (1 - m[:, None]) * xb[None] + m[:, None] * p[:, None]
+        logits = model(xt.reshape(C * bs, ch, H, W)).float()
+        ce = F.cross_entropy(logits, labels, reduction="none").view(C, bs).mean(1)
+        loss = (ce + lam * m.flatten(1).sum(1)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():
+        m, p = torch.sigmoid(m_raw), torch.tanh(p_raw)
+        l1 = m.flatten(1).sum(1).cpu().numpy().astype(np.float64)
+    scores = anomaly_index(l1)
+    k = int(np.argmax(scores))
+    return {"masks": m.detach(), "patterns": p.detach(), "l1": l1.tolist(), "scores": scores.tolist(),
+            "flagged": k if scores[k] > 2.0 else None}
+
+
+def nc_unlearn(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, rev: dict[str, Any], *, epochs: int,
+               lr: float, bs: int, seed: int, share: float = 0.2) -> Classifier:
+    t = rev["flagged"]
+    if t is None:
+        return clf
+    m, p = rev["masks"][t], rev["patterns"][t]
+
+    def stamp(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        k = int(round(share * len(xb)))
+        xb = xb.clone()
+        xb[:k] = (1 - m) * xb[:k] + m * p
+        return xb
+
+    return finetune(clf, X, Y, epochs=epochs, lr=lr, bs=bs, seed=seed, stamp=stamp)
+
+
+@torch.no_grad()
+def clp(clf: Classifier, u: float = 3.0) -> tuple[Classifier, int]:
+    """Prune in place; returns (classifier, number of channels pruned); 0 pairs -> (clf, -1)."""
+    conv = None
+    pruned = pairs = 0
+    for m in clf.model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            if conv is None or conv.out_channels != m.num_features or m.running_var is None:
+                continue
+            pairs += 1
+            scale = (m.weight if m.weight is not None else torch.ones_like(m.running_var)).abs()
+            scale = scale / m.running_var.add(m.eps).sqrt()
+            w = conv.weight.flatten(2) * scale[:, None, None]  # (out, in, kh*kw)
+            lips = torch.linalg.matrix_norm(w.float(), ord=2)
+            idx = lips > lips.mean() + u * lips.std()
+            if m.weight is not None:
+                m.weight[idx] = 0.0
+            if m.bias is not None:
+                m.bias[idx] = 0.0
+            pruned += int(idx.sum())
+        elif isinstance(m, torch.nn.Conv2d):
+            conv = m
+    return clf, pruned if pairs else -1

