@@ -72,3 +72,7 @@ class RepoNotFoundError(HubBackdoorError):
 
 class RevisionNotFoundError(HubBackdoorError):
     """The repo exists but the branch, tag, pull request ref or commit sha does not."""
+
+
+class CorruptWeightsError(HubBackdoorError):
+    """A weights file is damaged or is not what its name says (e.g. a truncated .safetensors file)."""

@@ -7,7 +7,8 @@ Schema (``schema_version`` "1"; documented in README "JSON report"):
   classes            per class: index, name, norm, anomaly_index, flagged, n_reference
   model              name, kind, source, num_classes, embed_dim
   params             detection rule, threshold, margin, solver, soft_margin, max_samples, batch_size
-  data               n, accuracy, fingerprint (SHA-256 of the exact inputs), description
+  data               n, accuracy, fingerprint (SHA-256 of the exact inputs), description; the CLI
+                     adds source: {name, kind ("hub" | "disk" | "imagefolder"), split, revision}
   timings            seconds: reference_pass, qp, detection, total
   versions           python, hub_backdoor and the libraries that shape the result
   seed, created, notes
@@ -172,6 +173,13 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +187,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

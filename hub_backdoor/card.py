@@ -1,0 +1,584 @@
+"""The security model card: a Hub model card (``ModelCard`` / ``ModelCardData``) for an audit or a
+purified model, rendered from the Jinja template ``hub_backdoor/cards/security_card.md``, with a PNG
+bar chart of the per-class norms next to it.
+
+The card's YAML metadata holds ``tags`` (``backdoor-defense``, ``hub-backdoor``), ``base_model`` (for a
+purified model: the audited Hub repo), a ``model-index`` with clean accuracy (and attack success rate
+when a trigger was evaluated) and a ``hub_backdoor`` block with the per-class norms, anomaly indices,
+flagged class, method parameters, library versions and the data fingerprint.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .detection import MAD_SCALE
+from .report import AuditReport, atomic_write_text, current_umask
+
+#: The card template (Jinja, as ``ModelCard.from_template`` expects); shipped as package data.
+TEMPLATE_PATH = Path(__file__).resolve().parent / "cards" / "security_card.md"
+#: Schema version of the ``hub_backdoor`` metadata block in the card.
+CARD_SCHEMA_VERSION = "1"
+#: Tags every security card carries.
+TAGS = ["backdoor-defense", "hub-backdoor"]
+#: Classes shown in the card's table before it is cut to the flagged and most anomalous ones.
+MAX_TABLE_ROWS = 50
+_SHOWN_WHEN_CUT = 20
+
+
+@dataclass
+class CardContext:
+    """Everything a card says besides the audit report itself.
+
+    Attributes:
+        model_label: how the audited model is named in the text (Hub id, folder name).
+        audited_repo: the audited Hub repo id, or None for a local model; becomes ``base_model`` of a
+            purified model's card.
+        audited_sha: commit the audited files came from.
+        base_model: the card's ``base_model`` (a Hub id): the audited repo, for a purified model.
+        model_name: name of the model the card describes (model-index name).
+        dataset: Hub dataset id or local folder name of the reference data; None when unknown.
+        dataset_is_hub: whether ``dataset`` is a Hub dataset id (then it goes in ``datasets:``).
+        split: the split (with slice) of the reference data.
+        reproduce: the command line that reproduces the audit.
+        purification: the purification record (see :func:`hub_backdoor.cli.purification_record`),
+            or None for an audit-only card.
+        report_after: the audit of the purified model, when it was audited again.
+        original_card: body of the audited model's own card, appended to the security card.
+        extra_metadata: metadata of the original card kept in the new one (license, language, ...).
+        load_hint: one line telling how to load the purified model.
+    """
+
+    model_label: str
+    audited_repo: str | None = None
+    audited_sha: str | None = None
+    base_model: str | None = None
+    model_name: str | None = None
+    dataset: str | None = None
+    dataset_is_hub: bool = False
+    split: str | None = None
+    reproduce: str = ""
+    purification: dict[str, Any] | None = None
+    report_after: AuditReport | None = None
+    original_card: str | None = None
+    extra_metadata: dict[str, Any] = field(default_factory=dict)
+    load_hint: str = ""
+
+
+# -- chart --------------------------------------------------------------------------------------------
+def flag_norm(norms: np.ndarray, threshold: float) -> float | None:
+    """The norm below which the MAD rule flags a class (None when the MAD is zero)."""
+    norms = np.asarray(norms, dtype=np.float64)
+    med = float(np.median(norms))
+    mad = MAD_SCALE * float(np.median(np.abs(norms - med)))
+    if not mad > 0:
+        return None
+    return med - threshold * mad
+
+
+def render_chart(report: AuditReport, *, after: AuditReport | None = None, title: str | None = None) -> bytes:
+    """A PNG bar chart of the per-class norms; flagged classes in red, the flag line dashed.
+
+    With ``after``, a second bar per class shows the norms of the purified model.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    norms = report.norms
+    C = len(norms)
+    flagged = set(report.flagged)
+    x = np.arange(C)
+    fig = Figure(figsize=(max(7.5, min(16.0, 0.45 * C + 4.0)), 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    blue, red, green = "#4c72b0", "#d62728", "#55a868"
+    width = 0.8 if after is None else 0.4
+    colors = [red if k in flagged else blue for k in range(C)]
+    offset = 0.0 if after is None else -width / 2
+    ax.bar(x + offset, norms, width=width, color=colors)
+    rule = str(report.params.get("rule", "mad"))
+    handles = [Patch(color=blue, label="audited model" if after is not None else "class")]
+    if flagged:
+        handles.append(Patch(color=red, label=f"flagged (rule {rule})"))
+    if after is not None:
+        ax.bar(x + width / 2, after.norms, width=width, color=green)
+        handles.append(Patch(color=green, label="purified model"))
+    line = None
+    if rule == "mad":  # only then is the flag a line on the norm axis
+        line = flag_norm(norms, float(report.params.get("threshold", 2.0)))
+    if line is not None and line > 0:
+        ax.axhline(line, color=red, linestyle="--", linewidth=1)
+        handles.append(Line2D([], [], color=red, linestyle="--", label="flagged below this norm"))
+    names = [r.name for r in report.classes]
+    if C <= 20:
+        ax.set_xticks(x, [n if len(n) <= 10 else n[:9] + "…" for n in names], rotation=0 if C <= 12 else 45)
+    else:
+        step = max(1, C // 20)
+        ax.set_xticks(x[::step], [str(k) for k in x[::step]])
+    ax.set_xlabel("class")
+    ax.set_ylabel("norm of minimal perturbation s_k")
+    ax.set_title(title or "Minimal latent perturbation per class (small = suspicious)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def chart_path_for(card_path: str | os.PathLike) -> Path:
+    """Where the chart of a card goes: next to it, same name, ``.png``."""
+    return Path(card_path).with_suffix(".png")
+
+
+# -- card ---------------------------------------------------------------------------------------------
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "n/a"
+    return f"{float(x):.{digits}f}"
+
+
+def _r(x: Any, digits: int = 6) -> Any:
+    """A plain float rounded for YAML (None stays None)."""
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, digits) if np.isfinite(x) else None
+
+
+def _md(text: Any) -> str:
+    """Escape a value for a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _class_label(report: AuditReport, k: int) -> str:
+    name = report.classes[k].name
+    return f"{k}" if name == str(k) else f'{k} ("{name}")'
+
+
+def _table_rows(report: AuditReport) -> tuple[list[dict[str, Any]], int]:
+    C = len(report.classes)
+    if C <= MAX_TABLE_ROWS:
+        shown = list(range(C))
+    else:
+        top = list(np.argsort(-report.anomaly_indices, kind="stable")[:_SHOWN_WHEN_CUT])
+        shown = sorted(set(int(k) for k in top) | set(report.flagged))
+    rows = [
+        {
+            "index": r.index,
+            "name": _md(r.name),
+            "norm": _fmt(r.norm),
+            "anomaly_index": _fmt(r.anomaly_index, 2),
+            "n_reference": r.n_reference,
+            "mark": "**yes**" if r.flagged else "",
+        }
+        for r in (report.classes[k] for k in shown)
+    ]
+    return rows, C - len(shown)
+
+
+def _verdict(report: AuditReport, ctx: CardContext) -> tuple[str, str, str, str]:
+    """(badge, headline, text, advice) in plain language."""
+    th = report.params.get("threshold", 2.0)
+    norms = report.norms
+    median = float(np.median(norms)) if len(norms) else float("nan")
+    pur = ctx.purification
+    if pur is None:
+        if report.backdoor_found:
+            k = report.target
+            row = report.classes[k]
+            others = [_class_label(report, j) for j in report.flagged[1:]]
+            text = (
+                f"Every clean reference image can be pushed into class {_class_label(report, k)} by one "
+                f"shared change of the model's internal features that is unusually small (norm "
+                f"{row.norm:.3g}, against a median of {median:.3g} over the classes; anomaly index "
+                f"{row.anomaly_index:.2f}, threshold {th}). That is the signature of a planted trigger: "
+                f'images that carry it would probably be classified as "{row.name}", whatever they show.'
+            )
+            if others:
+                text += f" Also flagged: {', '.join(others)}."
+            advice = (
+                "do not use this model as it is for anything that matters. Use a purified version "
+                "(`hub-backdoor purify`), ask the publisher how it was trained, or train from data you trust."
+            )
+            return "⚠️", f"Backdoor suspected: target class {_class_label(report, k)}", text, advice
+        top = int(np.argmax(report.anomaly_indices))
+        text = (
+            f"No class stands out: the largest anomaly index is {report.anomaly_indices[top]:.2f} "
+            f"(class {_class_label(report, top)}), below the threshold {th}. No sign of a "
+            "single-target backdoor was found on this data."
+        )
+        advice = (
+            "the model passed this check; keep the limitations below in mind, and audit again whenever "
+            "the weights change."
+        )
+        return "✅", "No backdoor found", text, advice
+
+    target = int(pur["target"])
+    m = pur.get("metrics", {})
+    acc = f"clean accuracy went from {_fmt(m.get('acc_before'))} to {_fmt(m.get('acc_after'))}"
+    asr = ""
+    if "asr_before" in m:
+        asr = (
+            f", and the attack success rate of the known trigger from {_fmt(m.get('asr_before'))} to "
+            f"{_fmt(m.get('asr_after'))}"
+        )
+    base = f"`{ctx.model_label}`"
+    if report.backdoor_found and report.target == target:
+        origin = (
+            f"The audit of {base} flagged class {_class_label(report, target)} as a backdoor target "
+            f"(anomaly index {report.classes[target].anomaly_index:.2f}, threshold {th})."
+        )
+    else:
+        origin = (
+            f"The audit of {base} flagged no class; this model was purified against class "
+            f"{_class_label(report, target)} on request."
+        )
+    text = f"{origin} This model is a fine-tuned copy in which {acc}{asr} (held-out clean data)."
+    after = ctx.report_after
+    if after is not None and after.backdoor_found:
+        k = after.target
+        text += (
+            f" The purified model still shows an anomaly: class {_class_label(after, k)}, index "
+            f"{after.classes[k].anomaly_index:.2f}."
+        )
+        advice = (
+            "treat this model as still suspicious: purify again with more epochs or a larger --beta, or "
+            "train from data you trust."
+        )
+        return "⚠️", f"Purified against class {_class_label(report, target)}; still flagged", text, advice
+    if after is not None:
+        text += " Audited again, the purified model shows no anomaly."
+    advice = (
+        f"prefer this model over {base}. Check its accuracy on your own data before deploying it, and "
+        "keep the limitations below in mind."
+    )
+    return "✅", f"Backdoor of class {_class_label(report, target)} removed (purified model)", text, advice
+
+
+#: Plain-language definition of each detection rule's anomaly index.
+RULE_TEXT = {
+    "mad": "the anomaly index of class k is (median norm - norm of s_k) / (1.4826 x MAD) over the classes: "
+    "how far below the median it lies, in robust standard deviations",
+    "mad-nonneg": "the anomaly index is the MAD anomaly index of the norms of the perturbations "
+    "restricted to s >= 0 (a trigger switches features on)",
+    "dormant": "the anomaly index measures how much of s_k lies on embedding dimensions that clean data "
+    "barely uses, relative to the other classes (MAD anomaly index)",
+    "agree": "the anomaly index is the smaller of two: the MAD anomaly index of the norms of the s >= 0 "
+    "perturbations, and the MAD anomaly index of how much of s_k lies on embedding dimensions that clean "
+    "data barely uses; a class is flagged only when both statistics single it out",
+}
+
+
+def rule_text(rule: str) -> str:
+    return RULE_TEXT.get(
+        rule, f"the anomaly index comes from detection rule '{rule}' (hub_backdoor.detection)"
+    )
+
+
+def _eval_results(report: AuditReport, ctx: CardContext) -> list[Any]:
+    from huggingface_hub import EvalResult
+
+    ds_type = ctx.dataset if (ctx.dataset and ctx.dataset_is_hub) else "local"
+    ds_name = ctx.dataset or "reference data"
+    common = dict(
+        task_type="image-classification",
+        task_name="Image Classification",
+        dataset_type=ds_type,
+        dataset_name=ds_name,
+        dataset_split=ctx.split,
+    )
+    out = []
+    pur = ctx.purification
+    if pur is None:
+        out.append(
+            EvalResult(
+                metric_type="accuracy",
+                metric_value=_r(report.data.get("accuracy")),
+                metric_name="Clean accuracy (reference data)",
+                **common,
+            )
+        )
+        return out
+    m = pur.get("metrics", {})
+    out.append(
+        EvalResult(
+            metric_type="accuracy",
+            metric_value=_r(m.get("acc_before")),
+            metric_name="Clean accuracy before purification",
+            **common,
+        )
+    )
+    out.append(
+        EvalResult(
+            metric_type="accuracy",
+            metric_value=_r(m.get("acc_after")),
+            metric_name="Clean accuracy after purification",
+            **common,
+        )
+    )
+    if "asr_before" in m:
+        trig = pur.get("trigger") or "trigger"
+        out.append(
+            EvalResult(
+                metric_type="attack_success_rate",
+                metric_value=_r(m.get("asr_before")),
+                metric_name=f"Attack success rate before purification ({trig})",
+                **common,
+            )
+        )
+        out.append(
+            EvalResult(
+                metric_type="attack_success_rate",
+                metric_value=_r(m.get("asr_after")),
+                metric_name=f"Attack success rate after purification ({trig})",
+                **common,
+            )
+        )
+    return out
+
+
+def metadata_block(report: AuditReport, ctx: CardContext) -> dict[str, Any]:
+    """The ``hub_backdoor`` metadata of the card (plain YAML types only)."""
+    names = [r.name for r in report.classes]
+    block: dict[str, Any] = {
+        "schema_version": CARD_SCHEMA_VERSION,
+        "verdict": report.verdict,
+        "flagged_class": report.target,
+        "flagged_classes": list(report.flagged),
+        "threshold": _r(report.params.get("threshold")),
+        "norms": [_r(x) for x in report.norms],
+        "anomaly_indices": [_r(x, 4) for x in report.anomaly_indices],
+    }
+    if names != [str(k) for k in range(len(names))]:
+        block["class_names"] = names
+    block["method"] = {
+        "name": "latent-perturbation-qp",
+        **{k: v for k, v in report.params.items() if isinstance(v, (str, int, float, bool)) or v is None},
+        "seed": report.seed,
+    }
+    block["data"] = {
+        "dataset": ctx.dataset,
+        "split": ctx.split,
+        "n": report.data.get("n"),
+        "accuracy": _r(report.data.get("accuracy")),
+        "fingerprint": report.data.get("fingerprint"),
+    }
+    block["audited_model"] = {
+        k: v
+        for k, v in {
+            "name": ctx.model_label,
+            "repo_id": ctx.audited_repo,
+            "sha": ctx.audited_sha,
+            "kind": report.model.get("kind"),
+        }.items()
+        if v is not None
+    }
+    block["versions"] = dict(report.versions)
+    block["created"] = report.created
+    if ctx.purification is not None:
+        pur = ctx.purification
+        block["purification"] = {
+            "target": int(pur["target"]),
+            "trigger": pur.get("trigger"),
+            "params": {
+                k: v
+                for k, v in pur.get("params", {}).items()
+                if isinstance(v, (str, int, float, bool)) or v is None
+            },
+            "metrics": {k: _r(v) for k, v in pur.get("metrics", {}).items()},
+        }
+    if ctx.report_after is not None:
+        after = ctx.report_after
+        block["after_purification"] = {
+            "verdict": after.verdict,
+            "flagged_class": after.target,
+            "norms": [_r(x) for x in after.norms],
+            "anomaly_indices": [_r(x, 4) for x in after.anomaly_indices],
+        }
+    return block
+
+
+def build_card(report: AuditReport, ctx: CardContext, *, chart_file: str) -> Any:
+    """The security card as a ``huggingface_hub.ModelCard`` (rendered from the template)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    purified = ctx.purification is not None
+    tags = list(
+        dict.fromkeys(
+            [
+                *(ctx.extra_metadata.get("tags") or []),
+                *TAGS,
+                "image-classification",
+                *([report.model["kind"]] if report.model.get("kind") in ("timm", "transformers") else []),
+            ]
+        )
+    )
+    extra = {
+        k: v
+        for k, v in ctx.extra_metadata.items()
+        if k in ("license", "license_name", "license_link", "language", "datasets")
+    }
+    datasets = list(extra.pop("datasets", None) or [])
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    if ctx.dataset and ctx.dataset_is_hub and ctx.dataset not in datasets:
+        datasets.append(ctx.dataset)
+    data = ModelCardData(
+        base_model=ctx.base_model,
+        library_name=report.model.get("kind")
+        if report.model.get("kind") in ("timm", "transformers")
+        else None,
+        pipeline_tag="image-classification",
+        tags=tags,
+        datasets=datasets or None,
+        model_name=ctx.model_name or ctx.model_label,
+        eval_results=_eval_results(report, ctx),
+        hub_backdoor=metadata_block(report, ctx),
+        **extra,
+    )
+    badge, headline, text, advice = _verdict(report, ctx)
+    rows, omitted = _table_rows(report)
+    pur = ctx.purification or {}
+    m = pur.get("metrics", {})
+    purify_rows = [
+        {"label": "Clean accuracy", "before": _fmt(m.get("acc_before")), "after": _fmt(m.get("acc_after"))}
+    ]
+    if "asr_before" in m:
+        purify_rows.append(
+            {
+                "label": f"Attack success rate ({pur.get('trigger') or 'trigger'})",
+                "before": _fmt(m.get("asr_before")),
+                "after": _fmt(m.get("asr_after")),
+            }
+        )
+        purify_rows.append(
+            {
+                "label": "Robust accuracy (triggered images, true label)",
+                "before": _fmt(m.get("ra_before")),
+                "after": _fmt(m.get("ra_after")),
+            }
+        )
+    after_verdict = None
+    if ctx.report_after is not None:
+        after_verdict = ctx.report_after.summary().splitlines()[0].split(": ", 1)[-1]
+    p = report.params
+    params_text = (
+        ", ".join(
+            f"{k}={p[k]}"
+            for k in ("rule", "threshold", "margin", "solver", "soft_margin", "max_samples")
+            if k in p and p[k] is not None
+        )
+        + f", seed={report.seed}"
+    )
+    versions_text = ", ".join(f"{k} {v}" for k, v in report.versions.items())
+    title = (
+        f"{ctx.model_name or ctx.model_label}: backdoor security card (purified model)"
+        if purified
+        else f"{ctx.model_label}: backdoor security audit"
+    )
+    data_label = f"`{ctx.dataset}`" if ctx.dataset else "the reference data"
+    if ctx.split:
+        data_label += f", split `{ctx.split}`"
+    return ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATE_PATH),
+        title=title,
+        verdict_badge=badge,
+        verdict_headline=headline,
+        verdict_text=text,
+        advice=advice,
+        purified=purified,
+        base_model_label=ctx.audited_repo or ctx.model_label,
+        target_label=_class_label(report, int(pur["target"])) if purified else "",
+        load_hint=ctx.load_hint or "same library, same code",
+        n_holdout=int(m.get("n_holdout", 0)),
+        purify_rows=purify_rows,
+        has_asr="asr_before" in m,
+        after_verdict=after_verdict,
+        threshold=p.get("threshold", 2.0),
+        rule=p.get("rule", "mad"),
+        rule_text=rule_text(str(p.get("rule", "mad"))),
+        chart_file=chart_file,
+        rows=rows,
+        rows_omitted=omitted,
+        model_label=f"`{ctx.model_label}`",
+        model_sha=ctx.audited_sha,
+        model_kind=report.model.get("kind", "?"),
+        num_classes=report.model.get("num_classes", len(report.classes)),
+        embed_dim=report.model.get("embed_dim", "?"),
+        data_label=data_label,
+        n_reference=report.data.get("n"),
+        accuracy=_fmt(report.data.get("accuracy")),
+        fingerprint=report.data.get("fingerprint"),
+        method=(
+            "for each class, a quadratic program finds the smallest change of the penultimate embedding "
+            "that moves every clean reference sample into that class (exact for a linear head); "
+            f"detection rule `{p.get('rule', 'mad')}`"
+        ),
+        params_text=params_text,
+        versions_text=versions_text,
+        created=report.created,
+        reproduce=ctx.reproduce or "hub-backdoor audit MODEL --dataset DATA",
+        notes=list(report.notes),
+        original_card=(ctx.original_card or "").strip() or None,
+    )
+
+
+def write_card(
+    report: AuditReport, ctx: CardContext, path: str | os.PathLike, *, chart: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
+    """Render the card and its chart and write both atomically; returns ``(card, chart)`` paths.
+
+    The chart goes next to the card with the same name and ``.png`` unless ``chart`` is given; the
+    card links it by its path relative to the card.
+    """
+    path = Path(path)
+    chart_path = Path(chart) if chart is not None else chart_path_for(path)
+    rel = os.path.relpath(chart_path.resolve(), path.resolve().parent)
+    png = render_chart(report, after=ctx.report_after)
+    card = build_card(report, ctx, chart_file=Path(rel).as_posix())
+    atomic_write_bytes(chart_path, png)
+    atomic_write_text(path, str(card) if str(card).endswith("\n") else str(card) + "\n")
+    return path, chart_path
+
+
+def split_card(text: str) -> tuple[dict[str, Any], str]:
+    """A README's YAML metadata (``{}`` when none) and its body."""
+    import yaml
+
+    m = re.match(r"^\ufeff?---\s*\n(.*?)\n---\s*(\n|$)", text, flags=re.DOTALL)
+    if m is None:
+        return {}, text
+    try:
+        meta = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        meta = None
+    return (meta if isinstance(meta, dict) else {}), text[m.end() :]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes via a temporary file in the same folder and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,157 @@
+"""SARIF 2.1.0 output of an audit, for code scanning (e.g. GitHub's ``upload-sarif`` action).
+
+One rule, ``HBD001`` (backdoor target class): each flagged class is one ``error`` result located at
+the model's ``config.json`` (the weights are binary; code scanning needs a text artifact). A clean
+audit has no results, which closes earlier alerts. Audit notes become tool notifications.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .report import AuditReport, _jsonable, atomic_write_text
+
+SARIF_VERSION = "2.1.0"
+SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+RULE_ID = "HBD001"
+
+_RULE = {
+    "id": RULE_ID,
+    "name": "BackdoorTargetClass",
+    "shortDescription": {"text": "Image classifier class reachable by an abnormally small latent change"},
+    "fullDescription": {
+        "text": (
+            "For each class, hub-backdoor computes the smallest change of the penultimate embedding that "
+            "makes the model predict that class for every clean reference image. A class that needs a "
+            "much smaller change than the others (anomaly index above the threshold) is the likely "
+            "target of a backdoor: inputs carrying the trigger are classified as that class."
+        )
+    },
+    "help": {
+        "text": (
+            "Do not deploy the model as is. Purify it with `hub-backdoor purify`, or obtain a model "
+            "trained on data you trust."
+        ),
+        "markdown": (
+            "Do not deploy the model as is. Purify it with `hub-backdoor purify MODEL --dataset DATA "
+            "--out DIR`, or obtain a model trained on data you trust."
+        ),
+    },
+    "defaultConfiguration": {"level": "error"},
+    "properties": {
+        "tags": ["security", "backdoor", "machine-learning"],
+        "precision": "medium",
+        "security-severity": "8.0",
+    },
+}
+
+
+def to_sarif(report: AuditReport, *, artifact_uri: str | None = None) -> dict[str, Any]:
+    """The audit as a SARIF 2.1.0 log (a dict ready for ``json.dumps``).
+
+    Args:
+        report: the audit.
+        artifact_uri: where results point; default: the model's ``config.json`` (relative to the
+            current folder for a local model, a Hub URL for a Hub model).
+    """
+    from . import __version__
+
+    uri = artifact_uri or default_artifact_uri(report)
+    name = str(report.model.get("name", "model"))
+    results = []
+    for k in report.flagged:
+        row = report.classes[k]
+        results.append(
+            {
+                "ruleId": RULE_ID,
+                "ruleIndex": 0,
+                "level": "error",
+                "message": {
+                    "text": (
+                        f"{name}: class {row.index} ({row.name}) is a suspected backdoor target: its minimal "
+                        f"latent perturbation has norm {row.norm:.4g}, anomaly index {row.anomaly_index:.2f} "
+                        f"> threshold {report.params.get('threshold')}."
+                    )
+                },
+                "locations": [
+                    {
+                        "physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": 1}},
+                        "logicalLocations": [
+                            {
+                                "name": f"class {row.index}",
+                                "fullyQualifiedName": f"{name}#class={row.index}",
+                                "kind": "member",
+                            }
+                        ],
+                    }
+                ],
+                "partialFingerprints": {"hubBackdoorTarget/v1": f"{name}:{row.index}"},
+                "properties": {
+                    "class_index": row.index,
+                    "class_name": row.name,
+                    "norm": row.norm,
+                    "anomaly_index": row.anomaly_index,
+                    "threshold": report.params.get("threshold"),
+                },
+            }
+        )
+    notifications = [{"level": "note", "message": {"text": note}} for note in report.notes]
+    return _jsonable(
+        {
+            "$schema": SARIF_SCHEMA,
+            "version": SARIF_VERSION,
+            "runs": [
+                {
+                    "tool": {
+                        "driver": {
+                            "name": "hub-backdoor",
+                            "semanticVersion": __version__,
+                            "version": __version__,
+                            "rules": [_RULE],
+                        }
+                    },
+                    "invocations": [
+                        {
+                            "executionSuccessful": True,
+                            "toolExecutionNotifications": notifications,
+                        }
+                    ],
+                    "results": results,
+                    "properties": {
+                        "verdict": report.verdict,
+                        "model": report.model,
+                        "data_fingerprint": report.data.get("fingerprint"),
+                        "report_schema_version": report.schema_version,
+                    },
+                }
+            ],
+        }
+    )
+
+
+def default_artifact_uri(report: AuditReport) -> str:
+    src = report.model.get("source") or {}
+    if src.get("type") == "hub" and src.get("repo_id"):
+        from huggingface_hub import constants
+
+        rev = src.get("sha") or src.get("revision") or "main"
+        return f"{constants.ENDPOINT}/{src['repo_id']}/blob/{rev}/config.json"
+    folder = src.get("folder")
+    if folder:
+        path = Path(folder) / "config.json"
+        try:
+            return Path(os.path.relpath(path)).as_posix()
+        except ValueError:  # another drive on Windows
+            return path.as_posix()
+    return "config.json"
+
+
+def write_sarif(report: AuditReport, path: str | os.PathLike, **kw: Any) -> Path:
+    """Write the SARIF log atomically."""
+    import json
+
+    path = Path(path)
+    atomic_write_text(path, json.dumps(to_sarif(report, **kw), indent=2, allow_nan=False) + "\n")
+    return path

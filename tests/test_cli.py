@@ -1,0 +1,631 @@
+"""The ``hub-backdoor`` CLI end to end, with the real huggingface_hub client against the session's
+LocalHub: audit (Hub / folder, exit codes, JSON, SARIF, card), purify (--out, --push-to, --open-pr),
+card, demo, and every bad input the issue lists (exit 2, one line naming the problem).
+
+Models are small and trained here on scikit-learn's digits (seconds each, one thread), once per module.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from hub_backdoor import cli, zoo
+from hub_backdoor.datasets_io import load_reference_dataset
+from hub_backdoor.demo import model_readme, train_model
+from hub_backdoor.hub import push_folder
+from hub_backdoor.report import AuditReport, current_umask
+from hub_backdoor.sarif import RULE_ID, SARIF_VERSION
+
+# (arch, backdoor target or None, seed, epochs); seeds chosen so detection is clear-cut on this data
+TIMM_BACKDOORED = ("timm-test-resnet", 7, 1, 5)
+TIMM_CLEAN = ("timm-test-resnet", None, 0, 5)
+HF_BACKDOORED = ("transformers-resnet", 3, 1, 6)
+RATE = 0.2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; two OpenMP threads spin badly when the CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def uid(prefix: str) -> str:
+    return f"tester/{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+# -- data and models (trained once per module) ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits():
+    return zoo.digits(size=32)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def disk_dataset(digits, work) -> Path:
+    """The digits saved with ``save_to_disk`` (a DatasetDict with train/test)."""
+    path = work / "digits-disk"
+    digits.save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(digits, work) -> Path:
+    """The test split as an image folder: one subfolder of PNGs per class."""
+    root = work / "digits-images"
+    for i, ex in enumerate(digits["test"]):
+        d = root / str(ex["label"])
+        d.mkdir(parents=True, exist_ok=True)
+        ex["image"].save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def hub_dataset(local_hub, digits) -> str:
+    """The digits as a Hub dataset repo (parquet, as ``push_to_hub`` lays it out)."""
+    repo = uid("digits")
+    files = {}
+    for split in ("train", "test"):
+        buf = io.BytesIO()
+        digits[split].to_parquet(buf)
+        files[f"data/{split}-00000-of-00001.parquet"] = buf.getvalue()
+    files["README.md"] = b"---\nlicense: bsd-3-clause\n---\n# digits\n"
+    local_hub.commit_files(repo, files, repo_type="dataset")
+    return repo
+
+
+def _train(spec, digits):
+    arch, target, seed, epochs = spec
+    return train_model(arch, digits, target=target, rate=RATE, epochs=epochs, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def timm_backdoored(digits):
+    t = _train(TIMM_BACKDOORED, digits)
+    assert t.asr > 0.9 and t.accuracy > 0.9, (t.asr, t.accuracy)
+    return t
+
+
+@pytest.fixture(scope="module")
+def timm_clean(digits):
+    return _train(TIMM_CLEAN, digits)
+
+
+@pytest.fixture(scope="module")
+def hf_backdoored(digits):
+    t = _train(HF_BACKDOORED, digits)
+    assert t.asr > 0.9 and t.accuracy > 0.85, (t.asr, t.accuracy)
+    return t
+
+
+def _save(trained, folder: Path, datasets: list[str] | None = None) -> Path:
+    trained.classifier.save_pretrained(folder)
+    (folder / "README.md").write_text(model_readme(trained, datasets=datasets))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def timm_repo(timm_backdoored, hub_dataset, work) -> str:
+    """The backdoored timm model on the Hub; its card names the Hub dataset."""
+    repo = uid("timm-bd")
+    push_folder(_save(timm_backdoored, work / "timm-bd", [hub_dataset]), repo, commit_message="upload")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def hf_repo(hf_backdoored, hub_dataset, work) -> str:
+    repo = uid("hf-bd")
+    push_folder(_save(hf_backdoored, work / "hf-bd", [hub_dataset]), repo, commit_message="upload")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def clean_folder(timm_clean, work) -> Path:
+    """The clean timm model as a local folder; its card names no dataset."""
+    return _save(timm_clean, work / "timm-clean")
+
+
+# -- audit -------------------------------------------------------------------------------------------------
+def test_audit_hub_timm_backdoor(timm_repo, hub_dataset, local_hub, tmp_path, capsys):
+    # no --dataset: the dataset named in the model card is loaded from the Hub
+    code, out, err = run(
+        [
+            "audit",
+            timm_repo,
+            "--json",
+            tmp_path / "r.json",
+            "--sarif",
+            tmp_path / "r.sarif",
+            "--card",
+            tmp_path / "card.md",
+        ],
+        capsys,
+    )
+    assert code == 1, err
+    report = AuditReport.from_json(tmp_path / "r.json")
+    assert report.verdict == "backdoor" and report.target == 7 and report.flagged == [7]
+    assert report.schema_version == "1"
+    assert report.model["source"]["repo_id"] == timm_repo
+    assert report.model["source"]["sha"] == local_hub.branch_sha(timm_repo)
+    assert report.data["source"] == {"name": hub_dataset, "kind": "hub", "split": "test", "revision": None}
+    # the table marks the flagged row
+    row7 = [line for line in out.splitlines() if "BACKDOOR TARGET" in line]
+    assert len(row7) == 1 and row7[0].split()[1] == "7", out
+    assert "BACKDOOR suspected, target class 7" in out
+    assert f"reference data from the model card {hub_dataset}" in err
+
+    # SARIF 2.1.0: the fields code scanning needs
+    sarif = json.loads((tmp_path / "r.sarif").read_text())
+    assert sarif["version"] == SARIF_VERSION == "2.1.0" and "sarif-2.1.0" in sarif["$schema"]
+    (run_,) = sarif["runs"]
+    driver = run_["tool"]["driver"]
+    assert driver["name"] == "hub-backdoor" and [r["id"] for r in driver["rules"]] == [RULE_ID]
+    (result,) = run_["results"]
+    assert result["ruleId"] == RULE_ID and result["ruleIndex"] == 0 and result["level"] == "error"
+    assert "class 7" in result["message"]["text"]
+    loc = result["locations"][0]["physicalLocation"]
+    assert loc["artifactLocation"]["uri"].endswith(
+        f"{timm_repo}/blob/{report.model['source']['sha']}/config.json"
+    )
+    assert loc["region"]["startLine"] == 1
+    assert run_["invocations"][0]["executionSuccessful"] is True
+
+    # the audit card parses, links its chart, and carries the metadata
+    card = ModelCard.load(tmp_path / "card.md")
+    assert "![" in card.text and "(card.png)" in card.text
+    assert (tmp_path / "card.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = card.data.to_dict()
+    assert {"backdoor-defense", "hub-backdoor"} <= set(meta["tags"])
+    assert meta["hub_backdoor"]["flagged_class"] == 7
+    assert meta["hub_backdoor"]["data"]["fingerprint"] == report.data["fingerprint"]
+    assert meta["datasets"] == [hub_dataset]
+    (ev,) = card.data.eval_results
+    assert ev.metric_type == "accuracy" and ev.metric_value == pytest.approx(
+        report.data["accuracy"], abs=1e-6
+    )
+    assert "Backdoor suspected: target class 7" in card.text
+
+
+def test_audit_hub_transformers_backdoor_quiet_json(hf_repo, disk_dataset, capsys):
+    # a save_to_disk folder with a sliced split; --json - puts the report alone on stdout
+    code, out, err = run(
+        ["audit", hf_repo, "--dataset", disk_dataset, "--split", "test[:90%]", "--quiet", "--json", "-"],
+        capsys,
+    )
+    assert code == 1, err
+    assert err == ""
+    report = AuditReport.from_json(out)
+    assert report.target == 3 and report.model["kind"] == "transformers"
+    assert report.data["n"] == round(0.9 * 449)
+    assert report.data["source"]["split"] == "test[:90%]"
+
+
+def test_audit_clean_model_exits_0(clean_folder, image_folder, tmp_path, capsys):
+    code, out, err = run(
+        ["audit", clean_folder, "--dataset", image_folder, "--sarif", tmp_path / "s.sarif", "--quiet"], capsys
+    )
+    assert code == 0, err
+    assert out == "" and err == ""
+    sarif = json.loads((tmp_path / "s.sarif").read_text())
+    assert sarif["runs"][0]["results"] == []
+    assert sarif["runs"][0]["properties"]["verdict"] == "clean"
+
+
+def test_revision_pins_the_audited_commit(timm_clean, timm_backdoored, disk_dataset, local_hub, work, capsys):
+    repo = uid("pinned")
+    push_folder(_save(timm_clean, work / "pin-v1"), repo, commit_message="v1: clean")
+    v1 = local_hub.branch_sha(repo)
+    push_folder(_save(timm_backdoored, work / "pin-v2"), repo, commit_message="v2: backdoored")
+    v2 = local_hub.branch_sha(repo)
+    common = ["--dataset", disk_dataset, "--quiet", "--json", "-"]
+    code, out, _ = run(["audit", f"{repo}@{v1}", *common], capsys)
+    assert code == 0
+    src = AuditReport.from_json(out).model["source"]
+    assert (src["repo_id"], src["revision"], src["sha"]) == (repo, v1, v1)
+    code, out, _ = run(["audit", repo, *common], capsys)
+    assert code == 1 and AuditReport.from_json(out).model["source"]["sha"] == v2
+
+
+# -- purify ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def spy_purify(monkeypatch):
+    """Captures the PurifyResult (the purified model in memory) of a CLI run."""
+    import hub_backdoor.purification as purification
+
+    seen = []
+    real = purification.purify
+
+    def spy(*a, **kw):
+        seen.append(real(*a, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(purification, "purify", spy)
+    return seen
+
+
+def _probe(digits, n=16):
+    return [digits["test"][i]["image"] for i in range(n)]
+
+
+def test_purify_push_to_timm(timm_repo, hub_dataset, local_hub, digits, spy_purify, capsys):
+    import timm
+
+    new = uid("timm-purified")
+    main_before = local_hub.branch_sha(timm_repo)
+    code, out, err = run(
+        ["purify", timm_repo, "--push-to", new, "--epochs", "3", "--eval-trigger", "badnets", "--quiet"],
+        capsys,
+    )
+    assert code == 0, err
+    (result,) = spy_purify
+    assert result.target == 7
+    assert local_hub.branch_sha(timm_repo) == main_before  # the audited repo is untouched
+    files = local_hub.files(new)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "README.png",
+        cli.AUDIT_FILE,
+        cli.PURIFICATION_FILE,
+    } <= set(files)
+    assert not any(f.endswith((".bin", ".pth")) for f in files)
+
+    # the card parses and its model-index validates (eval results with the measured values)
+    card = ModelCard.load(new)
+    assert card.data.base_model == timm_repo
+    assert {"backdoor-defense", "hub-backdoor"} <= set(card.data.tags)
+    evals = {e.metric_name: e for e in card.data.eval_results}
+    m = result.metrics
+    assert evals["Clean accuracy before purification"].metric_value == pytest.approx(
+        m["acc_before"], abs=1e-6
+    )
+    assert evals["Clean accuracy after purification"].metric_value == pytest.approx(m["acc_after"], abs=1e-6)
+    asr_after = evals["Attack success rate after purification (badnets)"]
+    assert asr_after.metric_type == "attack_success_rate"
+    assert asr_after.metric_value == pytest.approx(m["asr_after"], abs=1e-6)
+    assert m["asr_after"] < m["asr_before"]
+    assert all(
+        e.dataset_type == hub_dataset and e.task_type == "image-classification" for e in evals.values()
+    )
+    meta = card.data.to_dict()["hub_backdoor"]
+    assert meta["flagged_class"] == 7 and meta["purification"]["target"] == 7
+    assert len(meta["norms"]) == len(meta["anomaly_indices"]) == 10
+    assert "(README.png)" in card.text
+
+    # timm loads the pushed model unchanged, with the same logits as the purified model in memory
+    model = timm.create_model(f"hf-hub:{new}", pretrained=True).eval()
+    x = torch.stack([result.classifier.preprocess(img) for img in _probe(digits)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), result.classifier.model.eval()(x), rtol=0, atol=1e-5)
+
+
+def test_purify_push_to_transformers(hf_repo, disk_dataset, local_hub, digits, spy_purify, capsys):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    new = uid("hf-purified")
+    code, _, err = run(
+        ["purify", hf_repo, "--dataset", disk_dataset, "--push-to", new, "--epochs", "2", "--quiet"], capsys
+    )
+    assert code == 0, err
+    (result,) = spy_purify
+    assert result.target == 3
+    files = local_hub.files(new)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
+    card = ModelCard.load(new)
+    assert card.data.base_model == hf_repo
+    assert {e.metric_type for e in card.data.eval_results} == {"accuracy"}  # no trigger: no ASR
+
+    model = AutoModelForImageClassification.from_pretrained(new).eval()
+    proc = AutoImageProcessor.from_pretrained(new)
+    imgs = [img.convert("RGB") for img in _probe(digits)]
+    x = proc(images=imgs, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(x, torch.stack([result.classifier.preprocess(img) for img in imgs]))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(pixel_values=x).logits,
+            result.classifier.model.eval()(pixel_values=x).logits,
+            rtol=0,
+            atol=1e-5,
+        )
+
+
+def test_open_pr_leaves_main_untouched(timm_backdoored, disk_dataset, local_hub, work, capsys):
+    repo = uid("pr")
+    local_hub.commit_files(repo, folder_files(_save(timm_backdoored, work / "pr-src")))
+    main_sha = local_hub.branch_sha(repo)
+    main_files = local_hub.files(repo)
+    code, out, err = run(
+        ["purify", repo, "--dataset", disk_dataset, "--open-pr", "--epochs", "1", "--holdout", "0.3"], capsys
+    )
+    assert code == 0, err
+    assert local_hub.branch_sha(repo) == main_sha and local_hub.files(repo) == main_files
+    refs = local_hub.refs(repo)
+    assert "refs/pr/1" in refs
+    pr_files = local_hub.files(repo, "refs/pr/1")
+    assert pr_files["model.safetensors"] != main_files["model.safetensors"]
+    assert "# Handwritten digit classifier" in pr_files["README.md"].decode()  # the original card is kept
+    (disc,) = local_hub.discussions(repo)
+    assert disc["is_pull_request"] and "backdoor" in disc["title"].lower()
+    assert "opened pull request" in out
+
+
+def test_purify_out_then_card_regenerates(
+    clean_folder, timm_backdoored, disk_dataset, work, tmp_path, capsys
+):
+    src = _save(timm_backdoored, work / "local-bd")
+    before = folder_files(src)
+    out = tmp_path / "purified"
+    code, _, err = run(
+        [
+            "purify",
+            src,
+            "--dataset",
+            disk_dataset,
+            "--out",
+            out,
+            "--epochs",
+            "1",
+            "--json",
+            tmp_path / "p.json",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert folder_files(src) == before  # the source folder is never written
+    assert (out / "model.safetensors").is_file() and (out / "README.png").is_file()
+    umask = current_umask()
+    assert (out / "README.md").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert json.loads((tmp_path / "p.json").read_text()) == json.loads(
+        (out / cli.PURIFICATION_FILE).read_text()
+    )
+    # --out refuses the source folder, and an existing folder without --overwrite
+    code, _, err = run(["purify", src, "--dataset", disk_dataset, "--out", src, "--quiet"], capsys)
+    assert code == 2 and "model folder" in one_error_line(err)
+    code, _, err = run(["purify", src, "--dataset", disk_dataset, "--out", out, "--quiet"], capsys)
+    assert code == 2 and "--overwrite" in one_error_line(err)
+
+    # card regenerates the purified model's card from the saved report and record
+    code, _, err = run(
+        [
+            "card",
+            src,
+            "--report",
+            out / cli.AUDIT_FILE,
+            "--purification",
+            out / cli.PURIFICATION_FILE,
+            "--out",
+            tmp_path / "again" / "README.md",
+            "--name",
+            out.name,
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    original, again = ModelCard.load(out / "README.md"), ModelCard.load(tmp_path / "again" / "README.md")
+    assert again.data.to_dict()["hub_backdoor"] == original.data.to_dict()["hub_backdoor"]
+    assert again.data.to_dict()["model-index"] == original.data.to_dict()["model-index"]
+    assert (tmp_path / "again" / "README.png").is_file()
+
+    # a clean model: nothing to purify (exit 1), nothing written
+    code, out_text, _ = run(
+        ["purify", clean_folder, "--dataset", disk_dataset, "--out", tmp_path / "none"], capsys
+    )
+    assert code == 1 and "nothing purified" in out_text and not (tmp_path / "none").exists()
+
+
+def test_purify_never_pushes_to_the_audited_repo(timm_repo, local_hub, capsys):
+    main_sha = local_hub.branch_sha(timm_repo)
+    code, _, err = run(["purify", timm_repo, "--push-to", timm_repo, "--quiet"], capsys)
+    assert code == 2 and "audited repo" in one_error_line(err)
+    assert local_hub.branch_sha(timm_repo) == main_sha
+    code, _, err = run(["purify", timm_repo, "--quiet"], capsys)
+    assert code == 2 and "--out" in one_error_line(err)
+
+
+# -- bad input: exit 2 with one line naming the problem --------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_repos(local_hub, timm_clean, work) -> dict[str, str]:
+    """Repos that must be refused, committed straight into the LocalHub."""
+    good = folder_files(_save(timm_clean, work / "bad-base"))
+    weights = good["model.safetensors"]
+    state = safetensors.torch.load(weights)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    cfg = json.loads(good["config.json"])
+    repos = {
+        "no-card-dataset": {k: v for k, v in good.items()},
+        "corrupt": {**good, "model.safetensors": weights[: len(weights) // 2]},
+        "pickle-only": {"config.json": good["config.json"], "pytorch_model.bin": buf.getvalue()},
+        "unknown-arch": {**good, "config.json": json.dumps({**cfg, "architecture": "no_such_net"}).encode()},
+        "not-a-classifier": {
+            "config.json": json.dumps({"model_type": "bert", "architectures": ["BertModel"]}).encode(),
+            "model.safetensors": safetensors.torch.save({"w": torch.zeros(2)}),
+        },
+    }
+    ids = {}
+    for name, files in repos.items():
+        ids[name] = uid(name)
+        local_hub.commit_files(ids[name], files)
+    return ids
+
+
+@pytest.mark.parametrize(
+    ("case", "argv", "expected"),
+    [
+        ("unknown repo", ["tester/no-such-model-xyz"], "not found"),
+        ("unknown revision", ["{pinned}@no-such-branch"], "revision 'no-such-branch' not found"),
+        ("no dataset", ["{no-card-dataset}"], "names no dataset"),
+        ("corrupted safetensors", ["{corrupt}", "--dataset", "{disk}"], "corrupted"),
+        ("pickle only", ["{pickle-only}", "--dataset", "{disk}"], "--allow-pickle"),
+        ("unsupported architecture", ["{unknown-arch}", "--dataset", "{disk}"], "no_such_net"),
+        ("not an image classifier", ["{not-a-classifier}", "--dataset", "{disk}"], "not an image classifier"),
+        ("dataset without labels", ["{pinned}", "--dataset", "{unlabelled}"], "no label column"),
+        (
+            "unknown Hub dataset",
+            ["{pinned}", "--dataset", "tester/no-such-data"],
+            "dataset 'tester/no-such-data'",
+        ),
+        ("unknown split", ["{pinned}", "--dataset", "{disk}", "--split", "dev"], "no split 'dev'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    case, argv, expected, bad_repos, timm_repo, disk_dataset, tmp_path, capsys
+):
+    unlabelled = tmp_path / "flat"  # images but no class subfolders: no label column
+    unlabelled.mkdir()
+    for i in range(3):
+        Image.new("L", (32, 32), 40 * i).save(unlabelled / f"{i}.png")
+    names = {**bad_repos, "pinned": timm_repo, "disk": str(disk_dataset), "unlabelled": str(unlabelled)}
+    args = [a.format(**names) if a.startswith("{") else a for a in argv]
+    code, out, err = run(["audit", *args, "--quiet"], capsys)
+    assert code == 2, (case, err)
+    assert expected in one_error_line(err), (case, err)
+    assert "Traceback" not in err
+
+
+def test_allow_pickle_loads_pickle_weights(bad_repos, disk_dataset, capsys):
+    code, _, err = run(
+        ["audit", bad_repos["pickle-only"], "--dataset", disk_dataset, "--allow-pickle", "--quiet"], capsys
+    )
+    assert code == 0, err
+
+
+def test_remote_code_never_runs_without_flag(tmp_path, disk_dataset, capsys):
+    sentinel = tmp_path / "ran.txt"
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil",
+                "architectures": ["EvilForImageClassification"],
+                "auto_map": {
+                    "AutoConfig": "evil.EvilConfig",
+                    "AutoModelForImageClassification": "evil.EvilModel",
+                },
+            }
+        )
+    )
+    (folder / "model.safetensors").write_bytes(safetensors.torch.save({"w": torch.zeros(2)}))
+    code, _, err = run(["audit", folder, "--dataset", disk_dataset, "--quiet"], capsys)
+    assert code == 2, err
+    assert "--trust-remote-code" in one_error_line(err)
+    assert not sentinel.exists()
+
+
+def test_usage_errors_and_internal_errors(monkeypatch, clean_folder, disk_dataset, capsys):
+    assert run([], capsys)[0] == 2
+    code, _, err = run(["audit"], capsys)
+    assert code == 2 and "SOURCE" in err
+    code, _, err = run(["audit", "x/y", "--threshold", "high"], capsys)
+    assert code == 2 and "--threshold" in err
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and "hub-backdoor" in out
+    # an unexpected exception: exit 3, one line, a hint to rerun with --debug
+    monkeypatch.setattr(cli, "load_data", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    code, _, err = run(["audit", clean_folder, "--dataset", disk_dataset, "--quiet"], capsys)
+    assert code == 3
+    line = one_error_line(err)
+    assert "internal error: RuntimeError: boom" in line and "--debug" in line
+    code, _, err = run(["audit", clean_folder, "--dataset", disk_dataset, "--quiet", "--debug"], capsys)
+    assert code == 3 and "Traceback" in err
+
+
+# -- datasets, demo ----------------------------------------------------------------------------------------
+def test_dataset_sources(disk_dataset, image_folder, hub_dataset):
+    d = load_reference_dataset(str(disk_dataset), split="train[10:20]+test[:5]")
+    assert len(d.dataset) == 15 and d.kind == "disk"
+    d = load_reference_dataset(str(disk_dataset))
+    assert d.split == "test" and len(d.dataset) == 449
+    d = load_reference_dataset(str(image_folder), split="train[:10%]")
+    assert d.kind == "imagefolder" and len(d.dataset) == 45
+    assert d.dataset.features["label"].names == [str(i) for i in range(10)]
+    d = load_reference_dataset(None, card_metadata={"datasets": [hub_dataset]}, split="test[:20]")
+    assert d.from_card and d.is_hub and len(d.dataset) == 20
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    import hub_backdoor.demo as demo
+
+    # the same pipeline on the smaller digits set, so the test stays fast
+    monkeypatch.setattr(zoo, "mnist5k", lambda size=32, seed=0: zoo.digits(size=size))
+    monkeypatch.setattr(demo, "DEMO_RATE", RATE)
+    code, out, err = run(
+        ["demo", "--out", tmp_path / "demo", "--epochs", "5", "--seed", "1", "--purify-epochs", "2"], capsys
+    )
+    assert code == 0, out + err
+    d = tmp_path / "demo"
+    for name in (
+        "audit.json",
+        "audit.sarif",
+        "audit-card.md",
+        "audit-card.png",
+        "planted-backdoor.json",
+        "backdoored-model/model.safetensors",
+        "purified-model/model.safetensors",
+        "purified-model/README.md",
+        "purified-model/README.png",
+    ):
+        assert (d / name).is_file(), name
+    assert AuditReport.from_json(d / "audit.json").target == demo.DEMO_TARGET
+    assert "the audit found it" in out
+    # a rerun replaces its own output; a foreign folder is refused
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    code, _, err = run(["demo", "--out", foreign, "--quiet"], capsys)
+    assert code == 2 and (foreign / "keep.txt").exists()
+
+
+def test_card_renders_readably(timm_repo, tmp_path, capsys):
+    """The audit card: Markdown with the chart, a verdict, and a table row per class."""
+    code, _, err = run(["audit", timm_repo, "--card", tmp_path / "c.md", "--quiet"], capsys)
+    assert code == 1, err
+    text = (tmp_path / "c.md").read_text()
+    body = text.split("\n---\n", 1)[1]
+    assert body.count("\n| ") >= 10 + 1
+    assert "**What to do:**" in body and "## Limitations" in body
+    assert np.isfinite(
+        json.loads(json.dumps(ModelCard.load(tmp_path / "c.md").data.to_dict()))["hub_backdoor"][
+            "anomaly_indices"
+        ]
+    ).all()
