@@ -1,0 +1,475 @@
+"""Library side of the integrations in ``integrations/`` (README "Integrations").
+
+- :func:`summary_markdown`: the verdict and per-class table of a report as Markdown (GitHub job
+  summary, Hub discussion comments). ``python -m hub_backdoor.integrations summary REPORT.json``
+  prints it.
+- :func:`read_config`: the ``[tool.hub-backdoor]`` table of a ``pyproject.toml``.
+- :func:`pre_commit_main`: the pre-commit / pre-push hook (console script ``hub-backdoor-pre-commit``,
+  hooks in ``.pre-commit-hooks.yaml``): audits the model folders of the changed weight files.
+- :func:`hf_main`: the console script ``hf-backdoor``, so that ``hf backdoor audit ...`` runs
+  ``hub-backdoor audit ...`` (the ``hf`` CLI's extension convention); ``hf-backdoor
+  --register-extension`` registers it with ``hf``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import HubBackdoorError
+
+__all__ = [
+    "CONFIG_KEYS",
+    "hf_main",
+    "pre_commit_main",
+    "read_config",
+    "register_hf_extension",
+    "summary_markdown",
+]
+
+EXIT_OK, EXIT_BACKDOOR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+#: Files whose change makes the pre-commit hook audit their model folder.
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+MODEL_CONFIG_FILES = ("config.json", "preprocessor_config.json")
+
+
+# -- Markdown summary ----------------------------------------------------------------------------------
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _num(x: Any, digits: int) -> str:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{v:.{digits}f}" if v == v and abs(v) != float("inf") else "n/a"
+
+
+def _class_label(report: Any, k: int) -> str:
+    name = report.classes[k].name
+    return f"{k}" if name == str(k) else f'{k} ("{name}")'
+
+
+def verdict_line(report: Any) -> str:
+    """One Markdown sentence: the verdict, the flagged class and the threshold."""
+    th = report.params.get("threshold")
+    if report.backdoor_found:
+        k = report.target
+        row = report.classes[k]
+        others = [f for f in report.flagged if f != k]
+        more = f" (also flagged: {', '.join(_class_label(report, f) for f in others)})" if others else ""
+        return (
+            f"**Backdoor suspected: target class {_class_label(report, k)}**{more}. Its minimal latent "
+            f"change is abnormally small (anomaly index {_num(row.anomaly_index, 2)} > threshold {th}): "
+            "inputs carrying a trigger are likely classified as this class. Do not publish or deploy the "
+            "model as is; purify it with `hub-backdoor purify` or retrain it on data you trust."
+        )
+    if not report.classes:
+        return "**No backdoor found.**"
+    top = max(range(len(report.classes)), key=lambda i: report.classes[i].anomaly_index)
+    return (
+        f"**No backdoor found** (largest anomaly index {_num(report.classes[top].anomaly_index, 2)}, "
+        f"class {_class_label(report, top)}; threshold {th})."
+    )
+
+
+def summary_markdown(
+    report: Any,
+    *,
+    title: str | None = None,
+    max_rows: int = 40,
+    reproduce: str | None = None,
+) -> str:
+    """The audit as Markdown: a heading, the verdict, the per-class table (flagged rows in bold) and
+    the reference data. More than ``max_rows`` classes: the flagged and most anomalous ones only."""
+    C = len(report.classes)
+    if C <= max_rows:
+        shown = list(range(C))
+    else:
+        order = sorted(range(C), key=lambda i: -report.classes[i].anomaly_index)[: max_rows // 2]
+        shown = sorted(set(order) | set(report.flagged))
+    name = report.model.get("name", "model")
+    badge = "backdoor suspected" if report.backdoor_found else "no backdoor found"
+    icon = ":rotating_light:" if report.backdoor_found else ":white_check_mark:"
+    lines = [f"### {icon} {_cell(title or f'hub-backdoor audit of `{name}`')}: {badge}", ""]
+    lines += [verdict_line(report), ""]
+    lines += [
+        "| class | name | norm | anomaly index | ref. samples | flagged |",
+        "|---:|---|---:|---:|---:|:---:|",
+    ]
+    for k in shown:
+        r = report.classes[k]
+        cells = [str(r.index), _cell(r.name), _num(r.norm, 4), _num(r.anomaly_index, 2), str(r.n_reference)]
+        if r.flagged:
+            cells = [f"**{c}**" for c in cells] + ["**target**" if k == report.target else "**yes**"]
+        else:
+            cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(shown) < C:
+        lines += ["", f"({C - len(shown)} more classes, none flagged, in the JSON report.)"]
+    data = report.data or {}
+    src = data.get("source") or {}
+    where = ""
+    if src.get("name"):
+        where = f" from `{src['name']}`" + (f", split `{src['split']}`" if src.get("split") else "")
+    p = report.params or {}
+    lines += [
+        "",
+        f"Reference data{where}: {data.get('n', '?')} images, "
+        f"model accuracy {_num(data.get('accuracy'), 3)}. "
+        f"Rule `{p.get('rule')}`, threshold {p.get('threshold')}, seed {report.seed}.",
+    ]
+    msrc = report.model.get("source") or {}
+    if msrc.get("type") == "hub" and msrc.get("sha"):
+        lines.append(f"Audited commit: `{msrc.get('repo_id')}@{msrc['sha']}`.")
+    if reproduce:
+        lines += ["", f"Reproduce: `{reproduce}`"]
+    return "\n".join(lines) + "\n"
+
+
+# -- [tool.hub-backdoor] --------------------------------------------------------------------------------
+#: Keys of ``[tool.hub-backdoor]`` and hook options: name -> (audit flag or None, type).
+CONFIG_KEYS: dict[str, tuple[str | None, type]] = {
+    "dataset": ("--dataset", str),
+    "split": ("--split", str),
+    "threshold": ("--threshold", float),
+    "rule": ("--rule", str),
+    "max-samples": ("--max-samples", int),
+    "seed": ("--seed", int),
+    "batch-size": ("--batch-size", int),
+    "image-column": ("--image-column", str),
+    "label-column": ("--label-column", str),
+    "soft-margin": ("--soft-margin", float),
+    "device": ("--device", str),
+    "allow-pickle": ("--allow-pickle", bool),
+    "trust-remote-code": ("--trust-remote-code", bool),
+    "models": (None, list),
+}
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib  # Python >= 3.11
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError:
+            raise HubBackdoorError(
+                f"reading {path} needs Python >= 3.11 or the tomli package (pip install tomli)"
+            ) from None
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise HubBackdoorError(f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise HubBackdoorError(f"{path} is not valid TOML ({e})") from None
+
+
+def read_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The ``[tool.hub-backdoor]`` table of ``path`` (default: ``./pyproject.toml`` when it exists).
+
+    Keys are those of :data:`CONFIG_KEYS` (``_`` and ``-`` are the same); values are checked. Relative
+    paths (``dataset`` when it names an existing folder, ``models``) are resolved against the file's
+    folder. Returns ``{}`` when there is no file or no such table.
+    """
+    explicit = path is not None
+    file = Path(path) if explicit else Path("pyproject.toml")
+    if not file.is_file():
+        if explicit:
+            raise HubBackdoorError(f"config file {file} does not exist")
+        return {}
+    table = _load_toml(file).get("tool", {}).get("hub-backdoor")
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise HubBackdoorError(f"{file}: [tool.hub-backdoor] must be a table")
+    out: dict[str, Any] = {}
+    base = file.resolve().parent
+    for raw_key, value in table.items():
+        key = raw_key.replace("_", "-")
+        if key == "model":
+            key = "models"
+        if key not in CONFIG_KEYS:
+            raise HubBackdoorError(
+                f"{file}: unknown key {raw_key!r} in [tool.hub-backdoor]; known: {', '.join(CONFIG_KEYS)}"
+            )
+        kind = CONFIG_KEYS[key][1]
+        if key == "models":
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise HubBackdoorError(f"{file}: 'models' must be a folder or a list of folders")
+            value = [str(base / v) for v in value]
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise HubBackdoorError(f"{file}: {raw_key!r} must be true or false")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise HubBackdoorError(f"{file}: {raw_key!r} must be a number")
+            value = float(value)
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise HubBackdoorError(f"{file}: {raw_key!r} must be an integer")
+        elif not isinstance(value, str):
+            raise HubBackdoorError(f"{file}: {raw_key!r} must be a string")
+        if key == "dataset" and (base / value).exists() and not Path(value).is_absolute():
+            value = str(base / value)
+        out[key] = value
+    return out
+
+
+def audit_options(options: dict[str, Any]) -> list[str]:
+    """``hub-backdoor audit`` flags for config / hook options (:data:`CONFIG_KEYS`)."""
+    argv: list[str] = []
+    for key, value in options.items():
+        flag, kind = CONFIG_KEYS[key]
+        if flag is None or value is None:
+            continue
+        if kind is bool:
+            argv += [flag] if value else []
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+# -- pre-commit hook --------------------------------------------------------------------------------------
+def _hook_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hub-backdoor-pre-commit",
+        description="pre-commit / pre-push hook: audit the model folder of every changed weight or config "
+        "file for a backdoor; fails (exit 1) when one is found, 2 on bad input. Options not given here "
+        "come from [tool.hub-backdoor] in pyproject.toml.",
+    )
+    p.add_argument("filenames", nargs="*", help="changed files (passed by pre-commit)")
+    p.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="DIR",
+        help="audit this model folder whenever a matching file changed (repeatable; default: the folder "
+        "of each changed file that holds a config.json, or the nearest one above it)",
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML file with [tool.hub-backdoor] (default: pyproject.toml)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors and the verdict lines")
+    for key, (flag, kind) in CONFIG_KEYS.items():
+        if flag is None:
+            continue
+        dest = key.replace("-", "_")
+        if kind is bool:
+            p.add_argument(flag, dest=dest, action="store_true", default=None)
+        else:
+            p.add_argument(flag, dest=dest, type=kind, default=None)
+    return p
+
+
+def _model_folder(file: Path, root: Path) -> Path | None:
+    """The folder of ``file`` that holds a ``config.json``, looking upwards but not above ``root``."""
+    folder = file.parent.resolve()
+    root = root.resolve()
+    while True:
+        if (folder / "config.json").is_file():
+            return folder
+        if folder == root or root not in folder.parents:
+            return None
+        folder = folder.parent
+
+
+def _is_model_file(name: str) -> bool:
+    return name.endswith(MODEL_FILE_SUFFIXES) or Path(name).name in MODEL_CONFIG_FILES
+
+
+def _display(folder: Path) -> str:
+    try:
+        rel = os.path.relpath(folder)
+    except ValueError:  # pragma: no cover - another drive on Windows
+        return str(folder)
+    if rel == ".":
+        return folder.name or str(folder)
+    return rel if not rel.startswith("..") else str(folder)
+
+
+def pre_commit_main(argv: Sequence[str] | None = None) -> int:
+    """The pre-commit hook; returns 0 (clean or nothing to audit), 1 (backdoor) or 2/3 (error)."""
+    from . import cli
+    from .report import AuditReport
+
+    args = _hook_parser().parse_args(argv)
+    try:
+        config = read_config(args.config)
+    except HubBackdoorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    options = {k: v for k, v in config.items() if k != "models"}
+    for key in CONFIG_KEYS:
+        value = getattr(args, key.replace("-", "_"), None)
+        if value is not None and key != "models":
+            options[key] = value
+    root = Path.cwd()
+    changed = [Path(f) for f in args.filenames if _is_model_file(f)]
+    if args.models or config.get("models"):
+        folders = [Path(m).resolve() for m in (args.models or config["models"])]
+        if args.filenames and not changed:
+            folders = []  # files were passed, none of them a model file
+    else:
+        folders = []
+        for f in changed:
+            folder = _model_folder(f, root)
+            if folder is None:
+                print(f"hub-backdoor: skipping {f}: no config.json in its folder or above", file=sys.stderr)
+            elif folder not in folders:
+                folders.append(folder)
+    if not folders:
+        return EXIT_OK
+    codes = []
+    ui = cli.UI(quiet=args.quiet)
+    for folder in folders:
+        shown = _display(folder)
+        with tempfile.TemporaryDirectory(prefix="hub-backdoor-hook-") as tmp:
+            report_path = Path(tmp) / "report.json"
+            code = cli.main(
+                ["audit", str(folder), *audit_options(options), "--quiet", "--json", str(report_path)]
+            )
+            codes.append(code)
+            if code in (EXIT_OK, EXIT_BACKDOOR) and report_path.is_file():
+                report = AuditReport.from_json(report_path)
+                report.model["name"] = shown
+                cli.print_table(report, ui)
+                if report.backdoor_found:
+                    print(
+                        f"hub-backdoor: BACKDOOR suspected in {shown} (target class {report.target}); "
+                        "blocked. Purify it (hub-backdoor purify) or retrain it on data you trust.",
+                        flush=True,
+                    )
+                else:
+                    print(f"hub-backdoor: no backdoor found in {shown}", flush=True)
+            else:
+                print(f"hub-backdoor: could not audit {shown} (exit {code}; see the error above)", flush=True)
+    errors = [c for c in codes if c not in (EXIT_OK, EXIT_BACKDOOR)]
+    if errors:
+        return max(errors)
+    return EXIT_BACKDOOR if EXIT_BACKDOOR in codes else EXIT_OK
+
+
+# -- hf backdoor ------------------------------------------------------------------------------------------
+HF_EXTENSION_NAME = "backdoor"
+
+
+def _extensions_root() -> Path:
+    try:
+        from huggingface_hub.cli import extensions
+
+        return Path(extensions.EXTENSIONS_ROOT).expanduser()
+    except Exception:  # older huggingface_hub: the documented default
+        return Path("~/.local/share/hf/extensions").expanduser()
+
+
+def register_hf_extension(python: str | None = None) -> Path:
+    """Register ``hf-backdoor`` with the ``hf`` CLI, so ``hf backdoor ...`` runs it; returns its folder.
+
+    Writes ``<hf extensions>/hf-backdoor/``: an ``hf-backdoor`` launcher that runs this interpreter's
+    hub-backdoor, and the ``manifest.json`` that ``hf`` reads (``hf extensions list`` shows it, ``hf
+    extensions remove backdoor`` removes it).
+    """
+    import datetime as dt
+
+    python = python or sys.executable
+    folder = _extensions_root() / f"hf-{HF_EXTENSION_NAME}"
+    folder.mkdir(parents=True, exist_ok=True)
+    launcher = folder / f"hf-{HF_EXTENSION_NAME}"
+    launcher.write_text(f'#!/bin/sh\nexec "{python}" -m hub_backdoor.integrations hf "$@"\n')
+    launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    fields = {
+        "owner": "local",
+        "repo": f"hf-{HF_EXTENSION_NAME}",
+        "repo_id": f"local/hf-{HF_EXTENSION_NAME}",
+        "short_name": HF_EXTENSION_NAME,
+        "executable_path": str(launcher),
+        "type": "binary",
+        "description": "Audit Hub image classifiers for backdoors (hub-backdoor)",
+        "commit_sha": None,
+    }
+    try:  # the hf CLI's own manifest class, when this huggingface_hub has one
+        from huggingface_hub.cli.extensions import ExtensionManifest
+
+        ExtensionManifest(**fields, installed_at=dt.datetime.now(dt.timezone.utc)).save(folder)
+    except Exception:
+        data = {**fields, "installed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+        (folder / "manifest.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+    return folder
+
+
+def hf_main(argv: Sequence[str] | None = None) -> int:
+    """``hf-backdoor ARGS`` is ``hub-backdoor ARGS``; ``hf-backdoor --register-extension`` registers
+    it with the ``hf`` CLI."""
+    from . import cli
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--register-extension"]:
+        folder = register_hf_extension()
+        print(f"registered 'hf backdoor' ({folder}); try: hf backdoor audit --help")
+        return EXIT_OK
+    return cli.main(args)
+
+
+# -- python -m hub_backdoor.integrations -------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """``summary REPORT.json [--title T]``: print the Markdown summary; ``pre-commit ...``: the hook;
+    ``hf ...``: ``hf-backdoor``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["pre-commit"]:
+        return pre_commit_main(args[1:])
+    if args[:1] == ["hf"]:
+        return hf_main(args[1:])
+    p = argparse.ArgumentParser(prog="python -m hub_backdoor.integrations")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("summary", help="print the Markdown summary of a JSON report")
+    s.add_argument("report")
+    s.add_argument("--title", default=None)
+    s.add_argument("--reproduce", default=None)
+    a = sub.add_parser(
+        "audit",
+        help="hub-backdoor audit ARGS --json REPORT, then the Markdown summary in --markdown (one process)",
+    )
+    a.add_argument("--report", required=True, help="the JSON report (passed to audit as --json)")
+    a.add_argument(
+        "--markdown", required=True, help="write the Markdown summary here (when there is a report)"
+    )
+    a.add_argument("--title", default=None)
+    a.add_argument("audit_args", nargs=argparse.REMAINDER, help="-- SOURCE [audit options]")
+    sub.add_parser("pre-commit", help="the pre-commit hook (hub-backdoor-pre-commit)")
+    sub.add_parser("hf", help="hf-backdoor")
+    ns = p.parse_args(args)
+    from .report import AuditReport
+
+    if ns.command == "audit":
+        from . import cli
+
+        rest = ns.audit_args[1:] if ns.audit_args[:1] == ["--"] else ns.audit_args
+        Path(ns.report).unlink(missing_ok=True)
+        code = cli.main(["audit", *rest, "--json", ns.report])
+        if code in (EXIT_OK, EXIT_BACKDOOR) and Path(ns.report).is_file():
+            report = AuditReport.from_json(ns.report)
+            Path(ns.markdown).write_text(summary_markdown(report, title=ns.title))
+        return code
+    try:
+        report = AuditReport.from_json(ns.report)
+    except HubBackdoorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(summary_markdown(report, title=ns.title, reproduce=ns.reproduce))
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

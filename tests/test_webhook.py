@@ -1,0 +1,415 @@
+"""The Hub webhook service (integrations/hub_webhook) end to end on loopback, against the session's
+LocalHub: payloads of the Hub's real shape (v3), the secret, the event filter, the answer on the Hub
+(a discussion comment, and a pull request on refs/pr/N with the purified model), deduplication, the
+bounded queue, one job at a time per repo, retries, and a SIGKILL in the middle of the queue.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # integrations/ is not installed; it runs from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from test_integrations import integration_models, model_card  # noqa: E402
+
+from integrations.hub_webhook import Config, Service  # noqa: E402
+from integrations.hub_webhook.service import MARKER, Auditor  # noqa: E402
+
+SECRET = "webhook-s3cret"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    return integration_models(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def hub_dataset(local_hub, models) -> str:
+    """The digits' test split as a Hub dataset repo (parquet, as ``push_to_hub`` lays it out)."""
+    import datasets
+
+    repo = f"tester/wh-digits-{uuid.uuid4().hex[:8]}"
+    buf = io.BytesIO()
+    datasets.load_from_disk(str(models["data"]))["test"].to_parquet(buf)
+    local_hub.commit_files(
+        repo,
+        {
+            "data/test-00000-of-00001.parquet": buf.getvalue(),
+            "README.md": b"---\nlicense: bsd-3-clause\n---\n",
+        },
+        repo_type="dataset",
+    )
+    return repo
+
+
+def push_model(local_hub, repo: str, folder: Path, dataset: str, note: str = "") -> str:
+    """Commit a model folder and a card naming ``dataset`` to ``repo``'s main; returns the commit."""
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    files["README.md"] = (model_card([dataset]) + note).encode()
+    return local_hub.commit_files(repo, files, message=f"upload {folder.name}")
+
+
+def payload(local_hub, repo: str, sha: str, *, scope="repo.content", action="update", ref="refs/heads/main"):
+    """A webhook payload as the Hub sends it (v3)."""
+    web = f"{local_hub.endpoint}/{repo}"
+    body = {
+        "event": {"action": action, "scope": scope},
+        "repo": {
+            "type": "model",
+            "name": repo,
+            "id": uuid.uuid4().hex[:24],
+            "private": False,
+            "headSha": sha,
+            "owner": {"id": uuid.uuid4().hex[:24]},
+            "url": {"web": web, "api": f"{local_hub.endpoint}/api/models/{repo}"},
+            "subdomain": None,
+            "tags": ["timm", "image-classification"],
+        },
+        "webhook": {"id": uuid.uuid4().hex[:24], "version": 3},
+        "updatedRefs": [{"ref": ref, "oldSha": "0" * 40, "newSha": sha}],
+    }
+    if scope.startswith("discussion"):
+        body["discussion"] = {
+            "id": uuid.uuid4().hex[:24],
+            "num": 1,
+            "author": {"id": "x"},
+            "url": {"web": f"{web}/discussions/1"},
+            "title": "hub-backdoor: backdoor audits",
+            "isPullRequest": False,
+            "status": "open",
+        }
+        del body["updatedRefs"]
+    return body
+
+
+def post(url: str, body, secret: str | None = SECRET) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if secret is not None:
+        headers["X-Webhook-Secret"] = secret
+    req = urllib.request.Request(url + "/webhook", data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def get(url: str, path: str, secret: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url + path, headers={"X-Webhook-Secret": secret} if secret else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def wait_for(predicate, timeout: float = 240.0, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def audit_comments(local_hub, repo: str, sha: str) -> list[str]:
+    marker = MARKER.format(sha=sha)
+    return [
+        c
+        for d in local_hub.discussions(repo)
+        if not d["is_pull_request"]
+        for c in d["comments"]
+        if marker in c
+    ]
+
+
+# -- end to end, in process ---------------------------------------------------------------------------------
+def test_webhook_audits_comments_and_opens_pr(local_hub, models, hub_dataset, tmp_path):
+    repo = f"tester/wh-bd-{uuid.uuid4().hex[:8]}"
+    sha = push_model(local_hub, repo, models["backdoored"], hub_dataset)
+    main_files = local_hub.files(repo)
+    config = Config(
+        secret=SECRET,
+        repos=["tester/wh-*"],
+        db=tmp_path / "queue.sqlite3",
+        port=0,
+        open_pr=True,
+        purify_epochs=1,
+        threads=1,
+    )
+    service = Service(config).start()
+    try:
+        url = service.url
+        # a wrong or missing secret: 401, and no work
+        assert post(url, payload(local_hub, repo, sha), secret="wrong")[0] == 401
+        assert post(url, payload(local_hub, repo, sha), secret=None)[0] == 401
+        # malformed payloads: 400
+        assert post(url, b"{not json")[0] == 400
+        assert post(url, [1, 2])[0] == 400
+        assert post(url, {"event": {"action": "update", "scope": "repo.content"}})[0] == 400
+        bad = payload(local_hub, repo, sha)
+        bad["updatedRefs"][0]["newSha"] = "not-a-sha"
+        assert post(url, bad)[0] == 400
+        # events the service does not act on: 200, ignored
+        for body in (
+            payload(local_hub, repo, sha, scope="discussion", action="create"),
+            payload(local_hub, repo, sha, scope="discussion.comment", action="create"),
+            payload(local_hub, "other-org/model", sha),
+            payload(local_hub, repo, sha, ref="refs/pr/7"),
+            payload(local_hub, repo, sha, action="delete", scope="repo"),
+        ):
+            status, answer = post(url, body)
+            assert (status, answer["status"]) == (200, "ignored"), answer
+        assert service.store.counts() == {"queued": 0, "running": 0, "done": 0, "failed": 0}
+
+        # a content update of main: queued, audited in the background
+        status, answer = post(url, payload(local_hub, repo, sha))
+        assert status == 202 and answer["jobs"][0]["status"] == "queued", answer
+        job_id = answer["jobs"][0]["job"]
+        job = wait_for(
+            lambda: (j := service.store.get(job_id)) and j.status in ("done", "failed") and j,
+            what="the audit",
+        )
+        assert job.status == "done", job.error
+        assert (job.verdict, job.target, job.attempts) == ("backdoor", 7, 1)
+
+        # the answer on the Hub: one comment with the verdict and the table ...
+        (comment,) = audit_comments(local_hub, repo, sha)
+        assert "Backdoor suspected: target class 7" in comment
+        assert "| **7** | **7** |" in comment and comment.count("\n| ") >= 11
+        assert f"hub-backdoor audit {repo}@{sha}" in comment
+        (disc,) = [d for d in local_hub.discussions(repo) if not d["is_pull_request"]]
+        assert disc["title"] == config.discussion_title
+        # ... and a pull request on refs/pr/N with the purified model and its security card
+        (pr,) = [d for d in local_hub.discussions(repo) if d["is_pull_request"]]
+        assert job.pr_url.endswith(f"/discussions/{pr['num']}") and job.pr_url in comment
+        pr_files = local_hub.files(repo, f"refs/pr/{pr['num']}")
+        assert pr_files["model.safetensors"] != main_files["model.safetensors"]
+        assert "backdoor_purification.json" in pr_files
+        assert "hub-backdoor" in pr_files["README.md"].decode()
+        assert local_hub.files(repo) == main_files  # main is never written
+
+        # a repeated delivery is not audited twice; the PR's own push is ignored
+        status, answer = post(url, payload(local_hub, repo, sha))
+        assert status == 202 and answer["jobs"][0] == {
+            **answer["jobs"][0],
+            "status": "duplicate",
+            "job": job_id,
+        }
+        assert (
+            post(
+                url,
+                payload(
+                    local_hub,
+                    repo,
+                    local_hub.branch_sha(repo, f"refs/pr/{pr['num']}"),
+                    ref=f"refs/pr/{pr['num']}",
+                ),
+            )[1]["status"]
+            == "ignored"
+        )
+        time.sleep(0.5)
+        assert service.store.counts()["done"] == 1 and service.store.get(job_id).deliveries == 2
+        assert len(audit_comments(local_hub, repo, sha)) == 1
+
+        # the log of events and outcomes; the jobs endpoint needs the secret
+        outcomes = [e["outcome"] for e in service.store.events()]
+        assert outcomes.count("unauthorized") == 2 and outcomes.count("bad payload") == 4
+        assert outcomes.count("ignored") == 6 and outcomes.count("accepted") == 2
+        assert get(url, "/jobs")[0] == 401
+
+        # a revision that cannot be audited (its card names no data): failed, with one comment saying why
+        bad_repo = f"tester/wh-nodata-{uuid.uuid4().hex[:8]}"
+        files = {p.name: p.read_bytes() for p in models["clean"].iterdir()}
+        bad_sha = local_hub.commit_files(bad_repo, {**files, "README.md": model_card().encode()})
+        status, answer = post(url, payload(local_hub, bad_repo, bad_sha))
+        bad_id = answer["jobs"][0]["job"]
+        bad = wait_for(lambda: (j := service.store.get(bad_id)) and j.status in ("done", "failed") and j)
+        assert bad.status == "failed" and "names no dataset" in bad.error and bad.attempts == 1
+        (why,) = audit_comments(local_hub, bad_repo, bad_sha)
+        assert "could not audit" in why and "names no dataset" in why
+        status, listing = get(url, "/jobs", SECRET)
+        assert status == 200 and listing["jobs"][1]["id"] == job_id and listing["counts"]["done"] == 1
+        assert get(url, "/healthz") == (
+            200,
+            {"ok": True, "jobs": {"queued": 0, "running": 0, "done": 1, "failed": 1}},
+        )
+    finally:
+        service.stop()
+
+
+# -- queue: bounded, one job at a time per repo, retries (stub audits: no models) --------------------------
+class StubAuditor(Auditor):
+    """Records which jobs run at the same time; blocks each job until released."""
+
+    def __init__(self, config, store):
+        super().__init__(config, store)
+        self.lock = threading.Lock()
+        self.running: set[str] = set()
+        self.overlaps: list[tuple[str, str]] = []
+        self.started: list[str] = []
+        self.release = threading.Event()
+        self.fail_once = {"bbbb"}
+
+    def run(self, job):
+        with self.lock:
+            for other in self.running:
+                self.overlaps.append((other, job.repo + "@" + job.sha[:4]))
+            self.running.add(job.repo + "@" + job.sha[:4])
+            self.started.append(job.sha[:4])
+        try:
+            self.release.wait(30)
+            if job.sha[:4] in self.fail_once:
+                self.fail_once.discard(job.sha[:4])
+                raise RuntimeError("the Hub hiccuped")
+            return {"verdict": "clean", "target": None}
+        finally:
+            with self.lock:
+                self.running.discard(job.repo + "@" + job.sha[:4])
+
+
+def test_queue_is_bounded_serial_per_repo_and_retries(local_hub, tmp_path):
+    config = Config(
+        secret=SECRET,
+        repos=["org/*"],
+        db=tmp_path / "q.sqlite3",
+        port=0,
+        workers=2,
+        queue_size=3,
+        retry_delay=0.05,
+    )
+    service = Service(config)
+    stub = service.auditor = StubAuditor(config, service.store)
+    service.start()
+    with pytest.raises(RuntimeError, match="another webhook service"):
+        Service(config)  # one service per queue file
+    try:
+        url = service.url
+        shas = {k: k * 10 for k in ("aaaa", "bbbb", "cccc", "dddd")}
+        assert post(url, payload(local_hub, "org/a", shas["aaaa"]))[0] == 202
+        wait_for(lambda: stub.started == ["aaaa"], 10, "the first job")
+        assert post(url, payload(local_hub, "org/a", shas["bbbb"]))[0] == 202
+        assert post(url, payload(local_hub, "org/b", shas["cccc"]))[0] == 202
+        wait_for(lambda: len(stub.started) == 2, 10, "a job of the other repo")
+        assert stub.started == ["aaaa", "cccc"]  # org/a's second job waits for its first
+        status, answer = post(url, payload(local_hub, "org/c", shas["dddd"]))  # 3 jobs active: full
+        assert status == 503 and answer["jobs"][0]["status"] == "full"
+        stub.release.set()
+        wait_for(lambda: service.store.counts()["done"] == 3, 20, "all jobs")
+        assert not [o for o in stub.overlaps if o[0].split("@")[0] == o[1].split("@")[0]]
+        jobs = {j.sha[:4]: j for j in service.store.jobs()}
+        assert jobs["bbbb"].attempts == 2 and jobs["aaaa"].attempts == 1  # failed once, retried
+        assert post(url, payload(local_hub, "org/c", shas["dddd"]))[0] == 202  # room again
+    finally:
+        stub.release.set()
+        service.stop()
+
+
+# -- kill -9 in the middle of the queue, restart -----------------------------------------------------------
+def _start(db: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    env = {
+        **os.environ,
+        "HUB_BACKDOOR_WEBHOOK_SECRET": SECRET,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [
+        sys.executable,
+        "-m",
+        "integrations.hub_webhook",
+        "--port",
+        "0",
+        "--db",
+        str(db),
+        "--repo",
+        "tester/whk-*",
+    ]
+    cmd += ["--workers", "2", "--threads", "1", "--max-samples", "200"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log.open("ab"), text=True)
+    line = proc.stdout.readline()
+    assert "listening on http://" in line, log.read_text()
+    return proc, line.strip().rsplit(" ", 1)[-1]
+
+
+def _statuses(db: Path) -> dict[str, tuple[str, int]]:
+    with sqlite3.connect(db, timeout=10) as c:
+        return {
+            sha: (status, attempts)
+            for sha, status, attempts in c.execute("SELECT sha, status, attempts FROM jobs")
+        }
+
+
+def test_restart_after_kill_loses_no_queued_event(local_hub, models, hub_dataset, tmp_path):
+    x, y = (f"tester/whk-{n}-{uuid.uuid4().hex[:6]}" for n in ("x", "y"))
+    sha1 = push_model(local_hub, x, models["clean"], hub_dataset)
+    sha2 = push_model(local_hub, x, models["backdoored"], hub_dataset, note="\nv2\n")
+    sha3 = push_model(local_hub, y, models["clean"], hub_dataset)
+    db, log = tmp_path / "queue.sqlite3", tmp_path / "service.log"
+    proc, url = _start(db, log)
+    try:
+        for repo, sha in ((x, sha1), (x, sha2), (y, sha3)):
+            status, answer = post(url, payload(local_hub, repo, sha))
+            assert status == 202 and answer["jobs"][0]["status"] == "queued", answer
+        # kill -9 once a job is being audited (it is "running" in the queue file) and others wait
+        wait_for(lambda: ": auditing " in log.read_text(), 60, "an audit to start")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    at_kill = _statuses(db)  # the store as the dead service left it
+    running = {sha for sha, (st, _) in at_kill.items() if st == "running"}
+    assert running and at_kill[sha2][0] == "queued"  # x's second job waits for its first
+    assert all(st in ("queued", "running", "done") for st, _ in at_kill.values())
+
+    proc, url = _start(db, log)  # same queue file
+    try:
+        wait_for(lambda: get(url, "/healthz")[1]["jobs"]["done"] == 3, 240, "the queue to drain")
+        # a repeated delivery after the restart is not redone
+        assert post(url, payload(local_hub, x, sha1))[1]["jobs"][0]["status"] == "duplicate"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    final = _statuses(db)
+    for sha in (sha1, sha2, sha3):
+        assert final[sha][0] == "done"
+        assert final[sha][1] == (2 if sha in running else 1), (sha, final, running)
+    # exactly one answer per revision on the Hub; x@sha2 is the backdoored one (PRs are off)
+    for repo, sha in ((x, sha1), (x, sha2), (y, sha3)):
+        assert len(audit_comments(local_hub, repo, sha)) == 1, (repo, sha)
+    assert "Backdoor suspected: target class 7" in audit_comments(local_hub, x, sha2)[0]
+    assert f"hub-backdoor purify {x}@{sha2} --open-pr" in audit_comments(local_hub, x, sha2)[0]
+    assert "No backdoor found" in audit_comments(local_hub, y, sha3)[0]
+    assert not [d for d in local_hub.discussions(x) if d["is_pull_request"]]
+    text = log.read_text()
+    assert "was interrupted; queued again" in text and "done in" in text
