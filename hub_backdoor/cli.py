@@ -521,6 +521,8 @@ def cmd_purify(args: argparse.Namespace, ui: UI) -> int:
         target=target,
         trigger=trigger,
         beta=args.beta,
+        scale=args.scale,
+        distill=args.distill,
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
@@ -864,9 +866,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="purify class K (default: the flagged class; needed when none is flagged)",
     )
-    g.add_argument("--epochs", type=_positive_int, default=10, help="fine-tuning epochs (default 10)")
-    g.add_argument("--beta", type=float, default=3.0, help="weight of the latent-trigger loss (default 3)")
-    g.add_argument("--lr", type=float, default=0.01, help="peak learning rate (default 0.01)")
+    from .defaults import PURIFY as d  # the library's defaults, so the two cannot drift apart
+
+    g.add_argument("--epochs", type=_positive_int, default=d["epochs"],
+                   help=f"fine-tuning epochs (default {d['epochs']})")
+    g.add_argument("--beta", type=float, default=d["beta"],
+                   help=f"weight of the latent-trigger loss (default {d['beta']})")
+    g.add_argument("--scale", type=float, default=d["scale"],
+                   help=f"multiplier of s_t in the loss (default {d['scale']}; 1 = the paper)")
+    g.add_argument("--distill", type=float, default=d["distill"],
+                   help=f"weight of a KL term to the original model (default {d['distill']}; 0 = paper)")
+    g.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default {d['lr']})")
     g.add_argument(
         "--holdout",
         type=float,

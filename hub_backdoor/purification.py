@@ -1,9 +1,16 @@
 """Stage 2: remove the backdoor by fine-tuning with the reconstructed latent trigger s_t.
 
-    L = CE(f(x), y) + beta * CE(head(h(x) + s_t), y)
+    L = CE(f(x), y) + beta * CE(head(h(x) + scale * s_t), y) + distill * KL(f_0(x) || f(x))
 
 The model must keep the true label even when the reconstructed trigger-activated change is
 added in latent space; plain fine-tuning (beta = 0) does not remove backdoors (method.md).
+
+Two additions to the paper's loss, both measured on MNIST timm / transformers models with 600
+clean samples (README, "Purification defaults"): ``scale`` > 1, because s_t is the *smallest*
+change that reaches class t for the hardest sample while a real trigger drives inputs deep into
+t (with scale 1 a transformers ResNet kept 26-40 % ASR); and ``distill``, a KL term to the
+original model's clean predictions, which held the accuracy drop to ~2 points where plain CE on
+a small clean set lost 4. ``scale=1, distill=0`` is the paper's loss.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch.nn.functional as F
 from .adapters import Classifier, load_classifier
 from .audit import audit as run_audit
 from .data import ReferenceData, make_loader
+from .defaults import PURIFY
 from .embeddings import reference_pass
 from .errors import HubBackdoorError
 from .reconstruction import solve_class
@@ -101,14 +109,16 @@ def purify(
     report: AuditReport | None = None,
     target: int | None = None,
     trigger: Any = None,
-    beta: float = 3.0,
-    epochs: int = 10,
-    lr: float = 0.003,
+    beta: float = PURIFY["beta"],
+    scale: float = PURIFY["scale"],
+    epochs: int = PURIFY["epochs"],
+    lr: float = PURIFY["lr"],
     batch_size: int = 64,
     train: str | list[str] = "all",
     holdout: float = 0.2,
     resolve_every: int | None = None,
     freeze_norm: bool = False,
+    distill: float = PURIFY["distill"],
     seed: int = 0,
     transform: Any = None,
     image_column: str | None = None,
@@ -128,9 +138,12 @@ def purify(
         target: the class to purify; default: the report's target. Required when the audit
             flagged nothing (purifying a clean-looking model is then an explicit choice).
         trigger: optional callable applied to one raw image; measures ASR/RA before and after.
-        beta: weight of the latent-trigger loss. epochs, lr: SGD with one-cycle schedule.
+        beta: weight of the latent-trigger loss. scale: s_t is multiplied by this in the loss.
+        epochs, lr: SGD with a one-cycle schedule.
         train: ``"all"`` or parameter-name prefixes that may change (the rest is frozen).
         resolve_every: re-solve s_t on the current model every this many epochs (None: never).
+        distill: weight of a KL term to the original model's clean predictions, which keeps
+            clean behaviour when the clean set is small (0: the paper's loss).
         freeze_norm: keep BatchNorm statistics fixed; a few hundred clean samples estimate them
             worse than the original training set did.
     """
@@ -166,9 +179,17 @@ def purify(
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
     loader = make_loader(fit, tf, batch_size=batch_size, shuffle=True, seed=seed)
+    # a last batch of a handful of samples destabilises BatchNorm and SGD (benchmarks saw it)
+    loader = torch.utils.data.DataLoader(
+        loader.dataset, batch_size=batch_size, shuffle=True, generator=loader.generator,
+        drop_last=len(fit) > batch_size,
+    )
+    teacher = original.copy() if distill > 0 else None  # a copy: the caller's model stays as it was
+    if teacher is not None:
+        teacher.model.to(clf.device).eval()
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * len(loader)))
     history: list[dict[str, float]] = []
-    s = torch.as_tensor(s_t, dtype=torch.float32, device=clf.device)
+    s = scale * torch.as_tensor(s_t, dtype=torch.float32, device=clf.device)
     epoch_iter: Any = range(epochs)
     if progress:
         from tqdm.auto import tqdm
@@ -177,7 +198,7 @@ def purify(
     for epoch in epoch_iter:
         if resolve_every and epoch > 0 and epoch % resolve_every == 0:
             s_new = _solve_target(clf, fit, tf, target, batch_size, report.params.get("margin", 0.0))
-            s = torch.as_tensor(s_new, dtype=torch.float32, device=clf.device)
+            s = scale * torch.as_tensor(s_new, dtype=torch.float32, device=clf.device)
         clf.model.train()
         if freeze_norm:
             _freeze_batchnorm(clf.model)
@@ -189,12 +210,19 @@ def purify(
             loss_clean = F.cross_entropy(logits, y)
             loss_trig = F.cross_entropy(clf.head_logits(h + s.to(h.dtype)), y)
             loss = loss_clean + beta * loss_trig
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher.forward(x)[0]
+                loss = loss + distill * F.kl_div(
+                    F.log_softmax(logits, 1), F.log_softmax(t_logits, 1), log_target=True,
+                    reduction="batchmean",
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            tot_clean += float(loss_clean) * len(y)
-            tot_trig += float(loss_trig) * len(y)
+            tot_clean += float(loss_clean.detach()) * len(y)
+            tot_trig += float(loss_trig.detach()) * len(y)
             n += len(y)
         history.append({"epoch": epoch + 1, "loss_clean": tot_clean / n, "loss_trigger": tot_trig / n})
     for p in clf.model.parameters():
@@ -210,8 +238,10 @@ def purify(
         perturbation=np.asarray(s_t),
         metrics=metrics,
         params={
-            "beta": beta, "epochs": epochs, "lr": lr, "batch_size": batch_size, "train": train,
+            "beta": beta, "scale": scale, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+            "train": train,
             "holdout": holdout, "resolve_every": resolve_every, "freeze_norm": freeze_norm,
+            "distill": distill,
             "seed": seed,
         },
         report=report,

@@ -1,0 +1,13 @@
+"""Default method parameters, in one light module shared by the library and the CLI.
+
+The purification values were picked on MNIST timm / transformers models (README, "Purification
+defaults"); docs/benchmarks.md has the wider study.
+"""
+
+PURIFY: dict[str, float | int] = {
+    "beta": 3.0,  # weight of CE(head(h + scale * s_t), y)
+    "scale": 2.0,  # s_t multiplier; 1 is the paper
+    "distill": 3.0,  # KL to the original model's clean predictions; 0 is the paper
+    "lr": 0.003,
+    "epochs": 10,
+}
