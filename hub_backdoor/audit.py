@@ -14,7 +14,8 @@ from .data import ReferenceData, StreamingReference, reference_data
 from .detection import DEFAULT_RULE, NEEDS_NONNEG, DetectionInput, detect
 from .distributed import reconstruct_distributed, resolve
 from .embeddings import ReferencePass, reference_pass
-from .reconstruction import Reconstruction
+from .errors import InfeasibleError
+from .reconstruction import Reconstruction, dimension_reason
 from .report import AuditReport, ClassRow, library_versions
 
 
@@ -71,6 +72,8 @@ def audit(
     torch.manual_seed(seed)
     dist = resolve(accelerator)
     clf = load_classifier(source, **load_kw)
+    if soft_margin is None and clf.num_classes - 1 >= clf.embed_dim:  # fail before the reference pass
+        raise InfeasibleError(dimension_reason(clf.num_classes, clf.embed_dim))
     data = reference_data(dataset, image_column=image_column, label_column=label_column)
     data = data.subset(max_samples, seed)
     ref = reference_pass(

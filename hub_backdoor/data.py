@@ -8,6 +8,7 @@ ambiguous is an error naming the candidates, never a guess.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -94,12 +95,17 @@ class ReferenceData:
             self._get, self._n = source._get, source._n
             self.columns, self.description = source.columns, dict(source.description)
             self.class_names = source.class_names
+            if indices is None:  # wrapping a view keeps the view
+                indices = source.indices
         elif isinstance(source, datasets.DatasetDict):
             raise DatasetError(
                 f"got a DatasetDict with splits {list(source)}; pass one split (e.g. ds['test'])"
             )
-        elif isinstance(source, datasets.IterableDataset):
-            raise DatasetError("streaming datasets are not indexable; use iter_batches() directly")
+        elif isinstance(source, (datasets.IterableDataset, StreamingReference)):
+            raise DatasetError(
+                "streaming datasets are not indexable; wrap them in StreamingReference (audit() "
+                "does this for a datasets.IterableDataset)"
+            )
         elif isinstance(source, datasets.Dataset):
             self.columns = find_columns(source, image_column=image_column, label_column=label_column)
             ds = source.select_columns([self.columns.image, self.columns.label])
@@ -169,6 +175,155 @@ class ReferenceData:
         return self.view(np.flatnonzero(~mask)), self.view(np.flatnonzero(mask))
 
 
+class StreamingReference:
+    """Reference examples read once, in order, from a stream (``load_dataset(..., streaming=True)``).
+
+    Memory stays bounded by one batch whatever the number of samples: nothing is indexed or
+    cached. ``max_samples`` keeps the first N examples of the stream (a stream has no random
+    access; shuffle it first with ``ds.shuffle(seed=..., buffer_size=...)`` for a random sample).
+
+    Accepts a ``datasets.IterableDataset`` (columns found as for :class:`ReferenceData`) or any
+    re-iterable source of ``(image, label)`` pairs (e.g. a ``torch.utils.data.IterableDataset``).
+
+    Sharding over N processes (:meth:`examples`): process r keeps the examples at stream
+    positions i with i % N == r, so the shards partition exactly the examples a single process
+    reads (``datasets.distributed.split_dataset_by_node`` splits by file shards when it can, which
+    does not commute with ``take(max_samples)``). Every process reads the raw stream; images are
+    decoded only by the process that keeps them.
+    """
+
+    streaming = True
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        image_column: str | None = None,
+        label_column: str | None = None,
+        max_samples: int | None = None,
+    ) -> None:
+        import datasets
+
+        self.columns: Columns | None = None
+        self.class_names: list[str] | None = None
+        self.max_samples = max_samples
+        self._image_feature: Any = None
+        if isinstance(source, StreamingReference):
+            self._source, self.columns = source._source, source.columns
+            self.class_names, self._image_feature = source.class_names, source._image_feature
+            self.description = dict(source.description)
+            return
+        if isinstance(source, datasets.IterableDataset):
+            if source.features is None and image_column is not None and label_column is not None:
+                self.columns = Columns(image=image_column, label=label_column)
+            else:
+                self.columns = find_columns(source, image_column=image_column, label_column=label_column)
+                self.class_names = class_names(source, self.columns)
+                feat = source.features[self.columns.image]
+                self._image_feature = feat if isinstance(feat, datasets.Image) else None
+            self._source = source.select_columns([self.columns.image, self.columns.label])
+            info = getattr(source, "info", None)
+            self.description = {
+                "type": "datasets-streaming",
+                "dataset": getattr(info, "dataset_name", None) or getattr(info, "builder_name", None),
+                "config": getattr(info, "config_name", None),
+                "split": str(source.split) if getattr(source, "split", None) is not None else None,
+                "columns": [self.columns.image, self.columns.label],
+            }
+        elif isinstance(source, (datasets.Dataset, datasets.DatasetDict)) or not hasattr(source, "__iter__"):
+            raise DatasetError(
+                f"cannot stream a {type(source).__name__}; pass a datasets.IterableDataset "
+                "(load_dataset(..., streaming=True)) or an iterable of (image, label) pairs"
+            )
+        else:
+            self._source = source
+            self.description = {"type": f"{type(source).__name__} (stream)"}
+
+    def subset(self, max_samples: int | None, seed: int) -> StreamingReference:
+        """The first ``max_samples`` examples of the stream (``seed`` is unused: no random access)."""
+        del seed
+        if max_samples is None:
+            return self
+        out = StreamingReference(self)
+        out.max_samples = max_samples if self.max_samples is None else min(max_samples, self.max_samples)
+        out.description["max_samples"] = out.max_samples
+        return out
+
+    def examples(self, rank: int = 0, world: int = 1) -> Iterator[tuple[int, Any, int]]:
+        """``(stream position, raw image, label)`` of the examples process ``rank`` of ``world`` keeps."""
+        ds = self._source
+        decode = None
+        if self.columns is not None:  # a datasets.IterableDataset
+            if self.max_samples is not None:
+                ds = ds.take(self.max_samples)
+            if world > 1 and self._image_feature is not None and self._image_feature.decode:
+                ds, decode = ds.decode(False), self._image_feature.decode_example
+            cols = self.columns
+            rows: Iterator[tuple[Any, Any]] = ((ex[cols.image], ex[cols.label]) for ex in ds)
+        else:
+            rows = iter(ds)
+            if self.max_samples is not None:
+                rows = itertools.islice(rows, self.max_samples)
+        for i, row in enumerate(rows):
+            if i % world != rank:
+                continue
+            try:
+                img, label = row
+            except (TypeError, ValueError):
+                raise DatasetError(
+                    f"stream element {i} is a {type(row).__name__}, not an (image, label) pair"
+                ) from None
+            if decode is not None and isinstance(img, dict):
+                img = decode(img)
+            if label is None:
+                raise DatasetError(f"stream element {i} has no label; the audit needs labelled images")
+            yield i, img, int(label)
+
+
+def reference_data(
+    dataset: Any, *, image_column: str | None = None, label_column: str | None = None
+) -> ReferenceData | StreamingReference:
+    """:class:`StreamingReference` for a ``datasets.IterableDataset`` (``streaming=True``) or a
+    :class:`StreamingReference`, else :class:`ReferenceData`."""
+    import datasets
+
+    if isinstance(dataset, StreamingReference):
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset) or isinstance(dataset, torch.utils.data.IterableDataset):
+        return StreamingReference(dataset, image_column=image_column, label_column=label_column)
+    return ReferenceData(dataset, image_column=image_column, label_column=label_column)
+
+
+class _Streamed(torch.utils.data.IterableDataset):
+    def __init__(
+        self,
+        data: StreamingReference,
+        transform: Callable[[Any], torch.Tensor] | None,
+        rank: int,
+        world: int,
+    ) -> None:
+        self.data, self.transform, self.rank, self.world = data, transform, rank, world
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
+        for i, img, label in self.data.examples(self.rank, self.world):
+            x = self.transform(img) if self.transform is not None else torch.as_tensor(img)
+            yield x.float(), label, i
+
+
+def make_stream_loader(
+    data: StreamingReference,
+    transform: Callable[[Any], torch.Tensor] | None,
+    *,
+    batch_size: int = 64,
+    rank: int = 0,
+    world: int = 1,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of ``(x, y, stream position)`` batches over process ``rank``'s share of a stream."""
+    return torch.utils.data.DataLoader(
+        _Streamed(data, transform, rank, world), batch_size=batch_size, num_workers=0
+    )
+
+
 class _Mapped(torch.utils.data.Dataset):
     def __init__(self, data: ReferenceData, transform: Callable[[Any], torch.Tensor] | None) -> None:
         self.data, self.transform = data, transform
@@ -176,10 +331,10 @@ class _Mapped(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img, label = self.data[i]
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        img, label, *extra = self.data[i]  # extra: e.g. the sample index (distributed pass)
         x = self.transform(img) if self.transform is not None else torch.as_tensor(img)
-        return x.float(), label
+        return (x.float(), label, *extra)
 
 
 def make_loader(
@@ -214,17 +369,53 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, channels:
 
 
 class Fingerprint:
-    """A running SHA-256 over the exact model inputs and labels used (order-sensitive)."""
+    """A fingerprint of the exact model inputs and labels used, independent of order and sharding.
+
+    Each sample's digest is ``SHA-256(shape as int64 | input as little-endian float32 | label as
+    int64)``; digests are combined as a multiset with LtHash16 (Lewi et al., 2019): each digest is
+    expanded by SHAKE-256 to 1024 16-bit words and the vectors are added modulo 2^16. The sum does
+    not depend on the order of samples, on the batch size, or on how the samples were split over
+    processes (shards merge by adding their vectors), so a 1-process and an N-process audit of the
+    same data print the same fingerprint; memory is constant. :meth:`hexdigest` is
+    ``SHA-256("hub-backdoor/lthash16/v1" | vector | number of samples)``.
+    """
+
+    WORDS = 1024
 
     def __init__(self) -> None:
-        self._h = hashlib.sha256()
+        self.vector = np.zeros(self.WORDS, dtype=np.uint16)
+        self.n = 0
+
+    @staticmethod
+    def sample_words(x: np.ndarray, y: int) -> np.ndarray:
+        """The 1024 LtHash words of one sample (``x`` one model input, float32)."""
+        h = hashlib.sha256(np.asarray(x.shape, dtype="<i8").tobytes())
+        h.update(np.ascontiguousarray(x, dtype="<f4").data)
+        h.update(np.asarray([y], dtype="<i8").tobytes())
+        return np.frombuffer(hashlib.shake_256(h.digest()).digest(2 * Fingerprint.WORDS), dtype="<u2")
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self._h.update(x.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
-        self._h.update(y.detach().to(torch.int64).cpu().numpy().tobytes())
+        xs = np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy(), dtype="<f4")
+        ys = y.detach().to(torch.int64).cpu().numpy()
+        if len(ys) == 0:
+            return
+        acc = np.zeros(self.WORDS, dtype=np.uint64)
+        for xi, yi in zip(xs, ys):
+            acc += self.sample_words(xi, int(yi))
+        self.vector += (acc % 65536).astype(np.uint16)  # uint16 arithmetic wraps modulo 2^16
+        self.n += len(ys)
+
+    def merge(self, other: Fingerprint) -> Fingerprint:
+        out = Fingerprint()
+        out.vector = self.vector + other.vector
+        out.n = self.n + other.n
+        return out
 
     def hexdigest(self) -> str:
-        return self._h.hexdigest()
+        h = hashlib.sha256(b"hub-backdoor/lthash16/v1")
+        h.update(self.vector.astype("<u2").tobytes())
+        h.update(np.asarray([self.n], dtype="<i8").tobytes())
+        return h.hexdigest()
 
 
 def iter_batches(

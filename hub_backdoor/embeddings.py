@@ -2,7 +2,9 @@
 
 Stage 1 needs only the logits, folded into the O(C^2) :class:`ConstraintState` as they stream by;
 per-dimension embedding statistics (mean, std) are kept for diagnostics; the embeddings
-themselves only when asked (``keep_embeddings=True``).
+themselves only when asked (``keep_embeddings=True``). Memory is bounded by one batch and the
+``(C, C)`` state (plus ``(n, d)`` when embeddings are kept), whatever the number of samples; the
+same pass runs sharded over several processes (:mod:`hub_backdoor.distributed`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapters.base import Classifier
-from .data import Fingerprint, ReferenceData, check_batch, iter_batches, make_loader, require_nonempty
-from .errors import NonFiniteLogitsError, OneClassDatasetError
-from .reconstruction import ConstraintState
+from .adapters.base import EXACTNESS_RTOL, Classifier
+from .data import (
+    Fingerprint,
+    ReferenceData,
+    StreamingReference,
+    check_batch,
+    iter_batches,
+    make_loader,
+    make_stream_loader,
+    require_nonempty,
+)
+from .errors import EmptyDatasetError, NonFiniteLogitsError, NonLinearHeadError, OneClassDatasetError
+from .reconstruction import ConstraintState, fold_worst
 
 
 @dataclass
@@ -27,7 +38,9 @@ class ReferencePass:
     Attributes:
         state: the collapsed QP constraints (``(C, C)`` running max) and per-class counts.
         n: number of samples. correct: how many the model classified right.
-        fingerprint: SHA-256 of the exact inputs and labels used.
+        fingerprint: order-free hash of the exact inputs and labels used (see
+            :class:`~hub_backdoor.data.Fingerprint`): the same for any batch size and number of
+            processes.
         h_mean, h_std: ``(d,)`` per-dimension mean / std of h(x) over the reference set.
         embeddings: ``(n, d)`` float32 when kept, else None. labels: ``(n,)`` when kept.
         exactness: relative error of ``W h + b`` vs logits on the first batch.
@@ -54,57 +67,96 @@ class ReferencePass:
 @torch.no_grad()
 def reference_pass(
     clf: Classifier,
-    data: ReferenceData,
+    data: ReferenceData | StreamingReference,
     *,
     transform: Any = None,
     batch_size: int = 64,
     keep_embeddings: bool = False,
     progress: bool = True,
     device: torch.device | str | None = None,
+    accelerator: Any = None,
 ) -> ReferencePass:
-    """Run the model over ``data`` once; see :class:`ReferencePass`."""
-    require_nonempty(data)
+    """Run the model over ``data`` once; see :class:`ReferencePass`.
+
+    ``data`` may be a :class:`ReferenceData` or a :class:`StreamingReference` (memory bounded by
+    one batch and the ``(C, C)`` state). ``accelerator``: see :func:`hub_backdoor.distributed.resolve`;
+    with several processes each one runs its shard and every process returns the merged result
+    (``keep_embeddings`` then gathers the embeddings in sample order). ``device`` defaults to the
+    accelerator's device, else the model's.
+    """
+    from .distributed import resolve, shard_reference_loader
+
+    dist = resolve(accelerator)
+    streaming = isinstance(data, StreamingReference)
+    if not streaming:
+        require_nonempty(data)
     t0 = time.perf_counter()
-    device = torch.device(device) if device is not None else clf.device
+    if device is None:
+        device = dist.device if dist.device is not None else clf.device
+    device = torch.device(device)
     clf.model.to(device).eval()
-    loader = make_loader(data, transform or clf.preprocess, batch_size=batch_size)
-    state = ConstraintState.empty(clf.num_classes)
+    tf = transform or clf.preprocess
+    if streaming:
+        loader = make_stream_loader(data, tf, batch_size=batch_size, rank=dist.rank, world=dist.world)
+    else:
+        loader = make_loader(_Indexed(data) if keep_embeddings and dist.active else data, tf,
+                             batch_size=batch_size)
+        loader = shard_reference_loader(loader, dist)
+    C, d = clf.num_classes, clf.embed_dim
+    acc = _Accumulator(C, d, device)
     fp = Fingerprint()
-    d = clf.embed_dim
-    s1, s2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
-    kept_h: list[np.ndarray] = []
-    kept_y: list[np.ndarray] = []
-    n = correct = 0
-    exactness = float("nan")
-    for x, y in iter_batches(loader, progress=progress, desc="reference pass"):
-        check_batch(x, y, num_classes=clf.num_classes, channels=clf.input_channels)
-        fp.update(x, y)
-        x = x.to(device)
-        if n == 0:
-            exactness = clf.verify(x)
-        logits, h = clf.forward(x)
-        logits, h = logits.double().cpu(), h.double().cpu()
-        if not torch.isfinite(logits).all():
-            raise NonFiniteLogitsError(
-                f"{type(clf.model).__name__} produced non-finite logits on reference samples "
-                f"{n}..{n + len(y) - 1}; check the inputs and the weights"
-            )
-        state.update(logits, y)
-        s1 += h.sum(0)
-        s2 += (h * h).sum(0)
-        correct += int((logits.argmax(1) == y).sum())
-        n += len(y)
-        if keep_embeddings:
-            kept_h.append(h.float().numpy())
-            kept_y.append(y.numpy())
+    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def local_pass() -> None:
+        start = 0
+        for batch in iter_batches(loader, progress=progress and dist.is_main, desc="reference pass"):
+            x, y = batch[0], batch[1]
+            check_batch(x, y, num_classes=C, channels=clf.input_channels)
+            fp.update(x, y)
+            logits, h = clf.forward(x.to(device))
+            if acc.n == 0:
+                acc.exactness = _exactness(clf, logits, h)
+            if not torch.isfinite(logits).all():
+                raise NonFiniteLogitsError(
+                    f"{type(clf.model).__name__} produced non-finite logits on a batch of "
+                    f"{len(y)} reference samples (process {dist.rank}, its samples {start}.."
+                    f"{start + len(y) - 1}); check the inputs and the weights"
+                )
+            acc.update(logits, h, y.to(device))
+            if keep_embeddings:
+                idx = batch[2].numpy() if len(batch) > 2 else np.arange(start, start + len(y))
+                kept.append((idx, h.detach().float().cpu().numpy(), y.numpy()))
+            start += len(y)
+
+    dist.run(local_pass)
+    state, n, correct, s1, s2, exactness = acc.finish(dist)
+    merged = dist.all_reduce(torch.as_tensor(fp.vector.astype(np.int64)), "sum").numpy()
+    fp.vector = (merged % 65536).astype(np.uint16)  # LtHash: shards add modulo 2^16
+    fp.n = n
     present = np.flatnonzero(state.counts)
+    if n == 0:
+        raise EmptyDatasetError("the reference dataset is empty; pass a split with labelled images")
     if len(present) < 2:
         raise OneClassDatasetError(
             f"all {n} reference samples have label {int(present[0])}; the audit needs samples of "
             "at least two classes (ideally all)"
         )
-    mean = (s1 / n).numpy()
-    var = np.maximum((s2 / n).numpy() - mean**2, 0.0)
+    emb = lab = None
+    if keep_embeddings:
+        parts = dist.all_gather_object(kept) if dist.active else [kept]
+        flat = [t for part in parts for t in part]
+        if flat:
+            idx = np.concatenate([t[0] for t in flat])
+            order = np.argsort(idx, kind="stable")
+            emb = np.concatenate([t[1] for t in flat])[order]
+            lab = np.concatenate([t[2] for t in flat])[order]
+        else:
+            emb, lab = np.zeros((0, d), np.float32), np.zeros(0, np.int64)
+    mean = s1 / n
+    var = np.maximum(s2 / n - mean**2, 0.0)
+    description = dict(data.description)
+    if dist.active:
+        description["num_processes"] = dist.world
     return ReferencePass(
         state=state,
         n=n,
@@ -114,7 +166,80 @@ def reference_pass(
         h_std=np.sqrt(var),
         exactness=exactness,
         seconds=time.perf_counter() - t0,
-        embeddings=np.concatenate(kept_h) if keep_embeddings else None,
-        labels=np.concatenate(kept_y) if keep_embeddings else None,
-        description=dict(data.description),
+        embeddings=emb,
+        labels=lab,
+        description=description,
     )
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """``(image, label, index)``: lets sharded processes put kept embeddings back in order."""
+
+    def __init__(self, data: ReferenceData) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int]:
+        img, label = self.data[i]
+        return img, label, i
+
+
+class _Accumulator:
+    """The per-process reduction of the pass, kept on the model's device between batches."""
+
+    def __init__(self, C: int, d: int, device: torch.device) -> None:
+        self.worst = torch.full((C, C), -torch.inf, dtype=torch.float64, device=device)
+        self.worst.fill_diagonal_(0.0)
+        self.counts = torch.zeros(C, dtype=torch.int64, device=device)
+        self.s1 = torch.zeros(d, dtype=torch.float64, device=device)
+        self.s2 = torch.zeros(d, dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.n = 0
+        self.exactness = float("nan")
+
+    def update(self, logits: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> None:
+        z = logits.detach().double()
+        h = h.detach().double()
+        fold_worst(self.worst, z, y)
+        self.counts += torch.bincount(y, minlength=self.counts.numel())[: self.counts.numel()]
+        self.s1 += h.sum(0)
+        self.s2 += (h * h).sum(0)
+        self.correct += (z.argmax(1) == y).sum()
+        self.n += len(y)
+
+    def finish(self, dist: Any) -> tuple[ConstraintState, int, int, np.ndarray, np.ndarray, float]:
+        worst = dist.all_reduce(self.worst, "max").cpu().numpy()
+        ints = dist.all_reduce(torch.cat([self.counts, self.correct.reshape(1)]), "sum").cpu().numpy()
+        sums = dist.all_reduce(torch.stack([self.s1, self.s2]), "sum").cpu().numpy()
+        ex = self.exactness if np.isfinite(self.exactness) else -1.0
+        ex = float(dist.all_reduce(torch.tensor([ex], dtype=torch.float64), "max")[0])
+        counts = ints[:-1].astype(np.int64)
+        state = ConstraintState(worst=worst, counts=counts)
+        return state, int(counts.sum()), int(ints[-1]), sums[0], sums[1], ex if ex >= 0 else float("nan")
+
+
+def _exactness(clf: Classifier, logits: torch.Tensor, h: torch.Tensor) -> float:
+    """What :meth:`Classifier.verify` checks, on outputs the pass has already computed (no second
+    forward pass): shapes, finiteness, and ``W h + b`` against the logits."""
+    logits = logits.detach().double()
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLogitsError(
+            f"{type(clf.model).__name__} produced non-finite logits on the calibration batch"
+        )
+    if h.shape[-1] != clf.embed_dim or logits.shape[-1] != clf.num_classes:
+        raise NonLinearHeadError(
+            f"{type(clf.model).__name__}: embedding/logit shapes {tuple(h.shape)}/"
+            f"{tuple(logits.shape)} do not match d={clf.embed_dim}, C={clf.num_classes}"
+        )
+    W, b = clf.head_affine()
+    recon = h.detach().double() @ W.detach().double().T + b.detach().double()
+    err = float((recon - logits).abs().max() / logits.abs().max().clamp_min(1e-12))
+    if not err < EXACTNESS_RTOL:
+        raise NonLinearHeadError(
+            f"{type(clf.model).__name__}: W h + b differs from the logits by {err:.2e} "
+            f"(relative; limit {EXACTNESS_RTOL:.0e}); the head is not a single linear layer "
+            "on the penultimate embedding"
+        )
+    return err
