@@ -510,10 +510,18 @@ def reconstruct(
         it = tqdm(ks, desc="QP per class", unit="class", leave=False)
     with _single_threaded_blas():
         for k in it:
-            sol = solve_class(
-                W, b, state.worst, k, margin=margin, solver=solver, soft_margin=soft_margin, nonneg=nonneg,
-                gram=gram,
-            )
+            try:
+                sol = solve_class(
+                    W, b, state.worst, k, margin=margin, solver=solver, soft_margin=soft_margin,
+                    nonneg=nonneg, gram=gram,
+                )
+            except SolverError:
+                if not nonneg:
+                    raise
+                # s >= 0 can be infeasible where the free problem is not: no non-negative change
+                # reaches k, which is the opposite of suspicious, so the norm is +inf
+                norms[k], statuses[k] = np.inf, "infeasible (s >= 0)"
+                continue
             S[k], norms[k], statuses[k], per[k] = sol.s, sol.norm, sol.status, sol.seconds
             fallbacks += sol.solver == "daqp"
     if fallbacks and soft_margin is None and not nonneg:

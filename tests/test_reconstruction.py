@@ -117,3 +117,18 @@ def test_zero_perturbation_when_all_samples_already_in_class():
     st.update(torch.tensor([[5.0, 0.0, 0.0]] * 4, dtype=torch.float64), torch.tensor([1, 1, 2, 2]))
     sol = solve_class(W, b, st.worst, 0)
     assert sol.norm == 0.0
+
+
+def test_nonneg_infeasible_class_gets_infinite_norm():
+    # class 1 has the zero weight vector: reaching it means lowering the others' logits, which
+    # no s >= 0 can do (V_1 s = (-s_0, -s_1) <= 0 < t)
+    W = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    b = np.zeros(3)
+    H = np.array([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 0.5, 0.0]])
+    y = np.array([0, 2, 0])
+    st = _state(W, b, H, y)
+    free = reconstruct(W, b, st)
+    pos = reconstruct(W, b, st, nonneg=True)
+    assert np.isfinite(free.norms).all()
+    assert pos.norms[1] == np.inf and pos.statuses[1] == "infeasible (s >= 0)"
+    assert np.isfinite(pos.norms[[0, 2]]).all()
