@@ -113,6 +113,12 @@ def main(out: Path) -> None:
     (out / f"rank{dist.rank}.json").write_text(json.dumps(result))
     if dist.is_main:
         rep.to_json(out / "report.json")
+    # shut gloo down in step: a rank exiting while the other still talks aborts with SIGABRT
+    import torch.distributed as td
+
+    if td.is_initialized():
+        td.barrier()
+        td.destroy_process_group()
 
 
 if __name__ == "__main__":
