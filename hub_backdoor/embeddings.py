@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapters.base import EXACTNESS_RTOL, Classifier
+from .adapters.base import Classifier
 from .data import (
     Fingerprint,
     ReferenceData,
@@ -27,7 +27,7 @@ from .data import (
     make_stream_loader,
     require_nonempty,
 )
-from .errors import EmptyDatasetError, NonFiniteLogitsError, NonLinearHeadError, OneClassDatasetError
+from .errors import EmptyDatasetError, NonFiniteLogitsError, OneClassDatasetError
 from .reconstruction import ConstraintState, fold_worst
 
 
@@ -221,25 +221,5 @@ class _Accumulator:
 
 
 def _exactness(clf: Classifier, logits: torch.Tensor, h: torch.Tensor) -> float:
-    """What :meth:`Classifier.verify` checks, on outputs the pass has already computed (no second
-    forward pass): shapes, finiteness, and ``W h + b`` against the logits."""
-    logits = logits.detach().double()
-    if not torch.isfinite(logits).all():
-        raise NonFiniteLogitsError(
-            f"{type(clf.model).__name__} produced non-finite logits on the calibration batch"
-        )
-    if h.shape[-1] != clf.embed_dim or logits.shape[-1] != clf.num_classes:
-        raise NonLinearHeadError(
-            f"{type(clf.model).__name__}: embedding/logit shapes {tuple(h.shape)}/"
-            f"{tuple(logits.shape)} do not match d={clf.embed_dim}, C={clf.num_classes}"
-        )
-    W, b = clf.head_affine()
-    recon = h.detach().double() @ W.detach().double().T + b.detach().double()
-    err = float((recon - logits).abs().max() / logits.abs().max().clamp_min(1e-12))
-    if not err < EXACTNESS_RTOL:
-        raise NonLinearHeadError(
-            f"{type(clf.model).__name__}: W h + b differs from the logits by {err:.2e} "
-            f"(relative; limit {EXACTNESS_RTOL:.0e}); the head is not a single linear layer "
-            "on the penultimate embedding"
-        )
-    return err
+    """:meth:`Classifier.verify`'s checks on outputs the pass already computed (no second forward)."""
+    return clf.check_outputs(logits, h)

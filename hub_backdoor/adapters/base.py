@@ -96,7 +96,13 @@ class Classifier:
             logits, h = self.forward(x)
         finally:
             self.model.train(was_training)
-        logits = logits.double()
+        return self.check_outputs(logits, h)
+
+    @torch.no_grad()
+    def check_outputs(self, logits: torch.Tensor, h: torch.Tensor) -> float:
+        """The checks of :meth:`verify` on outputs already computed: ``logits (N, C)``, ``h (N, d)``."""
+        logits = logits.detach().double()
+        h = h.detach()
         if not torch.isfinite(logits).all():
             raise NonFiniteLogitsError(
                 f"{type(self.model).__name__} produced non-finite logits on the calibration batch"
