@@ -27,6 +27,7 @@ import torch
 from hub_backdoor.detection import DEFAULT_RULE, RULES, DetectionInput
 
 from . import baselines, core
+from ._machine import cpu_name
 from .attacks import ATTACKS, apply, poison_arrays
 from .datasets import LOADERS
 from .models import ARCHS, build
@@ -98,15 +99,7 @@ def _hash(obj: Any) -> str:
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA), {platform.processor() or platform.machine()}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU only: {cpu}, torch threads {torch.get_num_threads()}"
+    return f"CPU only: {cpu_name()}, torch threads {torch.get_num_threads()}"
 
 
 class Runner:
