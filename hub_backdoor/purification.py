@@ -27,6 +27,7 @@ from .adapters import Classifier, load_classifier
 from .audit import audit as run_audit
 from .data import ReferenceData, make_loader
 from .defaults import PURIFY
+from .distributed import finetune_loop, resolve, steps_per_epoch
 from .embeddings import reference_pass
 from .errors import HubBackdoorError
 from .reconstruction import solve_class
@@ -124,6 +125,7 @@ def purify(
     image_column: str | None = None,
     label_column: str | None = None,
     device: str | torch.device | None = None,
+    accelerator: Any = None,
     progress: bool = True,
     audit_kw: dict[str, Any] | None = None,
     **load_kw: Any,
@@ -146,18 +148,24 @@ def purify(
             clean behaviour when the clean set is small (0: the paper's loss).
         freeze_norm: keep BatchNorm statistics fixed; a few hundred clean samples estimate them
             worse than the original training set did.
+        accelerator: as for :func:`hub_backdoor.audit` (``None``: several processes when launched
+            with ``torchrun`` / ``accelerate launch``). Each process then trains on its share of
+            every epoch (``batch_size`` per process) and gradients are averaged, as in DDP.
     """
     t_start = time.perf_counter()
     torch.manual_seed(seed)
     original = load_classifier(source, **load_kw)
     clf = original.copy()
+    dist = resolve(accelerator)
+    device = device if device is not None else dist.device
     if device is not None:
         clf.model.to(device)
     data = ReferenceData(dataset, image_column=image_column, label_column=label_column)
     fit, held = data.split(holdout, seed) if holdout > 0 else (data, data)
     tf = transform or clf.preprocess
     if report is None:
-        report = run_audit(clf, fit, transform=transform, seed=seed, progress=progress, **(audit_kw or {}))
+        report = run_audit(clf, fit, transform=transform, seed=seed, progress=progress, accelerator=dist,
+                           **(audit_kw or {}))
     if target is None:
         if report.target is None:
             raise HubBackdoorError(
@@ -187,44 +195,38 @@ def purify(
     teacher = original.copy() if distill > 0 else None  # a copy: the caller's model stays as it was
     if teacher is not None:
         teacher.model.to(clf.device).eval()
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * len(loader)))
-    history: list[dict[str, float]] = []
+    # several processes (torchrun / accelerate launch): each takes its share of every epoch and
+    # gradients are averaged (DDP semantics); one process: the loader as it is
+    steps = steps_per_epoch(loader, dist)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps))
+    margin = report.params.get("margin", 0.0)
     s = scale * torch.as_tensor(s_t, dtype=torch.float32, device=clf.device)
-    epoch_iter: Any = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
 
-        epoch_iter = tqdm(epoch_iter, desc="purify", unit="epoch", leave=False)
-    for epoch in epoch_iter:
+    def before_epoch(epoch: int) -> None:
+        nonlocal s
         if resolve_every and epoch > 0 and epoch % resolve_every == 0:
-            s_new = _solve_target(clf, fit, tf, target, batch_size, report.params.get("margin", 0.0))
+            s_new = _solve_target(clf, fit, tf, target, batch_size, margin)
             s = scale * torch.as_tensor(s_new, dtype=torch.float32, device=clf.device)
         clf.model.train()
         if freeze_norm:
             _freeze_batchnorm(clf.model)
-        tot_clean = tot_trig = 0.0
-        n = 0
-        for x, y in loader:
-            x, y = x.to(clf.device), y.to(clf.device)
-            logits, h = clf.forward(x)
-            loss_clean = F.cross_entropy(logits, y)
-            loss_trig = F.cross_entropy(clf.head_logits(h + s.to(h.dtype)), y)
-            loss = loss_clean + beta * loss_trig
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher.forward(x)[0]
-                loss = loss + distill * F.kl_div(
-                    F.log_softmax(logits, 1), F.log_softmax(t_logits, 1), log_target=True,
-                    reduction="batchmean",
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot_clean += float(loss_clean.detach()) * len(y)
-            tot_trig += float(loss_trig.detach()) * len(y)
-            n += len(y)
-        history.append({"epoch": epoch + 1, "loss_clean": tot_clean / n, "loss_trigger": tot_trig / n})
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        t_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher.forward(x)[0]
+        loss, loss_clean, loss_trig = purification_loss(
+            clf, x, y, s, beta=beta, teacher_logits=t_logits, distill=distill
+        )
+        return {"loss": loss, "loss_clean": loss_clean, "loss_trigger": loss_trig}
+
+    history = finetune_loop(
+        step, loader, opt, params=params, epochs=epochs, dist=dist, scheduler=sched,
+        device=clf.device, seed=seed, before_epoch=before_epoch, progress=progress, model=clf.model,
+    )
+    for h in history:
+        h.pop("loss", None)
     for p in clf.model.parameters():
         p.requires_grad_(True)
     clf.model.eval()
@@ -248,6 +250,34 @@ def purify(
         history=history,
         seconds=time.perf_counter() - t_start,
     )
+
+
+def purification_loss(
+    clf: Classifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    s: torch.Tensor,
+    *,
+    beta: float,
+    teacher_logits: torch.Tensor | None = None,
+    distill: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stage-2 loss on one batch ``x (B, ...)``, ``y (B,)``; ``s (d,)`` is ``scale * s_t``.
+
+    Returns ``(loss, CE(f(x), y), CE(head(h(x) + s), y))``; the KL term is added only when
+    ``teacher_logits (B, C)`` (the original model's, no grad) are given. The benchmarks train
+    with this same function, so the table measures the library's loss.
+    """
+    logits, h = clf.forward(x)
+    loss_clean = F.cross_entropy(logits, y)
+    loss_trig = F.cross_entropy(clf.head_logits(h + s.to(h.dtype)), y)
+    loss = loss_clean + beta * loss_trig
+    if teacher_logits is not None and distill > 0:
+        loss = loss + distill * F.kl_div(
+            F.log_softmax(logits.float(), 1), F.log_softmax(teacher_logits.float(), 1), log_target=True,
+            reduction="batchmean",
+        )
+    return loss, loss_clean, loss_trig
 
 
 def _freeze_batchnorm(model: torch.nn.Module) -> None:
