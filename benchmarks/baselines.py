@@ -1,5 +1,6 @@
 """Baseline defenses on the same models and clean data: plain fine-tuning (FT), Neural Cleanse
-(trigger reverse engineering + MAD, then unlearning) and CLP (data-free channel Lipschitz pruning).
+(trigger reverse engineering + MAD, then unlearning), FST (feature shift tuning) and CLP (data-free
+channel Lipschitz pruning).
 
 * FT: :func:`benchmarks.core.finetune` with ``beta = 0`` (same schedule as this project's loss).
 * Neural Cleanse (Wang et al., S&P 2019): per class a mask m and pattern p minimising
@@ -8,6 +9,10 @@
   The class whose mask L1 norm has MAD anomaly index > 2 (low side) is flagged; unlearning
   fine-tunes on the clean data with 20 % of each batch stamped with the reversed trigger, true
   labels kept. Nothing flagged: the model is returned unchanged (as BackdoorBench does).
+* FST (Min et al., NeurIPS 2023, feature shift tuning): the linear head is re-initialised with the
+  original weights' norm, and all layers are fine-tuned with ``CE + alpha <W, W_0>`` (alpha = 0.2),
+  the head's norm projected back to ``|W_0|`` after each step, so the features must move away from
+  the ones the original head read.
 * CLP (Zheng et al., ECCV 2022): for every Conv2d followed by a BatchNorm2d (module order, as the
   official code pairs them) the upper bound of each channel's Lipschitz constant is the spectral
   norm of its kernel scaled by |gamma / sigma|; channels above mean + u * std within the layer
@@ -79,6 +84,46 @@ def nc_unlearn(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, rev: dict[str,
         return xb
 
     return finetune(clf, X, Y, epochs=epochs, lr=lr, bs=bs, seed=seed, stamp=stamp)
+
+
+def _linear_head(model: torch.nn.Module, num_classes: int) -> torch.nn.Linear:
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_classes]
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear with {num_classes} outputs")
+    return heads[-1]
+
+
+def fst(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, *, epochs: int, lr: float, bs: int, seed: int,
+        alpha: float = 0.2) -> Classifier:
+    """Feature shift tuning in place (see the module docstring)."""
+    from .core import autocast, batches, n_steps
+
+    dev = X.device
+    torch.manual_seed(seed)
+    model = clf.model
+    head = _linear_head(model, clf.num_classes)
+    w0 = head.weight.detach().clone()
+    norm0 = w0.norm()
+    with torch.no_grad():
+        head.reset_parameters()
+        head.weight.mul_(norm0 / head.weight.norm())
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * n_steps(len(X), bs))
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for idx in batches(torch.randperm(len(X), generator=g).to(dev), bs):
+            with autocast(dev):
+                loss = F.cross_entropy(model(X[idx]), Y[idx])
+            loss = loss + alpha * (head.weight * w0).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                head.weight.mul_(norm0 / head.weight.norm())
+    model.eval()
+    return clf
 
 
 @torch.no_grad()

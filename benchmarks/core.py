@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from hub_backdoor.adapters.base import Classifier
 from hub_backdoor.detection import NEEDS_NONNEG, DetectionInput, dormant_share
+from hub_backdoor.purification import purification_loss
 from hub_backdoor.reconstruction import ConstraintState, reconstruct, solve_class
 
 
@@ -238,19 +239,24 @@ def finetune(
     seed: int,
     train: str | list[str] = "all",
     beta: float = 0.0,
+    scale: float = 1.0,
+    distill: float = 0.0,
     s_t: np.ndarray | None = None,
     target: int | None = None,
     resolve_every: int | None = None,
     stamp: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-    keep_bn: bool = True,
+    freeze_norm: bool = False,
 ) -> Classifier:
-    """Fine-tune ``clf`` in place on clean data. ``beta > 0``: this project's loss
-    ``CE(f(x), y) + beta * CE(head(h(x) + s_t), y)`` (as ``hub_backdoor.purification.purify``:
-    SGD momentum 0.9, wd 5e-4, one-cycle, BatchNorm statistics frozen). ``stamp``: a function
-    adding a trigger to part of each batch, labels kept (Neural Cleanse unlearning)."""
+    """Fine-tune ``clf`` in place on clean data with the loss of ``hub_backdoor.purify``
+    (:func:`hub_backdoor.purification.purification_loss`: ``CE(f(x), y) + beta CE(head(h(x) +
+    scale s_t), y) + distill KL(f_0(x) || f(x))``) and its optimiser: SGD momentum 0.9, wd 5e-4,
+    one-cycle, BatchNorm in train mode unless ``freeze_norm``. ``beta = distill = 0`` is plain
+    fine-tuning (FT). ``stamp``: adds a trigger to part of each batch, labels kept (NC unlearning).
+    """
     dev = X.device
     torch.manual_seed(seed)
     model = clf.model
+    teacher = clf.copy().model.eval() if distill > 0 else None
     params = select_params(model, train)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -259,12 +265,13 @@ def finetune(
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * n_steps(len(X), bs))
     g = torch.Generator(device="cpu").manual_seed(seed)
-    s = None if s_t is None else torch.as_tensor(s_t, dtype=torch.float32, device=dev)
+    s = torch.zeros(clf.embed_dim, device=dev) if s_t is None else scale * torch.as_tensor(
+        s_t, dtype=torch.float32, device=dev)
     for epoch in range(epochs):
         if resolve_every and epoch > 0 and epoch % resolve_every == 0 and target is not None:
-            s = torch.as_tensor(solve_target(clf, X, Y, target), dtype=torch.float32, device=dev)
+            s = scale * torch.as_tensor(solve_target(clf, X, Y, target), dtype=torch.float32, device=dev)
         model.train()
-        if keep_bn:
+        if freeze_norm:
             freeze_bn(model)
         perm = torch.randperm(len(X), generator=g).to(dev)
         for idx in batches(perm, bs):
@@ -272,10 +279,12 @@ def finetune(
             if stamp is not None:
                 xb = stamp(xb, g)
             with autocast(dev):
-                logits, h = clf.forward(xb)
-                loss = F.cross_entropy(logits, yb)
-                if beta and s is not None:
-                    loss = loss + beta * F.cross_entropy(clf.head_logits(h.float() + s), yb)
+                t_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(xb)
+                loss, _, _ = purification_loss(clf, xb, yb, s, beta=beta if s_t is not None else 0.0,
+                                               teacher_logits=t_logits, distill=distill)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+# the Debian package dataset-fashion-mnist; HUB_BACKDOOR_FASHION_DIR points elsewhere (a GPU box)
+FASHION_DIR = Path(os.environ.get("HUB_BACKDOOR_FASHION_DIR", "/usr/share/datasets/fashion-mnist"))
 
 
 @dataclass
@@ -47,7 +49,8 @@ def _idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def fashion_mnist(size: int = 32, train_limit: int | None = None, seed: int = 0) -> Arrays:
+def fashion_mnist(size: int = 32, train_limit: int | None = None, test_limit: int | None = None,
+                  seed: int = 0) -> Arrays:
     """Fashion-MNIST from the Debian package ``dataset-fashion-mnist``; 28x28 padded to ``size``."""
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
         raise FileNotFoundError(
@@ -61,6 +64,8 @@ def fashion_mnist(size: int = 32, train_limit: int | None = None, seed: int = 0)
     if train_limit is not None and train_limit < len(ytr):
         keep = np.sort(np.random.default_rng(seed).choice(len(ytr), train_limit, replace=False))
         xtr, ytr = xtr[keep], ytr[keep]
+    if test_limit is not None and test_limit < len(yte):
+        xte, yte = xte[:test_limit], yte[:test_limit]
     return Arrays(_resize(xtr, size), ytr.astype(np.int64), _resize(xte, size), yte.astype(np.int64),
                   f"fashion-mnist-{size}")
 

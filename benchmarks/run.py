@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import platform
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hub_backdoor.defaults import PURIFY
 from hub_backdoor.detection import DEFAULT_RULE, RULES, DetectionInput
 
 from . import baselines, core
@@ -35,19 +37,23 @@ from .models import ARCHS, build
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_ATTACKS = list(ATTACKS)
 
-#: The main configuration of this project's purification (as the library's purify defaults).
-OURS = {"beta": 3.0, "epochs": 10, "lr": 0.01, "train": "all", "resolve_every": None}
+#: The main configuration of this project's purification: the library's purify defaults.
+OURS: dict[str, Any] = {**PURIFY, "train": "all", "resolve_every": None, "freeze_norm": False}
 
 #: Purification study: variants of OURS, run with the true target (stage 2 alone).
 STUDY: dict[str, dict[str, Any]] = {
-    "beta=3 (library default)": {},
-    "beta=1": {"beta": 1.0},
-    "beta=3, lr 0.001": {"lr": 0.001},
-    "beta=1, lr 0.001": {"beta": 1.0, "lr": 0.001},
-    "beta=10, lr 0.001": {"beta": 10.0, "lr": 0.001},
-    "beta=3, lr 0.001, re-solve every 2 ep": {"lr": 0.001, "resolve_every": 2},
-    "beta=3, lr 0.001, last stage + head only": {"lr": 0.001, "train": "last"},
-    "beta=3, lr 0.001, 20 epochs": {"lr": 0.001, "epochs": 20},
+    "library default": {},
+    "paper loss (scale 1, distill 0)": {"scale": 1.0, "distill": 0.0},
+    "paper loss, frozen BN, lr 0.01": {"scale": 1.0, "distill": 0.0, "lr": 0.01, "freeze_norm": True},
+    "beta 1": {"beta": 1.0},
+    "beta 10": {"beta": 10.0},
+    "scale 1": {"scale": 1.0},
+    "scale 4": {"scale": 4.0},
+    "distill 0": {"distill": 0.0},
+    "lr 0.01": {"lr": 0.01},
+    "20 epochs": {"epochs": 20},
+    "re-solve s_t every 2 epochs": {"resolve_every": 2},
+    "last stage + head only": {"train": "last"},
 }
 
 SUITES: dict[str, dict[str, Any]] = {
@@ -55,7 +61,7 @@ SUITES: dict[str, dict[str, Any]] = {
     "micro": {
         "data": ("digits", {"size": 16}), "zoo": {"preact18-w8": (["badnets"], [0.1])},
         "epochs": 2, "lr": 0.05, "bs": 64, "ft_epochs": 2, "nc_steps": 4, "nc_bs": 4,
-        "study": ["beta=3 (library default)"], "clean_fraction": 0.05,
+        "study": ["library default"], "clean_fraction": 0.05,
     },
     # CPU quick suite (MNIST-5k at 16x16, tiny networks, 10 % poison)
     "quick": {
@@ -64,21 +70,31 @@ SUITES: dict[str, dict[str, Any]] = {
         "epochs": 4, "lr": 0.05, "bs": 128, "ft_epochs": 10, "nc_steps": 30, "nc_bs": 12,
         "study": list(STUDY), "clean_fraction": 0.05,
     },
+    # the full suite's architectures and data on a sliver (its code paths on a CPU in minutes)
+    "full-smoke": {
+        "data": ("fashion-mnist", {"size": 32, "train_limit": 1200, "test_limit": 300}),
+        "zoo": {a: (["badnets"], [0.1]) for a in ("preact18", "vit", "mobilenet")},
+        "epochs": 1, "lr": 0.05, "bs": 128, "ft_epochs": 1, "nc_steps": 2, "nc_bs": 4,
+        "study": list(STUDY), "clean_fraction": 0.05,
+    },
     # GPU full suite (Fashion-MNIST padded to 32x32; 20k-sample training subset to fit the budget)
     "full": {
         "data": ("fashion-mnist", {"size": 32, "train_limit": 20000}),
         "zoo": {a: (ALL_ATTACKS, [0.01, 0.1]) for a in ("preact18", "vit", "mobilenet")},
         "epochs": 6, "lr": 0.05, "bs": 256, "ft_epochs": 10, "nc_steps": 100, "nc_bs": 24,
-        "study": list(STUDY), "clean_fraction": 0.05,
+        "study": list(STUDY), "study_rates": [0.1], "clean_fraction": 0.05,
     },
 }
 
-EVAL_VERSION = 1
+EVAL_VERSION = 2
 
 
 def model_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    specs = []
+    """Every model of the zoo, architectures interleaved (so every worker's share, and whatever a
+    deadline leaves finished, mixes architectures, attacks and clean models)."""
+    per_arch = []
     for arch, (attacks, rates) in cfg["zoo"].items():
+        specs: list[dict[str, Any]] = []
         n = 0
         for atk in attacks:
             for rate in rates:
@@ -86,10 +102,10 @@ def model_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
                 specs.append({"id": mid, "arch": arch, "attack": atk, "rate": rate, "seed": n,
                               "target": zlib.crc32(mid.encode()) % 10})
                 n += 1
-        for s in range(n):  # as many clean models as backdoored ones
-            specs.append({"id": f"{arch}-clean-s{s}", "arch": arch, "attack": None, "rate": 0.0,
-                          "seed": 100 + s, "target": None})
-    return specs
+        clean = [{"id": f"{arch}-clean-s{s}", "arch": arch, "attack": None, "rate": 0.0,
+                  "seed": 100 + s, "target": None} for s in range(n)]  # as many clean as backdoored
+        per_arch.append([m for pair in zip(specs, clean) for m in pair])
+    return [m for group in itertools.zip_longest(*per_arch) for m in group if m is not None]
 
 
 def _hash(obj: Any) -> str:
@@ -160,9 +176,7 @@ class Runner:
         cfg = self.cfg
         clf, meta = self.trained(spec)
         folder = self.cache / spec["id"]
-        eh = _hash({"v": EVAL_VERSION, "train": meta["hash"], "ours": OURS, "study": cfg["study"],
-                    "ft": cfg["ft_epochs"], "nc": [cfg["nc_steps"], cfg["nc_bs"]],
-                    "clean": self.clean_idx.tolist()[:50], "dev": self.dev.type})
+        eh = self.eval_hash(meta["hash"])
         ev_p = folder / "eval.json"
         if ev_p.exists() and (folder / "audit.npz").exists():
             ev = json.loads(ev_p.read_text())
@@ -205,10 +219,13 @@ class Runner:
                 rec["ours_by_class"][str(k)] = ev_model(self.purify(clf, k, au, OURS))
             rec["metrics"]["ft"] = ev_model(core.finetune(clf.copy(), self.Xc, self.Yc, **ft_kw))
             rec["metrics"]["nc"] = ev_model(baselines.nc_unlearn(clf.copy(), self.Xc, self.Yc, rev, **ft_kw))
+            fst_kw = {**ft_kw, "lr": 0.01}  # FST's own learning rate
+            rec["metrics"]["fst"] = ev_model(baselines.fst(clf.copy(), self.Xc, self.Yc, **fst_kw))
             pruned, n = baselines.clp(clf.copy())
             rec["clp_pruned"] = n
             rec["metrics"]["clp"] = ev_model(pruned) if n >= 0 else None
-            for name in cfg["study"]:
+            study = cfg["study"] if spec["rate"] in cfg.get("study_rates", [spec["rate"]]) else []
+            for name in study:
                 rec["study"][name] = ev_model(self.purify(clf, target, au, {**OURS, **STUDY[name]}))
         rec["eval_seconds"] = time.perf_counter() - t_model
         ev_p.write_text(json.dumps(rec))
@@ -221,19 +238,52 @@ class Runner:
     def purify(self, clf: Any, k: int, au: core.AuditResult, p: dict[str, Any]) -> Any:
         train = ARCHS[clf_arch(clf, self)]["last"] if p["train"] == "last" else "all"
         return core.finetune(clf.copy(), self.Xc, self.Yc, epochs=p["epochs"], lr=p["lr"], bs=64, seed=0,
-                             train=train, beta=p["beta"], s_t=au.perturbations[k], target=k,
-                             resolve_every=p["resolve_every"])
+                             train=train, beta=p["beta"], scale=p["scale"], distill=p["distill"],
+                             s_t=au.perturbations[k], target=k, resolve_every=p["resolve_every"],
+                             freeze_norm=p["freeze_norm"])
 
-    def run(self) -> dict[str, Any]:
+    def cached(self, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """A model's finished evaluation, read without its weights (None when missing or stale)."""
+        folder = self.cache / spec["id"]
+        try:
+            meta = json.loads((folder / "train.json").read_text())
+            ev = json.loads((folder / "eval.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not (folder / "audit.npz").exists() or ev.get("hash") != self.eval_hash(meta["hash"]):
+            return None
+        return ev
+
+    def eval_hash(self, train_hash: str) -> str:
+        cfg = self.cfg
+        study = {name: STUDY[name] for name in cfg["study"]} | {"rates": cfg.get("study_rates")}
+        return _hash({"v": EVAL_VERSION, "train": train_hash, "ours": OURS, "study": study,
+                      "ft": cfg["ft_epochs"], "nc": [cfg["nc_steps"], cfg["nc_bs"]],
+                      "clean": self.clean_idx.tolist()[:50], "dev": self.dev.type})
+
+    def run(self, *, shard: tuple[int, int] | None = None, deadline: float | None = None,
+            cached_only: bool = False) -> dict[str, Any]:
+        """Evaluate every model (``shard = (i, n)``: every n-th from the i-th). ``deadline``:
+        seconds after which no new model is started. ``cached_only``: report what is cached."""
         specs = model_specs(self.cfg)
+        if shard is not None:
+            specs = specs[shard[0] :: shard[1]]
         t0 = time.perf_counter()
-        records = []
+        records, missing = [], []
         for i, spec in enumerate(specs):
+            if cached_only or (deadline is not None and time.perf_counter() - t0 > deadline):
+                rec = self.cached(spec)
+                if rec is None:
+                    missing.append(spec["id"])
+                else:
+                    self.counters["eval_cached"] += 1
+                    records.append(rec)
+                continue
             self.log(f"[{i + 1}/{len(specs)}] {spec['id']}")
             self._current_arch = spec["arch"]
             records.append(self.evaluate(spec))
         return {"suite": self.suite, "records": records, "seconds": time.perf_counter() - t0,
-                "counters": self.counters}
+                "counters": self.counters, "missing": missing}
 
 
 def clf_arch(_clf: Any, runner: Runner) -> str:
@@ -311,7 +361,8 @@ def summarise(res: dict[str, Any], cache: Path, rule: str) -> dict[str, Any]:
                f"ours ({rule})": ours_for(r, rule), "ours (mad)": ours_for(r, "mad"),
                "ours (true target)": r["ours_by_class"][str(r["spec"]["target"])],
                **({f"ours ({best}, true target)": r["study"].get(best)} if best else {}),
-               "ft": r["metrics"]["ft"], "nc": r["metrics"]["nc"], "clp": r["metrics"]["clp"]}
+               "ft": r["metrics"]["ft"], "nc": r["metrics"]["nc"], "fst": r["metrics"].get("fst"),
+               "clp": r["metrics"]["clp"]}
         rows.append(row)
     defenses = [k for k in rows[0] if k not in ("id", "target", "none")] if rows else []
     agg = {}
@@ -357,8 +408,13 @@ def markdown(out: dict[str, Any]) -> str:
          f"- Data: {out['data']}; defender's clean set: {out['n_clean']} samples "
          f"({out['config']['clean_fraction']:.0%} of the training set)",
          f"- Models: {out['n_models']} ({out['n_backdoored']} backdoored, {out['n_clean_models']} clean); "
-         f"wall time {out['seconds']:.0f} s (this invocation; cached models are not retrained: "
-         f"{out['counters']})", f"- Library default detection rule at run time: `{out['default_rule']}`", ""]
+         f"wall time {out['seconds']:.0f} s with {out.get('workers', 1)} worker process(es) (this "
+         f"invocation; cached models are not retrained)",
+         f"- Library default detection rule at run time: `{out['default_rule']}`; purification: "
+         + ", ".join(f"{k} {v}" for k, v in out["ours"].items()), ""]
+    if out.get("missing"):
+        L[-1:-1] = [f"- **Not finished before the deadline** (left out of every table): "
+                    f"{', '.join(out['missing'])}"]
     L += ["### Detection (one reconstruction per model; every rule scored from it)", "",
           "TP: the rule flags the true target first (threshold 2). Wrong: a backdoored model flagged at "
           "another class. FP: a clean model with any flag. *At 0 FP*: threshold set just above the "
@@ -390,7 +446,9 @@ def markdown(out: dict[str, Any]) -> str:
     if s["clean_models"]:
         L += ["", "Clean models, ACC %: " + ", ".join(f"{k} {pct(v)}" for k, v in s["clean_models"].items())]
     if s["study"]:
-        L += ["", "### Purification study (true target given; mean over backdoored models)", "",
+        rates = out["config"].get("study_rates")
+        on = "" if not rates else " at poison rate " + ", ".join(f"{r:.0%}" for r in rates)
+        L += ["", f"### Purification study (true target given; mean over backdoored models{on})", "",
               "| variant | ACC | ASR | RA | ACC drop | DER | goal met |", "|---|---|---|---|---|---|---|"]
         for name, a in s["study"].items():
             L.append(f"| {name} | {pct(a['acc'])} | {pct(a['asr'])} | {pct(a['ra'])} | "
@@ -415,6 +473,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--rule", default=None, help="detection rule for 'ours' (default: library default)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes sharing the models (small models leave a GPU idle; default 1)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds after which no new model is started; the tables cover what finished")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="write the tables from the cache (no training; weights not needed)")
+    ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/n": one worker's share
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -422,13 +487,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
+    argv_l = list(argv if argv is not None else sys.argv[1:])
+    t_start = time.perf_counter()
+    if args.workers > 1 and not args.shard and not args.cached_only:
+        _spawn_workers(argv_l, args.workers)
     runner = Runner(args.suite, dev, args.out, log=not args.quiet)
-    res = runner.run()
+    if args.shard:
+        i, n = (int(v) for v in args.shard.split("/"))
+        runner.run(shard=(i, n), deadline=args.deadline)
+        return {}
+    res = runner.run(deadline=args.deadline, cached_only=args.cached_only or args.workers > 1)
+    res["seconds"] = time.perf_counter() - t_start
     res["study_names"] = runner.cfg["study"]
     rule = args.rule or DEFAULT_RULE
     out = {
         "suite": args.suite,
-        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.run " + " ".join(argv_l),
         "machine": machine(dev), "device": dev.type, "torch": torch.__version__,
         "config": {k: v for k, v in runner.cfg.items() if k != "zoo"} | {"zoo": {
             a: {"attacks": at, "rates": rt} for a, (at, rt) in runner.cfg["zoo"].items()}},
@@ -437,7 +511,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "n_models": len(res["records"]),
         "n_backdoored": sum(r["spec"]["attack"] is not None for r in res["records"]),
         "n_clean_models": sum(r["spec"]["attack"] is None for r in res["records"]),
-        "seconds": res["seconds"], "counters": res["counters"], "records": res["records"],
+        "seconds": res["seconds"], "counters": res["counters"], "workers": args.workers,
+        "missing": res["missing"], "records": res["records"],
     }
     out["summary"] = summarise(res, runner.cache, rule)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -446,6 +521,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.quiet:
         print(markdown(out))
     return out
+
+
+def _spawn_workers(argv: list[str], n: int) -> None:
+    """Run ``n`` copies of this command on disjoint shards of the zoo and wait for all of them;
+    each writes its models' cache, which the caller then reads."""
+    import subprocess
+
+    base = [a for a in argv if not a.startswith("--workers")]
+    if "--workers" in argv:  # "--workers N" as two tokens
+        j = argv.index("--workers")
+        base = argv[:j] + argv[j + 2 :]
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.run", *base, "--shard", f"{i}/{n}"])
+             for i in range(n)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        print(f"benchmark workers exited with {codes}; the tables cover the cached models", file=sys.stderr)
 
 
 if __name__ == "__main__":
