@@ -22,13 +22,14 @@ python3 -c "import torch, timm, transformers, numpy; print('torch', torch.__vers
 python3 -m benchmarks.run --suite micro --device cuda --out /tmp/micro --quiet || exit 1
 echo "micro suite ok"
 start=$(date +%s)
-python3 -m benchmarks.run --suite full --device cuda --workers "${WORKERS:-12}" --threads 1 \
-  --deadline "${DEADLINE:-300}" >"$OUT/full.log" 2>&1
+# a model started just before the deadline still finishes; the hard stop is for a hung run
+timeout "$(( ${DEADLINE:-300} + ${GRACE:-150} ))" python3 -m benchmarks.run --suite full --device cuda \
+  --workers "${WORKERS:-12}" --threads 1 --deadline "${DEADLINE:-300}" >"$OUT/full.log" 2>&1
 echo "full suite: exit $? after $(( $(date +%s) - start )) s"
 cp benchmarks/results/full.md benchmarks/results/full.json "$OUT/" 2>/dev/null
 # per-model evaluations (not the weights): the tables can be rebuilt and extended from them
 tar czf "$OUT/full-cache.tgz" --exclude=model.pt -C benchmarks/results cache/full
-timeout "${SCALE_TIMEOUT:-100}" python3 -m benchmarks.scale overhead --device cuda --out "$OUT/scale-gpu.json" \
+timeout "${SCALE_TIMEOUT:-80}" python3 -m benchmarks.scale overhead --device cuda --out "$OUT/scale-gpu.json" \
   >"$OUT/scale-gpu.log" 2>&1
 echo "scale overhead: exit $?"
 tail -5 "$OUT/full.log"
