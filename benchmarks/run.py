@@ -119,13 +119,16 @@ def machine(device: torch.device) -> str:
 
 
 class Runner:
-    def __init__(self, suite: str, device: torch.device, out: Path, log: bool = True) -> None:
+    def __init__(self, suite: str, device: torch.device, out: Path, log: bool = True,
+                 cached_only: bool = False) -> None:
         self.suite, self.cfg, self.dev, self.out = suite, SUITES[suite], device, out
         self.cache = out / "cache" / suite
         self.log_on = log
         name, kw = self.cfg["data"]
         self.data = LOADERS[name](**kw)
         d = self.data
+        # cached_only: the device only names the cache entries (a GPU run's tables rebuilt on a CPU)
+        device = torch.device("cpu") if cached_only else device
         self.Xte, self.Yte = core.to_tensor(d.x_test, device), torch.as_tensor(d.y_test, device=device)
         rng = np.random.default_rng(12345)
         n_clean = max(10, int(round(self.cfg["clean_fraction"] * len(d.y_train))))
@@ -267,17 +270,19 @@ class Runner:
         seconds after which no new model is started. ``cached_only``: report what is cached."""
         specs = model_specs(self.cfg)
         if shard is not None:
-            specs = specs[shard[0] :: shard[1]]
+            # the parent listed the models still to do, so the shares are even
+            pending = set(json.loads((self.cache / "pending.json").read_text()))
+            specs = [m for m in specs if m["id"] in pending][shard[0] :: shard[1]]
         t0 = time.perf_counter()
         records, missing = [], []
         for i, spec in enumerate(specs):
+            rec = self.cached(spec)  # a finished evaluation needs neither data nor weights
+            if rec is not None:
+                self.counters["eval_cached"] += 1
+                records.append(rec)
+                continue
             if cached_only or (deadline is not None and time.perf_counter() - t0 > deadline):
-                rec = self.cached(spec)
-                if rec is None:
-                    missing.append(spec["id"])
-                else:
-                    self.counters["eval_cached"] += 1
-                    records.append(rec)
+                missing.append(spec["id"])
                 continue
             self.log(f"[{i + 1}/{len(specs)}] {spec['id']}")
             self._current_arch = spec["arch"]
@@ -489,9 +494,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
     argv_l = list(argv if argv is not None else sys.argv[1:])
     t_start = time.perf_counter()
+    runner = Runner(args.suite, dev, args.out, log=not args.quiet, cached_only=args.cached_only)
     if args.workers > 1 and not args.shard and not args.cached_only:
-        _spawn_workers(argv_l, args.workers)
-    runner = Runner(args.suite, dev, args.out, log=not args.quiet)
+        pending = [m["id"] for m in model_specs(runner.cfg) if runner.cached(m) is None]
+        runner.cache.mkdir(parents=True, exist_ok=True)
+        (runner.cache / "pending.json").write_text(json.dumps(pending))
+        _spawn_workers(argv_l, min(args.workers, max(1, len(pending))))
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
         runner.run(shard=(i, n), deadline=args.deadline)
@@ -500,10 +508,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["seconds"] = time.perf_counter() - t_start
     res["study_names"] = runner.cfg["study"]
     rule = args.rule or DEFAULT_RULE
+
+    def prev(key: str) -> str:
+        return _previous(args.out / f"{args.suite}.json", key)
+
     out = {
         "suite": args.suite,
         "command": "python -m benchmarks.run " + " ".join(argv_l),
-        "machine": machine(dev), "device": dev.type, "torch": torch.__version__,
+        "machine": prev("machine") if args.cached_only else machine(dev),
+        "device": dev.type, "torch": prev("torch") if args.cached_only else torch.__version__,
         "config": {k: v for k, v in runner.cfg.items() if k != "zoo"} | {"zoo": {
             a: {"attacks": at, "rates": rt} for a, (at, rt) in runner.cfg["zoo"].items()}},
         "ours": OURS, "default_rule": DEFAULT_RULE, "rule_for_ours": rule,
@@ -521,6 +534,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.quiet:
         print(markdown(out))
     return out
+
+
+def _previous(path: Path, key: str) -> str:
+    """What the run that filled the cache recorded (tables rebuilt elsewhere keep its machine)."""
+    try:
+        return str(json.loads(path.read_text())[key])
+    except (OSError, ValueError, KeyError):
+        return "as recorded by the run that filled the cache (unknown)"
 
 
 def _spawn_workers(argv: list[str], n: int) -> None:
