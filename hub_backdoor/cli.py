@@ -338,6 +338,7 @@ def card_context(model: LoadedModel, loaded: Any, **kw: Any) -> Any:
 def cmd_audit(args: argparse.Namespace, ui: UI) -> int:
     from .audit import audit
     from .card import write_card
+    from .distributed import is_main_process
     from .sarif import write_sarif
 
     if args.json == "-":
@@ -347,6 +348,8 @@ def cmd_audit(args: argparse.Namespace, ui: UI) -> int:
     )
     loaded = load_data(args, model, ui)
     report = audit(model.clf, loaded.dataset, **_audit_kw(args, ui))
+    if not is_main_process():  # every rank holds the same report; rank 0 alone prints and writes
+        return EXIT_BACKDOOR if report.backdoor_found else EXIT_OK
     _annotate(report, loaded)
     print_table(report, ui)
     if args.json == "-":
@@ -455,6 +458,7 @@ def cmd_purify(args: argparse.Namespace, ui: UI) -> int:
     from .audit import audit
     from .card import write_card
     from .data import ReferenceData
+    from .distributed import is_main_process
     from .hub import _check_repo_id, push_folder
     from .purification import purify
     from .report import AuditReport, current_umask
@@ -587,6 +591,8 @@ def cmd_purify(args: argparse.Namespace, ui: UI) -> int:
         load_hint=record["card"]["load_hint"],
         base_model=base,
     )
+    if not is_main_process():  # the other ranks trained the same weights (DDP); rank 0 publishes
+        return EXIT_OK
     parent = out.parent if out is not None else Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{(out.name if out else 'purified')}.tmp-"))

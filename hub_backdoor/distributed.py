@@ -50,6 +50,11 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def is_main_process() -> bool:
+    """False on every process but rank 0 of a launch; the CLI writes, pushes and prints on rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclass
 class Dist:
     """The process group as the audit sees it: one process, or several under ``accelerate``.

@@ -108,8 +108,14 @@ def main(out: Path) -> None:
     stream = audit(TorchClassifier(make_model(), head="6"), make_stream(), rule="mad", batch_size=8,
                    max_samples=70, progress=False)
     weights = finetune(dist, X, y, BATCH // dist.world)
+    from hub_backdoor import purify
+
+    res = purify(TorchClassifier(make_model(), head="6"), (X, y), report=rep, target=3, epochs=2,
+                 batch_size=8, holdout=0.25, distill=0.0, progress=False, seed=0)
+    purified = [float(p.detach().double().sum()) for p in res.model.parameters()]
     result = {"rank": dist.rank, "world": dist.world, "map": summary(rep), "stream": summary(stream),
-              "finetune": weights, "embeddings": kept_embeddings(None)}
+              "finetune": weights, "embeddings": kept_embeddings(None), "purified": purified,
+              "purify_history": res.history}
     (out / f"rank{dist.rank}.json").write_text(json.dumps(result))
     if dist.is_main:
         rep.to_json(out / "report.json")

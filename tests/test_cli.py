@@ -629,3 +629,20 @@ def test_card_renders_readably(timm_repo, tmp_path, capsys):
             "anomaly_indices"
         ]
     ).all()
+
+
+def test_only_rank_0_writes_and_prints(timm_backdoored, disk_dataset, work, tmp_path, monkeypatch, capsys):
+    # under torchrun every rank runs the command; the others must leave files and output to rank 0
+    monkeypatch.setenv("RANK", "1")
+    bd = _save(timm_backdoored, work / "rank-bd")
+    code, out, err = run(["audit", bd, "--dataset", disk_dataset, "--json", tmp_path / "r.json",
+                          "--sarif", tmp_path / "r.sarif"], capsys)
+    assert code == 1, err  # the verdict still sets the exit code on every rank
+    code, out2, err2 = run(["purify", bd, "--dataset", disk_dataset, "--out", tmp_path / "p", "--epochs", "1",
+                            "--quiet"], capsys)
+    assert code == 0, err2
+    assert list(tmp_path.iterdir()) == []
+    assert out == out2 == ""
+    monkeypatch.setenv("RANK", "0")
+    code, out, _ = run(["audit", bd, "--dataset", disk_dataset, "--json", tmp_path / "r.json"], capsys)
+    assert code == 1 and (tmp_path / "r.json").exists() and out

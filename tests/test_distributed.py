@@ -147,6 +147,10 @@ def test_two_processes_give_the_same_report_as_one(tmp_path):
     single = w.finetune(Dist(None), X, y, w.BATCH)
     np.testing.assert_allclose(ranks[0]["finetune"], single, rtol=0, atol=1e-5)
     assert ranks[0]["finetune"] == ranks[1]["finetune"]
+    # purify() trains under DDP: both processes end with the same weights, moved from the original
+    assert ranks[0]["purified"] == ranks[1]["purified"]
+    original = [float(p.detach().double().sum()) for p in w.make_model().parameters()]
+    assert ranks[0]["purified"] != original and len(ranks[0]["purify_history"]) == 2
     assert json.loads((tmp_path / "report.json").read_text())["flagged"] == [3]
     # kept embeddings come back in sample order
     np.testing.assert_allclose(ranks[1]["embeddings"], w.kept_embeddings(False), rtol=1e-6)
