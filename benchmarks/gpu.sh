@@ -18,18 +18,21 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, timm, transformers, numpy; print('torch', torch.__version__, 'timm', timm.__version__,
 'transformers', transformers.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/gpu.txt"
-# the harness end to end on the GPU in seconds before the long run
-python3 -m benchmarks.run --suite micro --device cuda --out /tmp/micro --quiet || exit 1
-echo "micro suite ok"
+# the harness end to end on the GPU in seconds before the long run (SKIP_MICRO=1: a rerun)
+if [ -z "${SKIP_MICRO:-}" ]; then
+  python3 -m benchmarks.run --suite micro --device cuda --out /tmp/micro --quiet || exit 1
+  echo "micro suite ok"
+fi
 start=$(date +%s)
 # a model started just before the deadline still finishes; the hard stop is for a hung run
 timeout "$(( ${DEADLINE:-300} + ${GRACE:-150} ))" python3 -m benchmarks.run --suite full --device cuda \
-  --workers "${WORKERS:-12}" --threads 1 --deadline "${DEADLINE:-300}" >"$OUT/full.log" 2>&1
+  --workers "${WORKERS:-12}" --threads 1 --deadline "${DEADLINE:-300}" ${MODELS:+--models "$MODELS"} \
+  >"$OUT/full.log" 2>&1
 echo "full suite: exit $? after $(( $(date +%s) - start )) s"
 cp benchmarks/results/full.md benchmarks/results/full.json "$OUT/" 2>/dev/null
 # per-model evaluations (not the weights): the tables can be rebuilt and extended from them
 tar czf "$OUT/full-cache.tgz" --exclude=model.pt -C benchmarks/results cache/full
-timeout "${SCALE_TIMEOUT:-80}" python3 -m benchmarks.scale overhead --device cuda --out "$OUT/scale-gpu.json" \
+[ -n "${SKIP_SCALE:-}" ] || timeout "${SCALE_TIMEOUT:-80}" python3 -m benchmarks.scale overhead --device cuda --out "$OUT/scale-gpu.json" \
   >"$OUT/scale-gpu.log" 2>&1
 echo "scale overhead: exit $?"
 tail -5 "$OUT/full.log"

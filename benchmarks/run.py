@@ -12,6 +12,7 @@ their configuration is unchanged.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -484,6 +485,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="seconds after which no new model is started; the tables cover what finished")
     ap.add_argument("--cached-only", action="store_true",
                     help="write the tables from the cache (no training; weights not needed)")
+    ap.add_argument("--models", default=None,
+                    help="with --workers: evaluate only the models whose id matches this pattern "
+                         "(e.g. '*-10pct'); the tables still cover every cached model")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/n": one worker's share
     args = ap.parse_args(argv)
     if args.threads:
@@ -496,7 +500,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     runner = Runner(args.suite, dev, args.out, log=not args.quiet, cached_only=args.cached_only)
     if args.workers > 1 and not args.shard and not args.cached_only:
-        pending = [m["id"] for m in model_specs(runner.cfg) if runner.cached(m) is None]
+        pending = [m["id"] for m in model_specs(runner.cfg) if runner.cached(m) is None
+                   and (args.models is None or fnmatch.fnmatch(m["id"], args.models))]
         runner.cache.mkdir(parents=True, exist_ok=True)
         (runner.cache / "pending.json").write_text(json.dumps(pending))
         _spawn_workers(argv_l, min(args.workers, max(1, len(pending))))
