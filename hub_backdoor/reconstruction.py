@@ -362,6 +362,78 @@ def _solve_gram_active_set(
     return s, len(P), Ws
 
 
+def _solve_nonneg_dual(V: np.ndarray, t: np.ndarray, *, max_iter: int = 200) -> tuple[np.ndarray, int]:
+    """``min 1/2 ||s||^2  s.t.  V s >= t, s >= 0`` through its dual, by projected Newton.
+
+    The dual is ``max_{l >= 0} t^T l - 1/2 ||(V^T l)_+||^2`` with ``s = (V^T l)_+``: m = C - 1
+    variables instead of d bounds plus m rows (DAQP on the primal takes ~1 s per class at
+    d = 2048). Each step solves the generalised Newton system on the free multipliers and the
+    features switched on, then a projected backtracking line search (a projected gradient step
+    where the projection spoils the Newton step). The answer is accepted only
+    when the KKT conditions hold on exact quantities (``s >= 0`` and stationarity hold by
+    construction; feasibility and complementary slackness to 1e-9 relative); otherwise
+    :class:`_ActiveSetFailed` sends the caller to DAQP (also what an infeasible problem, whose
+    dual is unbounded, does). Returns ``(s, number of active constraints)``.
+    """
+    m, _d = V.shape
+    scale = max(1.0, float(np.max(np.abs(t), initial=0.0)))
+    tol = 1e-10 * scale
+    lam = np.zeros(m)
+
+    def dual(lv: np.ndarray) -> tuple[float, np.ndarray]:
+        nz = lv > 0  # few multipliers are positive: V^T l over those rows only
+        sv = np.maximum(lv[nz] @ V[nz], 0.0)
+        return float(t @ lv - 0.5 * sv @ sv), sv
+
+    f, s = dual(lam)
+    for _ in range(max_iter):
+        g = t - V @ s  # the dual's gradient (ascent)
+        free = (lam > 0) | (g > tol)
+        kkt = np.max(np.abs(g[lam > 0]), initial=0.0)
+        kkt = max(kkt, float(np.max(g[lam == 0], initial=0.0)))
+        if kkt <= tol:
+            break
+        on = s > 0
+        if not on.any():
+            on = V[free].sum(0) > 0  # from l = 0: the features the violated rows would switch on
+        VF = V[np.ix_(free, on)]
+        H = VF @ VF.T
+        H[np.diag_indices_from(H)] += 1e-12 * max(1.0, float(np.trace(H)) / max(1, len(H)))
+        try:
+            step = np.linalg.solve(H, g[free])
+        except np.linalg.LinAlgError:
+            raise _ActiveSetFailed("singular Newton system") from None
+        newton = np.zeros(m)
+        newton[free] = step
+        grad = np.where(free, g, 0.0)
+        gHg = float(np.sum((grad[free] @ VF) ** 2))
+        # Newton first; where projection spoils it (a multiplier at 0 pushed negative), the
+        # projected gradient with the step that is exact on the current quadratic piece
+        for direction, a in ((newton, 1.0), (grad, float(grad @ grad) / max(gHg, 1e-300))):
+            for _ls in range(30):
+                cand = np.maximum(lam + a * direction, 0.0)
+                fc, sc = dual(cand)
+                if fc >= f + 1e-4 * float(g @ (cand - lam)) and fc > f:
+                    break
+                a *= 0.5
+            else:
+                continue
+            break
+        else:
+            raise _ActiveSetFailed("no ascent along the Newton or the gradient direction")
+        if fc > 1e12 * scale * scale:
+            raise _ActiveSetFailed("dual unbounded: s >= 0 is likely infeasible")
+        lam, f, s = cand, fc, sc
+    else:
+        raise _ActiveSetFailed(f"no convergence in {max_iter} iterations")
+    slack = V @ s - t
+    if float(np.max(-slack, initial=0.0)) > 1e-9 * scale:
+        raise _ActiveSetFailed("dual solution violates a constraint")
+    if float(np.max(np.abs(lam * slack), initial=0.0)) > 1e-9 * scale * max(1.0, float(lam.max(initial=0.0))):
+        raise _ActiveSetFailed("complementary slackness does not hold")
+    return s, int(np.sum(lam > 0))
+
+
 def _solve_cvxpy(
     V: np.ndarray, t: np.ndarray, soft: float | None, nonneg: bool = False
 ) -> tuple[np.ndarray, str, int]:
@@ -429,6 +501,13 @@ def solve_class(
             try:
                 s, active, Ws = _solve_gram_active_set(W, gram, t_full, k)
                 status, used = "optimal", "daqp (gram active set)"
+            except _ActiveSetFailed:
+                s = None
+        if solver == "daqp" and soft_margin is None and nonneg:
+            V = W[k] - W[others]
+            try:
+                s, active = _solve_nonneg_dual(V[finite], t[finite])
+                status, used = "optimal", "daqp (dual projected Newton, s >= 0)"
             except _ActiveSetFailed:
                 s = None
         if s is None:
