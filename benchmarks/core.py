@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from hub_backdoor.adapters.base import Classifier
 from hub_backdoor.detection import NEEDS_NONNEG, DetectionInput, dormant_share
-from hub_backdoor.purification import purification_loss
+from hub_backdoor.purification import purification_loss, trainable_parameters
 from hub_backdoor.reconstruction import ConstraintState, reconstruct, solve_class
 
 
@@ -46,16 +46,6 @@ def batches(perm: torch.Tensor, bs: int) -> list[torch.Tensor]:
 
 def n_steps(n: int, bs: int) -> int:
     return max(1, n // bs)
-
-
-def select_params(model: torch.nn.Module, train: str | list[str]) -> list[torch.nn.Parameter]:
-    if train == "all":
-        return list(model.parameters())
-    prefixes = [train] if isinstance(train, str) else list(train)
-    params = [p for n, p in model.named_parameters() if any(n.startswith(pre) for pre in prefixes)]
-    if not params:
-        raise ValueError(f"train={train!r} matches no parameters")
-    return params
 
 
 def freeze_bn(model: torch.nn.Module) -> None:
@@ -237,7 +227,7 @@ def finetune(
     lr: float,
     bs: int,
     seed: int,
-    train: str | list[str] = "all",
+    train: str | list[str] = "all",  # "backbone", "all" or name prefixes (as purify's train=)
     beta: float = 0.0,
     scale: float = 1.0,
     distill: float = 0.0,
@@ -257,7 +247,7 @@ def finetune(
     torch.manual_seed(seed)
     model = clf.model
     teacher = clf.copy().model.eval() if distill > 0 else None
-    params = select_params(model, train)
+    params = trainable_parameters(clf, train)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:

@@ -39,15 +39,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALL_ATTACKS = list(ATTACKS)
 
 #: The main configuration of this project's purification: the library's purify defaults.
-OURS: dict[str, Any] = {**PURIFY, "train": "all", "resolve_every": None, "freeze_norm": False}
+OURS: dict[str, Any] = {**PURIFY, "resolve_every": None, "freeze_norm": False}
 
 #: Purification study: variants of OURS, run with the true target (stage 2 alone).
 STUDY: dict[str, dict[str, Any]] = {
     "library default": {},
+    "head trained too": {"train": "all"},
+    "session-1 default (beta 3, head trained)": {"beta": 3.0, "train": "all"},
     "paper loss (scale 1, distill 0)": {"scale": 1.0, "distill": 0.0},
     "paper loss, frozen BN, lr 0.01": {"scale": 1.0, "distill": 0.0, "lr": 0.01, "freeze_norm": True},
     "beta 1": {"beta": 1.0},
-    "beta 10": {"beta": 10.0},
+    "beta 3": {"beta": 3.0},
     "scale 1": {"scale": 1.0},
     "scale 4": {"scale": 4.0},
     "distill 0": {"distill": 0.0},
@@ -240,7 +242,7 @@ class Runner:
         return rec
 
     def purify(self, clf: Any, k: int, au: core.AuditResult, p: dict[str, Any]) -> Any:
-        train = ARCHS[clf_arch(clf, self)]["last"] if p["train"] == "last" else "all"
+        train = ARCHS[clf_arch(clf, self)]["last"] if p["train"] == "last" else p["train"]
         return core.finetune(clf.copy(), self.Xc, self.Yc, epochs=p["epochs"], lr=p["lr"], bs=64, seed=0,
                              train=train, beta=p["beta"], scale=p["scale"], distill=p["distill"],
                              s_t=au.perturbations[k], target=k, resolve_every=p["resolve_every"],

@@ -529,6 +529,7 @@ def cmd_purify(args: argparse.Namespace, ui: UI) -> int:
         distill=args.distill,
         epochs=args.epochs,
         lr=args.lr,
+        train=args.train,
         batch_size=args.batch_size,
         holdout=args.holdout,
         seed=args.seed,
@@ -883,6 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distill", type=float, default=d["distill"],
                    help=f"weight of a KL term to the original model (default {d['distill']}; 0 = paper)")
     g.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default {d['lr']})")
+    g.add_argument("--train", choices=["backbone", "all"], default=d["train"],
+                   help=f"parameters that change: the backbone (head frozen) or all (default {d['train']})")
     g.add_argument(
         "--holdout",
         type=float,

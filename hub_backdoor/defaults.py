@@ -4,10 +4,11 @@ The purification values were picked on MNIST timm / transformers models (README,
 defaults"); docs/benchmarks.md has the wider study.
 """
 
-PURIFY: dict[str, float | int] = {
-    "beta": 3.0,  # weight of CE(head(h + scale * s_t), y)
+PURIFY: dict[str, float | int | str] = {
+    "beta": 10.0,  # weight of CE(head(h + scale * s_t), y)
     "scale": 2.0,  # s_t multiplier; 1 is the paper
     "distill": 3.0,  # KL to the original model's clean predictions; 0 is the paper
     "lr": 0.003,
     "epochs": 10,
+    "train": "backbone",  # the linear head stays as it is; "all" trains it too
 }

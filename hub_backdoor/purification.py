@@ -66,9 +66,28 @@ class PurifyResult:
         return out
 
 
-def _train_params(model: torch.nn.Module, train: str | list[str]) -> list[torch.nn.Parameter]:
+def head_parameters(clf: Classifier) -> list[torch.nn.Parameter]:
+    """The parameters the linear head ``(W, b)`` is built from (a Linear's weight and bias, and a
+    folded BatchNorm's too), found by differentiating :meth:`Classifier.head_affine`."""
+    params = [p for p in clf.model.parameters() if p.requires_grad]
+    W, b = clf.head_affine()
+    grads = torch.autograd.grad(W.sum() + b.sum(), params, allow_unused=True)
+    return [p for p, g in zip(params, grads) if g is not None]
+
+
+def trainable_parameters(clf: Classifier, train: str | list[str]) -> list[torch.nn.Parameter]:
+    """``"backbone"``: everything but the head; ``"all"``; or parameter-name prefixes."""
+    model = clf.model
     if train == "all":
-        return [p for p in model.parameters()]
+        return list(model.parameters())
+    if train == "backbone":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        head = {id(p) for p in head_parameters(clf)}
+        params = [p for p in model.parameters() if id(p) not in head]
+        if not params:
+            raise HubBackdoorError(f"{type(model).__name__} has no parameters outside its head")
+        return params
     prefixes = [train] if isinstance(train, str) else list(train)
     params = [p for n, p in model.named_parameters() if any(n.startswith(pre) for pre in prefixes)]
     if not params:
@@ -115,7 +134,7 @@ def purify(
     epochs: int = PURIFY["epochs"],
     lr: float = PURIFY["lr"],
     batch_size: int = 64,
-    train: str | list[str] = "all",
+    train: str | list[str] = PURIFY["train"],
     holdout: float = 0.2,
     resolve_every: int | None = None,
     freeze_norm: bool = False,
@@ -142,7 +161,10 @@ def purify(
         trigger: optional callable applied to one raw image; measures ASR/RA before and after.
         beta: weight of the latent-trigger loss. scale: s_t is multiplied by this in the loss.
         epochs, lr: SGD with a one-cycle schedule.
-        train: ``"all"`` or parameter-name prefixes that may change (the rest is frozen).
+        train: which parameters change: ``"backbone"`` (everything but the linear head, the
+            default), ``"all"``, or parameter-name prefixes (the rest is frozen). With the head
+            trainable the latent loss is met by making the head blind to s_t's direction, and a
+            real trigger, whose latent change is only partly along s_t, keeps working.
         resolve_every: re-solve s_t on the current model every this many epochs (None: never).
         distill: weight of a KL term to the original model's clean predictions, which keeps
             clean behaviour when the clean set is small (0: the paper's loss).
@@ -180,7 +202,7 @@ def purify(
         s_t = _solve_target(clf, fit, tf, target, batch_size, report.params.get("margin", 0.0))
 
     before = _evaluate(clf, held, tf, trigger, target, batch_size)
-    params = _train_params(clf.model, train)
+    params = trainable_parameters(clf, train)
     for p in clf.model.parameters():
         p.requires_grad_(False)
     for p in params:
