@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from hub_backdoor.adapters.base import Classifier
 from hub_backdoor.detection import NEEDS_NONNEG, DetectionInput, dormant_share
-from hub_backdoor.purification import purification_loss, trainable_parameters
+from hub_backdoor.purification import auto_epochs, purification_loss, trainable_parameters
 from hub_backdoor.reconstruction import ConstraintState, reconstruct, solve_class
 
 
@@ -223,7 +223,7 @@ def finetune(
     X: torch.Tensor,
     Y: torch.Tensor,
     *,
-    epochs: int,
+    epochs: int | None,
     lr: float,
     bs: int,
     seed: int,
@@ -253,6 +253,8 @@ def finetune(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    if epochs is None:  # the library's default: 10 epochs, or at least min_steps steps
+        epochs = auto_epochs(n_steps(len(X), bs))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * n_steps(len(X), bs))
     g = torch.Generator(device="cpu").manual_seed(seed)
     s = torch.zeros(clf.embed_dim, device=dev) if s_t is None else scale * torch.as_tensor(

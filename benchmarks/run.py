@@ -39,7 +39,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALL_ATTACKS = list(ATTACKS)
 
 #: The main configuration of this project's purification: the library's purify defaults.
-OURS: dict[str, Any] = {**PURIFY, "resolve_every": None, "freeze_norm": False}
+OURS: dict[str, Any] = {**{k: v for k, v in PURIFY.items() if k != "min_steps"}, "epochs": None,
+                        "resolve_every": None, "freeze_norm": False}
 
 #: Purification study: variants of OURS, run with the true target (stage 2 alone).
 STUDY: dict[str, dict[str, Any]] = {
@@ -55,6 +56,8 @@ STUDY: dict[str, dict[str, Any]] = {
     "distill 0": {"distill": 0.0},
     "lr 0.01": {"lr": 0.01},
     "20 epochs": {"epochs": 20},
+    "10 epochs (no minimum of steps)": {"epochs": 10},
+    "lr 0.01, 20 epochs": {"lr": 0.01, "epochs": 20},
     "re-solve s_t every 2 epochs": {"resolve_every": 2},
     "last stage + head only": {"train": "last"},
 }
@@ -419,7 +422,8 @@ def markdown(out: dict[str, Any]) -> str:
          f"wall time {out['seconds']:.0f} s with {out.get('workers', 1)} worker process(es) (this "
          f"invocation; cached models are not retrained)",
          f"- Library default detection rule at run time: `{out['default_rule']}`; purification: "
-         + ", ".join(f"{k} {v}" for k, v in out["ours"].items()), ""]
+         + ", ".join(f"{k} {'auto' if v is None and k == 'epochs' else v}"
+                     for k, v in out["ours"].items()), ""]
     if out.get("missing"):
         L[-1:-1] = [f"- **Not finished before the deadline** (left out of every table): "
                     f"{', '.join(out['missing'])}"]

@@ -517,7 +517,7 @@ def cmd_purify(args: argparse.Namespace, ui: UI) -> int:
             f"--target {target} is not a class of {model.label} (0..{model.clf.num_classes - 1})"
         )
     trigger = zoo.ATTACKS[args.eval_trigger]() if args.eval_trigger else None
-    ui.info(f"purifying class {target} ({args.epochs} epochs) ...")
+    ui.info(f"purifying class {target} ({args.epochs or 'auto'} epochs) ...")
     result = purify(
         model.clf,
         loaded.dataset,
@@ -571,7 +571,7 @@ def cmd_purify(args: argparse.Namespace, ui: UI) -> int:
     extra = ["--out", str(out)] if out else []
     extra += ["--push-to", args.push_to] if args.push_to else []
     extra += ["--open-pr"] if args.open_pr else []
-    extra += ["--epochs", str(args.epochs), "--beta", str(args.beta)]
+    extra += ["--epochs", str(result.params["epochs"]), "--beta", str(args.beta)]
     extra += ["--eval-trigger", args.eval_trigger] if args.eval_trigger else []
     reproduce = _reproduce("purify", model, loaded, args, extra)
     record["card"] = {
@@ -875,8 +875,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from .defaults import PURIFY as d  # the library's defaults, so the two cannot drift apart
 
-    g.add_argument("--epochs", type=_positive_int, default=d["epochs"],
-                   help=f"fine-tuning epochs (default {d['epochs']})")
+    g.add_argument("--epochs", type=_positive_int, default=None,
+                   help=f"fine-tuning epochs (default {d['epochs']}, or more on a small clean set so "
+                        f"that training takes at least {d['min_steps']} optimizer steps)")
     g.add_argument("--beta", type=float, default=d["beta"],
                    help=f"weight of the latent-trigger loss (default {d['beta']})")
     g.add_argument("--scale", type=float, default=d["scale"],
@@ -949,7 +950,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEMO_EPOCHS,
         help=f"training epochs of the backdoored model (default {DEMO_EPOCHS})",
     )
-    p.add_argument("--purify-epochs", type=_positive_int, default=10, help="fine-tuning epochs (default 10)")
+    p.add_argument("--purify-epochs", type=_positive_int, default=None,
+                   help="fine-tuning epochs (default: as purify's --epochs)")
     p.add_argument(
         "--seed", type=int, default=DEMO_SEED, help=f"data and training seed (default {DEMO_SEED})"
     )

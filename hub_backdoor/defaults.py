@@ -9,6 +9,7 @@ PURIFY: dict[str, float | int | str] = {
     "scale": 2.0,  # s_t multiplier; 1 is the paper
     "distill": 3.0,  # KL to the original model's clean predictions; 0 is the paper
     "lr": 0.003,
-    "epochs": 10,
+    "epochs": 10,  # or more: see min_steps
+    "min_steps": 100,  # epochs=None runs max(epochs, enough epochs for this many optimizer steps)
     "train": "backbone",  # the linear head stays as it is; "all" trains it too
 }

@@ -92,7 +92,7 @@ def run_demo(
     arch: str = DEMO_ARCH,
     epochs: int = DEMO_EPOCHS,
     seed: int = DEMO_SEED,
-    purify_epochs: int = 10,
+    purify_epochs: int | None = None,
     quiet: bool = False,
 ) -> int:
     """Make a backdoored model, then audit and purify it through the CLI; returns the exit code
@@ -174,8 +174,7 @@ def run_demo(
         str(out / "audit.json"),
         "--eval-trigger",
         "badnets",
-        "--epochs",
-        str(purify_epochs),
+        *(["--epochs", str(purify_epochs)] if purify_epochs else []),
     ]
     if not found:
         purify_argv += ["--target", str(DEMO_TARGET)]

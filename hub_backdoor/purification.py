@@ -66,6 +66,14 @@ class PurifyResult:
         return out
 
 
+def auto_epochs(steps_per_epoch: int) -> int:
+    """The default number of epochs: ``PURIFY["epochs"]``, or more so that training takes at least
+    ``PURIFY["min_steps"]`` optimizer steps (a clean set of 175 images gives 2 steps per epoch;
+    with 20 steps the features barely moved and ASR stayed at 57 % on the quick benchmark suite,
+    with 100 it fell to 9 %)."""
+    return max(int(PURIFY["epochs"]), -(-int(PURIFY["min_steps"]) // max(1, steps_per_epoch)))
+
+
 def head_parameters(clf: Classifier) -> list[torch.nn.Parameter]:
     """The parameters the linear head ``(W, b)`` is built from (a Linear's weight and bias, and a
     folded BatchNorm's too), found by differentiating :meth:`Classifier.head_affine`."""
@@ -131,7 +139,7 @@ def purify(
     trigger: Any = None,
     beta: float = PURIFY["beta"],
     scale: float = PURIFY["scale"],
-    epochs: int = PURIFY["epochs"],
+    epochs: int | None = None,
     lr: float = PURIFY["lr"],
     batch_size: int = 64,
     train: str | list[str] = PURIFY["train"],
@@ -160,7 +168,9 @@ def purify(
             flagged nothing (purifying a clean-looking model is then an explicit choice).
         trigger: optional callable applied to one raw image; measures ASR/RA before and after.
         beta: weight of the latent-trigger loss. scale: s_t is multiplied by this in the loss.
-        epochs, lr: SGD with a one-cycle schedule.
+        epochs: passes over the fine-tuning data; None (default): 10, or more on a small clean set
+            so that training takes at least 100 optimizer steps (:func:`auto_epochs`).
+        lr: peak learning rate of SGD with a one-cycle schedule.
         train: which parameters change: ``"backbone"`` (everything but the linear head, the
             default), ``"all"``, or parameter-name prefixes (the rest is frozen). With the head
             trainable the latent loss is met by making the head blind to s_t's direction, and a
@@ -220,6 +230,8 @@ def purify(
     # several processes (torchrun / accelerate launch): each takes its share of every epoch and
     # gradients are averaged (DDP semantics); one process: the loader as it is
     steps = steps_per_epoch(loader, dist)
+    auto = epochs is None
+    epochs = auto_epochs(steps) if auto else epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps))
     margin = report.params.get("margin", 0.0)
     s = scale * torch.as_tensor(s_t, dtype=torch.float32, device=clf.device)
@@ -262,7 +274,8 @@ def purify(
         perturbation=np.asarray(s_t),
         metrics=metrics,
         params={
-            "beta": beta, "scale": scale, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+            "beta": beta, "scale": scale, "epochs": epochs, "epochs_auto": auto, "lr": lr,
+            "batch_size": batch_size,
             "train": train,
             "holdout": holdout, "resolve_every": resolve_every, "freeze_norm": freeze_norm,
             "distill": distill,

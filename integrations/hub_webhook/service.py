@@ -83,7 +83,7 @@ class Config:
     threshold: float | None = None
     max_samples: int | None = None
     audit_args: list[str] = field(default_factory=list)
-    purify_epochs: int = 10
+    purify_epochs: int | None = None  # None: purify's default (auto)
     queue_size: int = 100
     max_attempts: int = 3
     retry_delay: float = 30.0
@@ -278,7 +278,8 @@ class Auditor:
     def open_pr(self, job: Job, report_path: Path, data: list[str]) -> str:
         source = f"{job.repo}@{job.sha}"
         argv = ["purify", source, *data, "--open-pr", "--report", str(report_path)]
-        argv += ["--epochs", str(self.config.purify_epochs)]
+        if self.config.purify_epochs:
+            argv += ["--epochs", str(self.config.purify_epochs)]
         code, ui = _run_cli(argv)
         for line in ui.results:
             m = re.match(r"opened pull request on \S+: (\S+)", line)
@@ -647,7 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--audit-args", default=_env("AUDIT_ARGS", ""), help="more hub-backdoor audit options, in one string"
     )
     p.add_argument(
-        "--purify-epochs", type=int, default=int(_env("PURIFY_EPOCHS", "10") or 10), help="default 10"
+        "--purify-epochs", type=int, default=int(_env("PURIFY_EPOCHS", "0") or 0) or None,
+        help="default: purify's own (10, or more on a small clean set)"
     )
     p.add_argument(
         "--queue-size", type=int, default=int(_env("QUEUE_SIZE", "100") or 100), help="queued + running jobs"
