@@ -46,7 +46,7 @@ OURS: dict[str, Any] = {**{k: v for k, v in PURIFY.items() if k != "min_steps"},
 STUDY: dict[str, dict[str, Any]] = {
     "library default": {},
     "head trained too": {"train": "all"},
-    "session-1 default (beta 3, head trained)": {"beta": 3.0, "train": "all"},
+    "session-1 default (beta 3, head trained, 10 epochs)": {"beta": 3.0, "train": "all", "epochs": 10},
     "paper loss (scale 1, distill 0)": {"scale": 1.0, "distill": 0.0},
     "paper loss, frozen BN, lr 0.01": {"scale": 1.0, "distill": 0.0, "lr": 0.01, "freeze_norm": True},
     "beta 1": {"beta": 1.0},
