@@ -362,6 +362,9 @@ def _solve_gram_active_set(
     return s, len(P), Ws
 
 
+_MAX_ENTERING = 32
+
+
 def _solve_nonneg_dual(V: np.ndarray, t: np.ndarray, *, max_iter: int = 200) -> tuple[np.ndarray, int]:
     """``min 1/2 ||s||^2  s.t.  V s >= t, s >= 0`` through its dual, by projected Newton.
 
@@ -389,6 +392,9 @@ def _solve_nonneg_dual(V: np.ndarray, t: np.ndarray, *, max_iter: int = 200) -> 
     for _ in range(max_iter):
         g = t - V @ s  # the dual's gradient (ascent)
         free = (lam > 0) | (g > tol)
+        entering = np.flatnonzero(free & (lam == 0))
+        if len(entering) > _MAX_ENTERING:  # the most violated rows only: the Newton system stays small
+            free[entering[np.argsort(-g[entering])[_MAX_ENTERING:]]] = False
         kkt = np.max(np.abs(g[lam > 0]), initial=0.0)
         kkt = max(kkt, float(np.max(g[lam == 0], initial=0.0)))
         if kkt <= tol:
