@@ -80,9 +80,16 @@ def auto_epochs(steps_per_epoch: int) -> int:
 def head_parameters(clf: Classifier) -> list[torch.nn.Parameter]:
     """The parameters the linear head ``(W, b)`` is built from (a Linear's weight and bias, and a
     folded BatchNorm's too), found by differentiating :meth:`Classifier.head_affine`."""
-    params = [p for p in clf.model.parameters() if p.requires_grad]
-    W, b = clf.head_affine()
-    grads = torch.autograd.grad(W.sum() + b.sum(), params, allow_unused=True)
+    params = list(clf.model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:  # frozen parameters too: differentiate with every flag on, then put them back
+        for p in params:
+            p.requires_grad_(True)
+        W, b = clf.head_affine()
+        grads = torch.autograd.grad(W.sum() + b.sum(), params, allow_unused=True)
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
     return [p for p, g in zip(params, grads) if g is not None]
 
 
@@ -92,8 +99,6 @@ def trainable_parameters(clf: Classifier, train: str | list[str]) -> list[torch.
     if train == "all":
         return list(model.parameters())
     if train == "backbone":
-        for p in model.parameters():
-            p.requires_grad_(True)
         head = {id(p) for p in head_parameters(clf)}
         params = [p for p in model.parameters() if id(p) not in head]
         if not params:
