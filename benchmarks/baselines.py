@@ -2,7 +2,7 @@
 (trigger reverse engineering + MAD, then unlearning), FST (feature shift tuning) and CLP (data-free
 channel Lipschitz pruning).
 
-* FT: :func:`benchmarks.core.finetune` with ``beta = 0`` (same schedule as this project's loss).
+* FT: the fine-tune of this project's loss with ``beta = distill = 0`` (same schedule and data order).
 * Neural Cleanse (Wang et al., S&P 2019): per class a mask m and pattern p minimising
   ``CE(f((1 - m) x + m p), k) + lambda |m|_1`` (Adam, all classes optimised jointly in one batch);
   lambda is fixed (``2 / (H W)``: a full-image mask costs 2 nats) instead of NC's adaptive schedule.
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from hub_backdoor.adapters.base import Classifier
 from hub_backdoor.detection import anomaly_index
 
-from .core import finetune
+from .group import Member
 
 
 def nc_reverse(clf: Classifier, X: torch.Tensor, *, steps: int, bs: int, seed: int,
@@ -70,20 +70,14 @@ def nc_reverse(clf: Classifier, X: torch.Tensor, *, steps: int, bs: int, seed: i
             "flagged": k if scores[k] > 2.0 else None}
 
 
-def nc_unlearn(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, rev: dict[str, Any], *, epochs: int,
-               lr: float, bs: int, seed: int, share: float = 0.2) -> Classifier:
+def nc_unlearn(clf: Classifier, rev: dict[str, Any], *, lr: float, share: float = 0.2) -> Member | None:
+    """Neural Cleanse's unlearning as a fine-tune of a :mod:`benchmarks.group`: the reversed
+    trigger of the flagged class on the first ``share`` of each batch, labels kept (None when NC
+    flagged nothing: the model stays as it is)."""
     t = rev["flagged"]
     if t is None:
-        return clf
-    m, p = rev["masks"][t], rev["patterns"][t]
-
-    def stamp(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        k = int(round(share * len(xb)))
-        xb = xb.clone()
-        xb[:k] = (1 - m) * xb[:k] + m * p
-        return xb
-
-    return finetune(clf, X, Y, epochs=epochs, lr=lr, bs=bs, seed=seed, stamp=stamp)
+        return None
+    return Member(clf=clf, lr=lr, stamp=(rev["masks"][t], rev["patterns"][t], share))
 
 
 def _linear_head(model: torch.nn.Module, num_classes: int) -> torch.nn.Linear:

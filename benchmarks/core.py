@@ -94,9 +94,15 @@ def predict(model: torch.nn.Module, X: torch.Tensor, bs: int = 512) -> torch.Ten
 def evaluate(model: torch.nn.Module, Xte: torch.Tensor, Yte: torch.Tensor, Xtr: torch.Tensor | None,
              Ytr: torch.Tensor | None, target: int | None) -> dict[str, float]:
     """ACC on the clean test set; ASR and RA on the triggered non-target test set ``Xtr``."""
-    out = {"acc": float((predict(model, Xte) == Yte).float().mean())}
+    return metrics(lambda X: predict(model, X), Xte, Yte, Xtr, Ytr, target)
+
+
+def metrics(predict_fn: Callable[[torch.Tensor], torch.Tensor], Xte: torch.Tensor, Yte: torch.Tensor,
+            Xtr: torch.Tensor | None, Ytr: torch.Tensor | None, target: int | None) -> dict[str, float]:
+    """:func:`evaluate` from ``predict_fn(X (N, ...)) -> labels (N,)``."""
+    out = {"acc": float((predict_fn(Xte) == Yte).float().mean())}
     if Xtr is not None and target is not None:
-        p = predict(model, Xtr)
+        p = predict_fn(Xtr)
         out["asr"] = float((p == target).float().mean())
         out["ra"] = float((p == Ytr).float().mean())
     return out

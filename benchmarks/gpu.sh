@@ -5,7 +5,9 @@
 #
 # Python packages the machine lacks can sit as wheels in .whl/ (installed to /tmp/site), and
 # Fashion-MNIST's four .gz files in .bench-data/fashion-mnist/ when the Debian package is absent.
-# DEADLINE (seconds, default 300): no new model is started after it, so the run fits a lease.
+# DEADLINE (seconds, default 360): no new model is started after it, so the run fits a lease.
+# WORKERS (default 2): processes sharing the GPU; each trains its share of an architecture's models
+# as one group (benchmarks/group.py), so few workers keep the groups large.
 set -u
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
@@ -23,10 +25,14 @@ if [ -z "${SKIP_MICRO:-}" ]; then
   python3 -m benchmarks.run --suite micro --device cuda --out /tmp/micro --quiet || exit 1
   echo "micro suite ok"
 fi
+# one-by-one against grouped fine-tunes, side by side (~1 min; SKIP_GROUP=1 skips it)
+[ -n "${SKIP_GROUP:-}" ] || timeout "${GROUP_TIMEOUT:-120}" python3 -m benchmarks.scale group --device cuda \
+  --out "$OUT/group-gpu.json" >"$OUT/group-gpu.log" 2>&1
+echo "group benchmark: exit $?"
 start=$(date +%s)
 # a model started just before the deadline still finishes; the hard stop is for a hung run
-timeout "$(( ${DEADLINE:-300} + ${GRACE:-150} ))" python3 -m benchmarks.run --suite full --device cuda \
-  --workers "${WORKERS:-12}" --threads 1 --deadline "${DEADLINE:-300}" ${MODELS:+--models "$MODELS"} \
+timeout "$(( ${DEADLINE:-360} + ${GRACE:-120} ))" python3 -m benchmarks.run --suite full --device cuda \
+  --workers "${WORKERS:-2}" --threads 1 --deadline "${DEADLINE:-360}" ${MODELS:+--models "$MODELS"} \
   >"$OUT/full.log" 2>&1
 echo "full suite: exit $? after $(( $(date +%s) - start )) s"
 cp benchmarks/results/full.md benchmarks/results/full.json "$OUT/" 2>/dev/null

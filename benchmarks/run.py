@@ -28,8 +28,9 @@ import torch
 
 from hub_backdoor.defaults import PURIFY
 from hub_backdoor.detection import DEFAULT_RULE, RULES, DetectionInput
+from hub_backdoor.purification import auto_epochs
 
-from . import baselines, core
+from . import baselines, core, group
 from ._machine import cpu_name
 from .attacks import ATTACKS, apply, poison_arrays
 from .datasets import LOADERS
@@ -67,21 +68,21 @@ SUITES: dict[str, dict[str, Any]] = {
     "micro": {
         "data": ("digits", {"size": 16}), "zoo": {"preact18-w8": (["badnets"], [0.1])},
         "epochs": 2, "lr": 0.05, "bs": 64, "ft_epochs": 2, "nc_steps": 4, "nc_bs": 4,
-        "study": ["library default"], "clean_fraction": 0.05,
+        "study": ["library default"], "clean_fraction": 0.05, "group": 2,
     },
     # CPU quick suite (MNIST-5k at 16x16, tiny networks, 10 % poison)
     "quick": {
         "data": ("mnist5k", {"size": 16}),
         "zoo": {"preact18-w8": (ALL_ATTACKS, [0.1])},
         "epochs": 4, "lr": 0.05, "bs": 128, "ft_epochs": 10, "nc_steps": 30, "nc_bs": 12,
-        "study": list(STUDY), "clean_fraction": 0.05,
+        "study": list(STUDY), "clean_fraction": 0.05, "group": 12,
     },
     # the full suite's architectures and data on a sliver (its code paths on a CPU in minutes)
     "full-smoke": {
         "data": ("fashion-mnist", {"size": 32, "train_limit": 1200, "test_limit": 300}),
         "zoo": {a: (["badnets"], [0.1]) for a in ("preact18", "vit", "mobilenet")},
         "epochs": 1, "lr": 0.05, "bs": 128, "ft_epochs": 1, "nc_steps": 2, "nc_bs": 4,
-        "study": list(STUDY), "clean_fraction": 0.05,
+        "study": list(STUDY), "clean_fraction": 0.05, "group": 2,
     },
     # GPU full suite (Fashion-MNIST padded to 32x32; 20k-sample training subset to fit the budget)
     "full": {
@@ -91,10 +92,13 @@ SUITES: dict[str, dict[str, Any]] = {
         # the study on two attacks only: with it on every 10 % model the zoo needed ~20 GPU-minutes
         "study": list(STUDY), "study_rates": [0.1], "study_models": ["*-badnets-10pct", "*-blend-10pct"],
         "clean_fraction": 0.05,
+        # models trained together (benchmarks/group.py): 12 at batch 256 is ~3,000 images a step
+        "group": 12,
     },
 }
 
-EVAL_VERSION = 2
+EVAL_VERSION = 3  # 3: fine-tunes in groups; FT, NC and FST in the data order of seed 0
+FT_BS = 64  # batch size of every fine-tune (the clean sets are small)
 
 
 def model_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -128,8 +132,9 @@ def machine(device: torch.device) -> str:
 
 class Runner:
     def __init__(self, suite: str, device: torch.device, out: Path, log: bool = True,
-                 cached_only: bool = False) -> None:
+                 cached_only: bool = False, stacked: bool = True) -> None:
         self.suite, self.cfg, self.dev, self.out = suite, SUITES[suite], device, out
+        self.stacked = stacked  # models trained / fine-tuned stacked (benchmarks/group.py) or one by one
         self.cache = out / "cache" / suite
         self.log_on = log
         name, kw = self.cfg["data"]
@@ -150,37 +155,83 @@ class Runner:
             print(*a, file=sys.stderr, flush=True)
 
     # -- training (cached) ----------------------------------------------------------------------
+    def train_hash(self, spec: dict[str, Any]) -> str:
+        cfg = self.cfg
+        return _hash({"spec": spec, "data": cfg["data"], "epochs": cfg["epochs"], "lr": cfg["lr"],
+                      "bs": cfg["bs"], "arch": ARCHS[spec["arch"]]["kw"]})
+
     def trained(self, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        d, cfg = self.data, self.cfg
-        folder = self.cache / spec["id"]
-        folder.mkdir(parents=True, exist_ok=True)
-        th = _hash({"spec": spec, "data": cfg["data"], "epochs": cfg["epochs"], "lr": cfg["lr"],
-                    "bs": cfg["bs"], "arch": ARCHS[spec["arch"]]["kw"]})
+        """The model of ``spec`` and its training record, trained now if not cached."""
+        loaded = self._load(spec)
+        if loaded is None:
+            self.train_group([spec])
+            loaded = self._load(spec)
+            assert loaded is not None
+        return loaded
+
+    def _load(self, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+        d, folder = self.data, self.cache / spec["id"]
+        try:
+            meta = json.loads((folder / "train.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("hash") != self.train_hash(spec) or not (folder / "model.pt").exists():
+            return None
         clf = build(spec["arch"], d.num_classes, d.channels, d.size, spec["seed"])
-        meta_p, w_p = folder / "train.json", folder / "model.pt"
-        if meta_p.exists() and w_p.exists():
-            meta = json.loads(meta_p.read_text())
-            if meta.get("hash") == th:
-                clf.model.load_state_dict(torch.load(w_p, map_location="cpu", weights_only=True))
-                clf.model.to(self.dev).eval()
-                self.counters["train_cached"] += 1
-                return clf, meta
-        x, y, n_poison = d.x_train, d.y_train, 0
-        if spec["attack"] is not None:
-            atk_f, clean_label = ATTACKS[spec["attack"]]
-            x, y, mask = poison_arrays(x, y, atk_f(d.size), target=spec["target"], rate=spec["rate"],
-                                       clean_label=clean_label, seed=spec["seed"])
-            n_poison = int(mask.sum())
-        clf.model.to(self.dev)
-        t0 = time.perf_counter()
-        losses = core.train_model(clf, core.to_tensor(x, self.dev), torch.as_tensor(y, device=self.dev),
-                                  epochs=cfg["epochs"], lr=cfg["lr"], bs=cfg["bs"], seed=spec["seed"])
-        meta = {"hash": th, "seconds": time.perf_counter() - t0, "losses": losses, "n_poison": n_poison}
-        torch.save(clf.model.state_dict(), w_p)
-        meta_p.write_text(json.dumps(meta))
-        self.counters["trained"] += 1
-        self.log(f"  trained {spec['id']} in {meta['seconds']:.1f}s (loss {losses[-1]:.3f})")
+        clf.model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+        clf.model.to(self.dev).eval()
+        self.counters["train_cached"] += 1
         return clf, meta
+
+    def train_group(self, specs: list[dict[str, Any]]) -> None:
+        """Train models of one architecture together (:mod:`benchmarks.group`), each on its own
+        poisoned copy of the training set with its own seed, and cache each."""
+        d, cfg = self.data, self.cfg
+        members, n_poison = [], []
+        for spec in specs:
+            x, y, n = d.x_train, d.y_train, 0
+            if spec["attack"] is not None:
+                atk_f, clean_label = ATTACKS[spec["attack"]]
+                x, y, mask = poison_arrays(x, y, atk_f(d.size), target=spec["target"], rate=spec["rate"],
+                                           clean_label=clean_label, seed=spec["seed"])
+                n = int(mask.sum())
+            clf = build(spec["arch"], d.num_classes, d.channels, d.size, spec["seed"])
+            clf.model.to(self.dev)
+            members.append(group.Member(clf=clf, lr=cfg["lr"], seed=spec["seed"],
+                                        X=core.to_tensor(x, self.dev), Y=torch.as_tensor(y, device=self.dev)))
+            n_poison.append(n)
+        t0 = time.perf_counter()
+        losses = group.fit(members, None, None, epochs=cfg["epochs"], bs=cfg["bs"], nesterov=True,
+                           stacked=self.stacked)
+        seconds = time.perf_counter() - t0
+        for spec, m, n, ls in zip(specs, members, n_poison, losses):
+            folder = self.cache / spec["id"]
+            folder.mkdir(parents=True, exist_ok=True)
+            meta = {"hash": self.train_hash(spec), "seconds": seconds / len(specs), "group_seconds": seconds,
+                    "group": len(specs), "losses": ls, "n_poison": n}
+            torch.save(m.clf.model.state_dict(), folder / "model.pt")
+            (folder / "train.json").write_text(json.dumps(meta))
+            self.counters["trained"] += 1
+        self.log(f"  trained {', '.join(s['id'] for s in specs)} together in {seconds:.1f}s")
+
+    def train_pending(self, specs: list[dict[str, Any]], deadline: float | None, t0: float) -> None:
+        """Train every not yet trained model of ``specs``, ``group`` at a time per architecture."""
+        todo = [s for s in specs if self.cached(s) is None and self._train_missing(s)]
+        size = self.cfg.get("group", 1)
+        for arch in dict.fromkeys(s["arch"] for s in todo):
+            of_arch = [s for s in todo if s["arch"] == arch]
+            for i in range(0, len(of_arch), size):
+                if deadline is not None and time.perf_counter() - t0 > deadline:
+                    return
+                self.train_group(of_arch[i : i + size])
+
+    def _train_missing(self, spec: dict[str, Any]) -> bool:
+        try:
+            meta = json.loads((self.cache / spec["id"] / "train.json").read_text())
+        except (OSError, ValueError):
+            return True
+        stale = meta.get("hash") != self.train_hash(spec)
+        return stale or not (self.cache / spec["id"] / "model.pt").exists()
 
     # -- evaluation (cached) --------------------------------------------------------------------
     def evaluate(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -213,8 +264,11 @@ class Runner:
         au = core.audit(clf, self.Xc, self.Yc)
         rec["audit_timings"] = au.timings
         rec["audit_stats"] = core.audit_stats(au.inp)
+        W, b = clf.head_numpy()
+        # per-sample logits and the head too: rules that need them can be studied without a GPU rerun
         np.savez(folder / "audit.npz", perturbations=au.perturbations, h_std=au.inp.h_std,
-                 norms=au.inp.norms, nonneg_norms=au.inp.nonneg_norms, quantile_norms=au.inp.quantile_norms)
+                 norms=au.inp.norms, nonneg_norms=au.inp.nonneg_norms, quantile_norms=au.inp.quantile_norms,
+                 logits=au.logits.astype(np.float32), labels=self.Yc.cpu().numpy(), head_W=W, head_b=b)
         flagged = detections(au.inp)
         rec["detection"] = flagged
         # Neural Cleanse detection (all models: its false-positive rate too)
@@ -223,23 +277,7 @@ class Runner:
         rec["nc"] = {"l1": rev["l1"], "scores": rev["scores"], "flagged": rev["flagged"],
                      "seconds": time.perf_counter() - t0}
         if spec["attack"] is not None:
-            ft_kw = {"epochs": cfg["ft_epochs"], "lr": OURS["lr"], "bs": 64, "seed": spec["seed"]}
-            # ours, for every class some rule flags first, and for the true target
-            classes = {target} | {f[0] for f in flagged.values() if f}
-            for k in sorted(classes):
-                rec["ours_by_class"][str(k)] = ev_model(self.purify(clf, k, au, OURS))
-            rec["metrics"]["ft"] = ev_model(core.finetune(clf.copy(), self.Xc, self.Yc, **ft_kw))
-            rec["metrics"]["nc"] = ev_model(baselines.nc_unlearn(clf.copy(), self.Xc, self.Yc, rev, **ft_kw))
-            fst_kw = {**ft_kw, "lr": 0.01}  # FST's own learning rate
-            rec["metrics"]["fst"] = ev_model(baselines.fst(clf.copy(), self.Xc, self.Yc, **fst_kw))
-            pruned, n = baselines.clp(clf.copy())
-            rec["clp_pruned"] = n
-            rec["metrics"]["clp"] = ev_model(pruned) if n >= 0 else None
-            in_study = spec["rate"] in cfg.get("study_rates", [spec["rate"]]) and any(
-                fnmatch.fnmatch(spec["id"], pat) for pat in cfg.get("study_models", ["*"]))
-            study = cfg["study"] if in_study else []
-            for name in study:
-                rec["study"][name] = ev_model(self.purify(clf, target, au, {**OURS, **STUDY[name]}))
+            self.remove(spec, clf, au, rev, flagged, rec, (Xtr, Ytr))
         rec["eval_seconds"] = time.perf_counter() - t_model
         ev_p.write_text(json.dumps(rec))
         self.counters["evaluated"] += 1
@@ -248,12 +286,71 @@ class Runner:
                  + (f" asr {m['asr']:.3f}" if "asr" in m else ""))
         return rec
 
-    def purify(self, clf: Any, k: int, au: core.AuditResult, p: dict[str, Any]) -> Any:
-        train = ARCHS[clf_arch(clf, self)]["last"] if p["train"] == "last" else p["train"]
-        return core.finetune(clf.copy(), self.Xc, self.Yc, epochs=p["epochs"], lr=p["lr"], bs=64, seed=0,
-                             train=train, beta=p["beta"], scale=p["scale"], distill=p["distill"],
-                             s_t=au.perturbations[k], target=k, resolve_every=p["resolve_every"],
-                             freeze_norm=p["freeze_norm"])
+    def remove(self, spec: dict[str, Any], clf: Any, au: core.AuditResult, rev: dict[str, Any],
+               flagged: dict[str, list[int]], rec: dict[str, Any], trig: tuple[Any, Any]) -> None:
+        """Every removal of one backdoored model: ours (for each class some rule flags first, and
+        for the true target), FT, NC unlearning and the purification study's variants as
+        fine-tunes of one group per number of epochs; FST, CLP and the study's variants that
+        cannot share a group (frozen BatchNorm, re-solving s_t) one by one."""
+        cfg, target = self.cfg, spec["target"]
+
+        def ev_model(c: Any) -> dict[str, float]:
+            return core.evaluate(c.model, self.Xte, self.Yte, *trig, target)
+
+        def ev_group(cs: list[Any]) -> list[dict[str, float]]:
+            return group.evaluate(cs, self.Xte, self.Yte, *trig, target, stacked=self.stacked)
+
+        jobs: list[tuple[tuple[str, str], int, group.Member]] = []  # ((where, name), epochs, member)
+
+        def ours(p: dict[str, Any], k: int) -> tuple[int, group.Member]:
+            train = ARCHS[spec["arch"]]["last"] if p["train"] == "last" else p["train"]
+            epochs = p["epochs"] or auto_epochs(core.n_steps(len(self.Xc), FT_BS))
+            return epochs, group.Member(clf=clf.copy(), lr=p["lr"], train=train, beta=p["beta"],
+                                        scale=p["scale"], distill=p["distill"], s_t=au.perturbations[k])
+
+        for k in sorted({target} | {f[0] for f in flagged.values() if f}):
+            jobs.append((("ours_by_class", str(k)), *ours(OURS, k)))
+        jobs.append((("metrics", "ft"), cfg["ft_epochs"], group.Member(clf=clf.copy(), lr=OURS["lr"])))
+        nc = baselines.nc_unlearn(clf.copy(), rev, lr=OURS["lr"])
+        if nc is not None:
+            jobs.append((("metrics", "nc"), cfg["ft_epochs"], nc))
+        else:
+            rec["metrics"]["nc"] = rec["metrics"]["none"]  # nothing flagged: the model is left as it is
+        in_study = spec["rate"] in cfg.get("study_rates", [spec["rate"]]) and any(
+            fnmatch.fnmatch(spec["id"], pat) for pat in cfg.get("study_models", ["*"]))
+        alone = []
+        for name in cfg["study"] if in_study else []:
+            p = {**OURS, **STUDY[name]}
+            if not STUDY[name]:
+                continue  # the library default: ours on the true target, copied below
+            if p["freeze_norm"] or p["resolve_every"]:
+                alone.append(name)
+            else:
+                jobs.append((("study", name), *ours(p, target)))
+        for epochs in sorted({e for _, e, _ in jobs}):
+            same = [(where, m) for where, e, m in jobs if e == epochs]
+            size = self.cfg.get("ft_group") or len(same)
+            for i in range(0, len(same), size):
+                part = same[i : i + size]
+                group.fit([m for _, m in part], self.Xc, self.Yc, epochs=epochs, bs=FT_BS,
+                          stacked=self.stacked)
+                for ((where, name), _), ev in zip(part, ev_group([m.clf for _, m in part])):
+                    rec[where][name] = ev
+        for name in cfg["study"] if in_study else []:
+            if not STUDY[name]:
+                rec["study"][name] = rec["ours_by_class"][str(target)]
+        for name in alone:
+            p = {**OURS, **STUDY[name]}
+            rec["study"][name] = ev_model(core.finetune(
+                clf.copy(), self.Xc, self.Yc, epochs=p["epochs"], lr=p["lr"], bs=FT_BS, seed=0,
+                train=p["train"], beta=p["beta"], scale=p["scale"], distill=p["distill"],
+                s_t=au.perturbations[target], target=target, resolve_every=p["resolve_every"],
+                freeze_norm=p["freeze_norm"]))
+        rec["metrics"]["fst"] = ev_model(baselines.fst(clf.copy(), self.Xc, self.Yc, epochs=cfg["ft_epochs"],
+                                                       lr=0.01, bs=FT_BS, seed=0))  # FST's own learning rate
+        pruned, n = baselines.clp(clf.copy())
+        rec["clp_pruned"] = n
+        rec["metrics"]["clp"] = ev_model(pruned) if n >= 0 else None
 
     def cached(self, spec: dict[str, Any]) -> dict[str, Any] | None:
         """A model's finished evaluation, read without its weights (None when missing or stale)."""
@@ -283,8 +380,13 @@ class Runner:
         if shard is not None:
             # the parent listed the models still to do, so the shares are even
             pending = set(json.loads((self.cache / "pending.json").read_text()))
-            specs = [m for m in specs if m["id"] in pending][shard[0] :: shard[1]]
+            specs = [m for m in specs if m["id"] in pending]
+            # backdoored and clean models dealt out separately: the backdoored ones cost the fine-tunes
+            i, n = shard
+            specs = [m for m in specs if m["attack"]][i::n] + [m for m in specs if not m["attack"]][i::n]
         t0 = time.perf_counter()
+        if not cached_only:
+            self.train_pending(specs, deadline, t0)
         records, missing = [], []
         for i, spec in enumerate(specs):
             rec = self.cached(spec)  # a finished evaluation needs neither data nor weights
@@ -296,14 +398,9 @@ class Runner:
                 missing.append(spec["id"])
                 continue
             self.log(f"[{i + 1}/{len(specs)}] {spec['id']}")
-            self._current_arch = spec["arch"]
             records.append(self.evaluate(spec))
         return {"suite": self.suite, "records": records, "seconds": time.perf_counter() - t0,
                 "counters": self.counters, "missing": missing}
-
-
-def clf_arch(_clf: Any, runner: Runner) -> str:
-    return runner._current_arch
 
 
 def detections(inp: DetectionInput, threshold: float = 2.0) -> dict[str, list[int]]:
@@ -370,13 +467,15 @@ def summarise(res: dict[str, Any], cache: Path, rule: str) -> dict[str, Any]:
         vals = [(r["metrics"]["none"], r["study"][name]) for r in bd if name in r["study"]]
         if vals:
             study[name] = aggregate(vals)
-    best = max(study, key=lambda n: (study[n]["goal_met"], study[n]["der"])) if study else None
+    best = pick(study, {name: {r["spec"]["id"]: der(r["metrics"]["none"], r["study"][name])
+                               for r in bd if name in r["study"]} for name in study})
     rows = []
+    extra = best if best and best != DEFAULT_VARIANT else None
     for r in bd:
         row = {"id": r["spec"]["id"], "target": r["spec"]["target"], "none": r["metrics"]["none"],
                f"ours ({rule})": ours_for(r, rule), "ours (mad)": ours_for(r, "mad"),
                "ours (true target)": r["ours_by_class"][str(r["spec"]["target"])],
-               **({f"ours ({best}, true target)": r["study"].get(best)} if best else {}),
+               **({f"ours ({extra}, true target)": r["study"].get(extra)} if extra else {}),
                "ft": r["metrics"]["ft"], "nc": r["metrics"]["nc"], "fst": r["metrics"].get("fst"),
                "clp": r["metrics"]["clp"]}
         rows.append(row)
@@ -399,6 +498,31 @@ def summarise(res: dict[str, Any], cache: Path, rule: str) -> dict[str, Any]:
     return {"detection": det, "rows": rows, "aggregate": agg, "study": study, "best_study": best,
             "timings": timings,
             "clean_models": clean_acc}
+
+
+DEFAULT_VARIANT = "library default"
+
+
+def pick(study: dict[str, dict[str, Any]], ders: dict[str, dict[str, float]]) -> str | None:
+    """The purification study's pick: the library default unless a variant meets the goal on at
+    least as many models and beats its DER by more than two standard errors of the paired
+    per-model difference (a mean over a handful of models moves by a point between seeds).
+    Adds each variant's paired gain and its standard error to ``study``."""
+    if not study:
+        return None
+    if DEFAULT_VARIANT not in study:
+        return max(study, key=lambda n: (study[n]["goal_met"], study[n]["der"]))
+    base = ders[DEFAULT_VARIANT]
+    best = DEFAULT_VARIANT
+    for name, a in study.items():
+        diffs = np.array([v - base[m] for m, v in ders[name].items() if m in base])
+        se = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("inf")
+        a["der_gain"], a["der_gain_se"] = (float(diffs.mean()) if len(diffs) else 0.0), se
+        clear = name != DEFAULT_VARIANT and a["der_gain"] > 2 * se
+        if clear and a["goal_met"] >= study[DEFAULT_VARIANT]["goal_met"] and (
+                (a["goal_met"], a["der"]) > (study[best]["goal_met"], study[best]["der"])):
+            best = name
+    return best
 
 
 def aggregate(vals: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float]:
@@ -468,10 +592,16 @@ def markdown(out: dict[str, Any]) -> str:
         if out["config"].get("study_models"):
             on += ", models " + ", ".join(f"`{m}`" for m in out["config"]["study_models"])
         L += ["", f"### Purification study (true target given; mean over backdoored models{on})", "",
-              "| variant | ACC | ASR | RA | ACC drop | DER | goal met |", "|---|---|---|---|---|---|---|"]
+              f"The table's pick: **{s['best_study']}**. A variant replaces the library default only when "
+              "it meets the goal on at least as many models and its DER gain over the default, paired "
+              "per model, exceeds two standard errors.", "",
+              "| variant | ACC | ASR | RA | ACC drop | DER | DER gain vs default (SE) | goal met |",
+              "|---|---|---|---|---|---|---|---|"]
         for name, a in s["study"].items():
+            gain = "–" if "der_gain" not in a or name == DEFAULT_VARIANT else (
+                f"{100 * a['der_gain']:+.1f} ({100 * a['der_gain_se']:.1f})")
             L.append(f"| {name} | {pct(a['acc'])} | {pct(a['asr'])} | {pct(a['ra'])} | "
-                     f"{pct(a['acc_drop'])} | {pct(a['der'])} | {a['goal_met']}/{a['n']} |")
+                     f"{pct(a['acc_drop'])} | {pct(a['der'])} | {gain} | {a['goal_met']}/{a['n']} |")
     t = s["timings"]
     if t:
         L += ["", "### Audit wall time (mean per model, seconds)", "",
@@ -501,6 +631,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--models", default=None,
                     help="with --workers: evaluate only the models whose id matches this pattern "
                          "(e.g. '*-10pct'); the tables still cover every cached model")
+    ap.add_argument("--one-by-one", action="store_true",
+                    help="train and fine-tune each model alone instead of stacked (same results to rounding)")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/n": one worker's share
     args = ap.parse_args(argv)
     if args.threads:
@@ -511,7 +643,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
     argv_l = list(argv if argv is not None else sys.argv[1:])
     t_start = time.perf_counter()
-    runner = Runner(args.suite, dev, args.out, log=not args.quiet, cached_only=args.cached_only)
+    runner = Runner(args.suite, dev, args.out, log=not args.quiet, cached_only=args.cached_only,
+                    stacked=not args.one_by_one)
     if args.workers > 1 and not args.shard and not args.cached_only:
         pending = [m["id"] for m in model_specs(runner.cfg) if runner.cached(m) is None
                    and (args.models is None or fnmatch.fnmatch(m["id"], args.models))]

@@ -5,6 +5,7 @@
     python -m benchmarks.scale head            # timm resnet50 (random weights), C = 1000, d = 2048
     python -m benchmarks.scale overhead        # audit time / plain inference time
     python -m benchmarks.scale memory --sizes 2000,20000   # streaming audit peak RSS, one process per size
+    python -m benchmarks.scale group           # fine-tunes one by one against stacked (benchmarks/group.py)
     python -m benchmarks.scale ... --device cuda           # the overhead part on a GPU
 
 Every part prints one JSON object per measurement and a summary; ``--out`` also writes them all
@@ -266,6 +267,65 @@ def bench_overhead(*, configs: list[tuple[str, int, int, int]], repeats: int = 2
         }, sink)
 
 
+# -- fine-tunes one by one against stacked in a group -----------------------------------------------------
+def _kernels(fn: Any) -> int:
+    """GPU kernels one call of ``fn`` launches (torch.profiler's CUDA events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+
+
+def bench_group(*, arch: str, sizes: list[int], steps: int = 6, device: str = "cpu",
+                sink: list[dict[str, Any]]) -> None:
+    """The full suite's fine-tune (this project's loss, frozen head, distillation; batch 64 at
+    32x32) run for G models one by one (:func:`benchmarks.core.finetune`) and as one group of G
+    (:func:`benchmarks.group.fit`): wall seconds per model and step, measured side by side, and on
+    CUDA the kernels launched per model and step (the ratios are what stacking saves). Setup
+    (copying and stacking the weights) is inside the timing."""
+    from benchmarks import core, group
+    from benchmarks.models import build
+
+    dev = torch.device(device)
+    bs = 64
+    X = torch.randn(bs * steps, 1, 32, 32, device=dev)
+    Y = torch.randint(0, 10, (bs * steps,), device=dev)
+    kw = {"lr": 0.003, "train": "backbone", "beta": 10.0, "scale": 2.0, "distill": 3.0}
+    src = build(arch, 10, 1, 32, seed=0)
+    src.model.to(dev)
+    s_t = np.ones(src.embed_dim)
+
+    def alone(g: int) -> None:
+        for _ in range(g):
+            core.finetune(src.copy(), X, Y, epochs=1, bs=bs, seed=0, s_t=s_t, **kw)
+
+    def grouped(g: int) -> None:
+        group.fit([group.Member(clf=src.copy(), s_t=s_t, **kw) for _ in range(g)], X, Y, epochs=1, bs=bs)
+
+    for g in sizes:
+        rec: dict[str, Any] = {"part": "group", "arch": arch, "G": g, "device": device,
+                               "batch_size": bs, "steps": steps, "torch_threads": torch.get_num_threads()}
+        for name, fn in (("alone", alone), ("group", grouped)):
+            fn(1)  # warm-up (cuDNN autotuning, allocator)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(g)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+            per = g * steps
+            rec[f"{name}_ms_per_model_step"] = 1000 * wall / per
+            if device.startswith("cuda"):
+                rec[f"{name}_kernels_per_model_step"] = _kernels(lambda fn=fn, g=g: fn(g)) / per
+        rec["speedup_wall"] = rec["alone_ms_per_model_step"] / rec["group_ms_per_model_step"]
+        if device.startswith("cuda"):
+            rec["kernel_ratio"] = rec["alone_kernels_per_model_step"] / rec["group_kernels_per_model_step"]
+        emit(rec, sink)
+
+
 # -- streaming memory -------------------------------------------------------------------------------------
 def _gen_images(n: int, res: int, seed: int):
     rng = np.random.default_rng(seed)
@@ -324,7 +384,7 @@ def bench_memory(*, sizes: list[int], res: int = 32, batch_size: int = 64,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["all", "qp", "head", "overhead", "memory", "_memory_child"])
+    ap.add_argument("part", choices=["all", "qp", "head", "overhead", "memory", "group", "_memory_child"])
     ap.add_argument("--out", type=Path, default=None, help="write all results to this JSON file")
     ap.add_argument("--classes", default="100,1000,10000", help="qp: class counts (default 100,1000,10000)")
     ap.add_argument("--sizes", default="2000,20000", help="memory: numbers of streamed images")
@@ -335,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overhead", default="resnet18:10:32:2000,resnet50:1000:128:256",
                     help="overhead configs model:classes:resolution:images, comma separated")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--group", default="preact18:1,4,12;vit:1,4,12;mobilenet:1,4,12",
+                    help="group: arch:sizes;... (the full suite's architectures at 32x32)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
     args = ap.parse_args(argv)
@@ -360,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
             configs = [(m, int(c), int(r), int(n)) for m, c, r, n in (s.split(":") for s in spec.split(","))]
             bench_overhead(configs=configs, repeats=1 if args.quick else args.repeats,
                            batch_size=args.batch_size, device=args.device, sink=sink)
+        elif part == "group":
+            spec = "preact18-w8:1,4" if args.quick else args.group
+            for item in spec.split(";"):
+                arch, gs = item.split(":")
+                bench_group(arch=arch, sizes=[int(g) for g in gs.split(",")],
+                            steps=2 if args.quick else 20, device=args.device, sink=sink)
         elif part == "memory":
             sizes = [100, 400] if args.quick else [int(s) for s in args.sizes.split(",")]
             bench_memory(sizes=sizes, res=16 if args.quick else args.res, batch_size=args.batch_size,

@@ -102,3 +102,9 @@ def test_scale_benchmark_smoke(tmp_path):
     mem = [r for r in sink if r["part"] == "memory"]
     assert [r["n"] for r in mem] == [40, 200]
     assert sink[-1]["ratio_largest_to_smallest"] < 1.10
+    from benchmarks.scale import bench_group
+
+    bench_group(arch="preact18-w8", sizes=[3], steps=1, sink=sink)
+    g = sink[-1]
+    assert g["part"] == "group" and g["G"] == 3 and g["steps"] == 1
+    assert g["alone_ms_per_model_step"] > 0 and g["group_ms_per_model_step"] > 0 and g["speedup_wall"] > 0

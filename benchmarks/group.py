@@ -1,0 +1,255 @@
+"""Many trainings as one: models of one architecture stacked with ``torch.func`` and stepped
+together by one vmapped forward / backward.
+
+Why: at 32x32 with batches of 64-256 a training step on a GPU is launch-bound (the GPU runs
+~0.5 ms of work per kernel it is handed), so the zoo's ~400 trainings and fine-tunes cost kernel
+launches, not FLOPs. Stacked, G members cost the launches of one (the convolutions become grouped
+convolutions, the linear layers batched matmuls), and the work per launch grows G-fold.
+
+Each member is mathematically the run :func:`benchmarks.core.train_model` /
+:func:`benchmarks.core.finetune` would do alone, up to float rounding (``tests/test_benchmarks.py``
+checks it): its own initial weights, data order (generator seeded with its ``seed``), learning
+rate, trainable parameters, loss weights (``beta``, ``scale``, ``distill``, ``s_t``) and, for
+Neural Cleanse's unlearning, its own trigger stamped on a share of each batch. What members must
+share: the architecture, the number of steps, the batch size, BatchNorm's mode and the schedule's
+shape (SGD with momentum, one-cycle; a member's learning rate scales it).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from hub_backdoor.adapters.base import Classifier
+from hub_backdoor.purification import purification_loss, trainable_parameters
+
+from . import core
+from .core import autocast, batches, metrics, n_steps
+
+
+@dataclass
+class Member:
+    """One training of a group. ``clf`` is trained in place (its weights are written back)."""
+
+    clf: Classifier
+    lr: float
+    seed: int = 0
+    train: str | list[str] = "all"  # as purify's train=: "all", "backbone" or name prefixes
+    beta: float = 0.0
+    scale: float = 1.0
+    distill: float = 0.0
+    s_t: np.ndarray | None = None  # (d,)
+    stamp: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (mask, pattern, share): NC unlearning
+    X: torch.Tensor | None = None  # (N, ch, H, W) own data (zoo training); None: the group's shared set
+    Y: torch.Tensor | None = None
+
+
+class _Loss(torch.nn.Module):
+    """``purification_loss`` as a module, so ``functional_call`` can swap in a member's weights
+    (the classifier's hooks read the swapped model: it is the same module object)."""
+
+    def __init__(self, clf: Classifier) -> None:
+        super().__init__()
+        self.model = clf.model
+        self.__dict__["clf"] = clf  # not a submodule: its parameters are ``model``'s
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, beta: torch.Tensor,
+                distill: torch.Tensor, t_logits: torch.Tensor | None) -> torch.Tensor:
+        return purification_loss(self.clf, x, y, s, beta=beta, teacher_logits=t_logits, distill=distill)[0]
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, clf: Classifier) -> None:
+        super().__init__()
+        self.model = clf.model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _stack(models: Sequence[torch.nn.Module]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    params, bufs = stack_module_state(list(models))
+    return {f"model.{k}": v for k, v in params.items()}, {f"model.{k}": v for k, v in bufs.items()}
+
+
+def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | None, *, epochs: int, bs: int,
+        nesterov: bool = False, stacked: bool = True) -> list[list[float]]:
+    """Train every member for ``epochs`` over its data in batches of ``bs`` (remainder joined to
+    the last batch, as :func:`benchmarks.core.batches`); SGD (momentum 0.9, Nesterov for the zoo's
+    training), one-cycle schedule peaking at each member's ``lr``, weight decay 5e-4 on trainable
+    parameters only. ``X (N, ch, H, W)``, ``Y (N,)``: the shared data of members without their
+    own. Returns each member's mean loss per epoch (for fine-tunes run unstacked: empty lists).
+
+    ``stacked=False`` runs each member alone with the reference loops of :mod:`benchmarks.core`
+    (what a stacked run must equal; also the way out where ``vmap`` fails on a machine).
+    """
+    if not stacked:
+        return [_alone(m, X, Y, epochs=epochs, bs=bs, nesterov=nesterov) for m in members]
+    momentum, weight_decay = 0.9, 5e-4
+    G = len(members)
+    data = [(m.X, m.Y) if m.X is not None else (X, Y) for m in members]
+    N = len(data[0][0])
+    if any(len(x) != N for x, _ in data):
+        raise ValueError("members of a group need data of the same size")
+    dev = data[0][0].device
+    names = [n for n, _ in members[0].clf.model.named_parameters()]
+    for m in members[1:]:
+        if [n for n, _ in m.clf.model.named_parameters()] != names:
+            raise ValueError("members of a group need the same architecture")
+
+    base = _unfused(copy.deepcopy(members[0].clf))  # the structure; its own weights are never used
+    loss_mod = _Loss(base).train()
+    params, bufs = _stack([m.clf.model for m in members])
+    pkeys = list(params)
+    # a member's learning rate and frozen parameters as a gradient scale: plain SGD is linear in
+    # the gradient, so scaling (g + wd p) by lr_i (0 where frozen) is SGD at lr_i on its parameters
+    trains = [_trainable_names(m) for m in members]
+    scales = []
+    for key, name in zip(pkeys, names):
+        col = torch.tensor([m.lr if name in t else 0.0 for m, t in zip(members, trains)], device=dev)
+        scales.append(col.view(G, *([1] * (params[key].dim() - 1))).expand_as(params[key]).contiguous())
+    opt = torch.optim.SGD(params.values(), lr=1.0, momentum=momentum, nesterov=nesterov)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=epochs * n_steps(N, bs))
+
+    d = members[0].clf.embed_dim
+    s = torch.stack([torch.zeros(d) if m.s_t is None else m.scale * torch.as_tensor(m.s_t).float()
+                     for m in members]).to(dev)
+    beta = torch.tensor([m.beta if m.s_t is not None else 0.0 for m in members], device=dev)
+    distill = torch.tensor([m.distill for m in members], device=dev)
+    teacher = None
+    if bool((distill > 0).any()):
+        t_mod = _Logits(_unfused(copy.deepcopy(members[0].clf))).eval()
+        t_params, t_bufs = _stack([m.clf.model for m in members])
+        t_params = {k: v.detach() for k, v in t_params.items()}
+        teacher = (t_mod, t_params, t_bufs)
+
+    def step_loss(p, b, x, y, s, beta, distill, t):  # noqa: ANN001, ANN202 - vmapped
+        return functional_call(loss_mod, (p, b), (x, y, s, beta, distill, t))
+
+    v_loss = vmap(step_loss, in_dims=(0, 0, 0, 0, 0, 0, 0, 0 if teacher else None), randomness="different")
+    own_data = any(m.X is not None for m in members)
+    seeds = {m.seed for m in members}
+    gens = [torch.Generator(device="cpu").manual_seed(m.seed) for m in members]
+    torch.manual_seed(members[0].seed)
+    Xs = torch.stack([x for x, _ in data]) if own_data else None  # (G, N, ...)
+    Ys = torch.stack([y for _, y in data]) if own_data else None
+    ar = torch.arange(G, device=dev)[:, None]
+    losses: list[list[float]] = [[] for _ in members]
+    for _ in range(epochs):
+        if len(seeds) == 1:  # one data order for all (and one gather)
+            perm = torch.randperm(N, generator=gens[0]).to(dev)
+            for g in gens[1:]:
+                torch.randperm(N, generator=g)
+            perms = perm.expand(G, N)
+        else:
+            perms = torch.stack([torch.randperm(N, generator=g) for g in gens]).to(dev)
+        tot = torch.zeros(G, device=dev)
+        for cols in batches(torch.arange(N), bs):
+            idx = perms[:, cols.to(dev)]  # (G, B)
+            xb, yb = (Xs[ar, idx], Ys[ar, idx]) if own_data else (X[idx], Y[idx])  # (G, B, ...)
+            xb = _stamped(members, xb, gens)
+            with autocast(dev):
+                t_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = vmap(lambda p, b, x: functional_call(teacher[0], (p, b), (x,)))(
+                            teacher[1], teacher[2], xb)
+                loss = v_loss(params, bufs, xb, yb, s, beta, distill, t_logits)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            grads = [params[k].grad for k in pkeys]
+            torch._foreach_add_(grads, [params[k].detach() for k in pkeys], alpha=weight_decay)
+            torch._foreach_mul_(grads, scales)
+            opt.step()
+            sched.step()
+            tot += loss.detach().float() * len(cols)
+        for i, v in enumerate((tot / N).tolist()):
+            losses[i].append(v)
+    _write_back(members, params, bufs)
+    return losses
+
+
+def _alone(m: Member, X: torch.Tensor | None, Y: torch.Tensor | None, *, epochs: int, bs: int,
+           nesterov: bool) -> list[float]:
+    x, y = (m.X, m.Y) if m.X is not None else (X, Y)
+    if nesterov:  # the zoo's training
+        return core.train_model(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed)
+    stamp = None
+    if m.stamp is not None:
+        mask, pattern, share = m.stamp
+
+        def stamp(xb: torch.Tensor, _g: torch.Generator) -> torch.Tensor:
+            k = int(round(share * len(xb)))
+            xb = xb.clone()
+            xb[:k] = (1 - mask) * xb[:k] + mask * pattern
+            return xb
+
+    core.finetune(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed, train=m.train, beta=m.beta,
+                  scale=m.scale, distill=m.distill, s_t=m.s_t, stamp=stamp)
+    return []
+
+
+def _unfused(clf: Classifier) -> Classifier:
+    """timm attention as explicit matmuls: fused SDPA kernels have no vmap batching rule (vmap
+    would loop over the members)."""
+    for mod in clf.model.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = False
+    return clf
+
+
+def _trainable_names(m: Member) -> set[str]:
+    ids = {id(p) for p in trainable_parameters(m.clf, m.train)}
+    return {n for n, p in m.clf.model.named_parameters() if id(p) in ids}
+
+
+def _stamped(members: Sequence[Member], xb: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """Neural Cleanse unlearning: the member's reversed trigger on the first ``share`` of its batch."""
+    if not any(m.stamp for m in members):
+        return xb
+    xb = xb.clone()
+    for i, m in enumerate(members):
+        if m.stamp is not None:
+            mask, pattern, share = m.stamp
+            k = int(round(share * xb.shape[1]))
+            xb[i, :k] = (1 - mask) * xb[i, :k] + mask * pattern
+    return xb
+
+
+@torch.no_grad()
+def predict(clfs: Sequence[Classifier], X: torch.Tensor, bs: int = 512) -> torch.Tensor:
+    """Labels of every model for ``X (N, ...)`` in one vmapped pass per batch: ``(G, N)``."""
+    mod = _Logits(_unfused(copy.deepcopy(clfs[0]))).eval()
+    params, bufs = _stack([c.model for c in clfs])
+    fn = vmap(lambda p, b, x: functional_call(mod, (p, b), (x,)), in_dims=(0, 0, None))
+    out = []
+    for i in range(0, len(X), bs):
+        with autocast(X.device):
+            out.append(fn(params, bufs, X[i : i + bs]).argmax(-1))
+    return torch.cat(out, 1)
+
+
+def evaluate(clfs: Sequence[Classifier], Xte: torch.Tensor, Yte: torch.Tensor, Xtr: torch.Tensor | None,
+             Ytr: torch.Tensor | None, target: int | None, stacked: bool = True) -> list[dict[str, float]]:
+    """:func:`benchmarks.core.evaluate` of every model, predicted together (``stacked``)."""
+    if not stacked:
+        return [core.evaluate(c.model, Xte, Yte, Xtr, Ytr, target) for c in clfs]
+    preds = {id(X): predict(clfs, X) for X in (Xte, Xtr) if X is not None}
+    return [metrics(lambda X, i=i: preds[id(X)][i], Xte, Yte, Xtr, Ytr, target) for i in range(len(clfs))]
+
+
+@torch.no_grad()
+def _write_back(members: Sequence[Member], params: dict[str, torch.Tensor],
+                bufs: dict[str, torch.Tensor]) -> None:
+    for i, m in enumerate(members):
+        model = m.clf.model
+        for key, t in params.items():
+            model.get_parameter(key[len("model."):]).copy_(t[i])
+        for key, t in bufs.items():
+            model.get_buffer(key[len("model."):]).copy_(t[i])
+        model.eval()
