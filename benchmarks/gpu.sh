@@ -5,6 +5,7 @@
 #
 # Python packages the machine lacks can sit as wheels in .whl/ (installed to /tmp/site), and
 # Fashion-MNIST's four .gz files in .bench-data/fashion-mnist/ when the Debian package is absent.
+# DEVICE=cpu with GROUP_SPEC=preact18-w8:1,4 DEADLINE=1 SKIP_SCALE=1 dry-runs the script's logic on a CPU.
 # DEADLINE (seconds, default 360): no new model is started after it, so the run fits a lease.
 # WORKERS (default 2): processes sharing the GPU; each trains its share of an architecture's models
 # as one group (benchmarks/group.py), so few workers keep the groups large.
@@ -21,24 +22,41 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, timm, transformers, numpy; print('torch', torch.__version__, 'timm', timm.__version__,
 'transformers', transformers.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/gpu.txt"
 # the harness end to end on the GPU in seconds before the long run (SKIP_MICRO=1: a rerun)
+# (stacked first; if vmap fails on this machine the full suite runs one model at a time)
 if [ -z "${SKIP_MICRO:-}" ]; then
-  python3 -m benchmarks.run --suite micro --device cuda --out /tmp/micro --quiet || exit 1
-  echo "micro suite ok"
+  if python3 -m benchmarks.run --suite micro --device "${DEVICE:-cuda}" --out /tmp/micro --quiet 2>"$OUT/micro.err"; then
+    echo "micro suite ok (stacked)"
+  else
+    tail -3 "$OUT/micro.err"; echo "micro suite failed stacked: the full suite runs --one-by-one"
+    ONE_BY_ONE=1
+    python3 -m benchmarks.run --suite micro --device "${DEVICE:-cuda}" --out /tmp/micro1 --quiet --one-by-one || exit 1
+  fi
 fi
 # one-by-one against grouped fine-tunes, side by side (~1 min; SKIP_GROUP=1 skips it)
-[ -n "${SKIP_GROUP:-}" ] || timeout "${GROUP_TIMEOUT:-120}" python3 -m benchmarks.scale group --device cuda \
-  --out "$OUT/group-gpu.json" >"$OUT/group-gpu.log" 2>&1
+[ -n "${SKIP_GROUP:-}" ] || timeout "${GROUP_TIMEOUT:-120}" python3 -m benchmarks.scale group --device "${DEVICE:-cuda}" \
+  --group "${GROUP_SPEC:-preact18:1,12;vit:1,12;mobilenet:1,12}" --out "$OUT/group-gpu.json" >"$OUT/group-gpu.log" 2>&1
 echo "group benchmark: exit $?"
+# stacking must pay on this GPU, else the suite runs one model at a time
+if [ -s "$OUT/group-gpu.json" ] && ! python3 -c "import json, sys
+r = [x for x in json.load(open(sys.argv[1]))['results'] if x['G'] > 1]
+sys.exit(0 if r and min(x['speedup_wall'] for x in r) >= 1.0 else 1)" "$OUT/group-gpu.json"; then
+  echo "stacking did not pay on this GPU: the full suite runs --one-by-one"; ONE_BY_ONE=1
+fi
 start=$(date +%s)
 # a model started just before the deadline still finishes; the hard stop is for a hung run
-timeout "$(( ${DEADLINE:-360} + ${GRACE:-120} ))" python3 -m benchmarks.run --suite full --device cuda \
+timeout "$(( ${DEADLINE:-360} + ${GRACE:-120} ))" python3 -m benchmarks.run --suite full --device "${DEVICE:-cuda}" \
   --workers "${WORKERS:-2}" --threads 1 --deadline "${DEADLINE:-360}" ${MODELS:+--models "$MODELS"} \
+  ${ONE_BY_ONE:+--one-by-one} \
   >"$OUT/full.log" 2>&1
-echo "full suite: exit $? after $(( $(date +%s) - start )) s"
+code=$?
+echo "full suite: exit $code after $(( $(date +%s) - start )) s"
+# a hard stop leaves no tables: rebuild them from what finished
+[ "$code" -eq 0 ] || python3 -m benchmarks.run --suite full --device "${DEVICE:-cuda}" --cached-only --quiet \
+  >>"$OUT/full.log" 2>&1
 cp benchmarks/results/full.md benchmarks/results/full.json "$OUT/" 2>/dev/null
 # per-model evaluations (not the weights): the tables can be rebuilt and extended from them
 tar czf "$OUT/full-cache.tgz" --exclude=model.pt -C benchmarks/results cache/full
-[ -n "${SKIP_SCALE:-}" ] || timeout "${SCALE_TIMEOUT:-80}" python3 -m benchmarks.scale overhead --device cuda --out "$OUT/scale-gpu.json" \
+[ -n "${SKIP_SCALE:-}" ] || timeout "${SCALE_TIMEOUT:-80}" python3 -m benchmarks.scale overhead --device "${DEVICE:-cuda}" --out "$OUT/scale-gpu.json" \
   >"$OUT/scale-gpu.log" 2>&1
 echo "scale overhead: exit $?"
 tail -5 "$OUT/full.log"

@@ -81,8 +81,11 @@ SUITES: dict[str, dict[str, Any]] = {
     "full-smoke": {
         "data": ("fashion-mnist", {"size": 32, "train_limit": 1200, "test_limit": 300}),
         "zoo": {a: (["badnets"], [0.1]) for a in ("preact18", "vit", "mobilenet")},
-        "epochs": 1, "lr": 0.05, "bs": 128, "ft_epochs": 1, "nc_steps": 2, "nc_bs": 4,
-        "study": list(STUDY), "clean_fraction": 0.05, "group": 2,
+        "epochs": 1, "lr": 0.05, "bs": 128, "ft_epochs": 1, "nc_steps": 2, "nc_bs": 4, "ours_epochs": 2,
+        # one study variant per code path: stacked, frozen BatchNorm, re-solving s_t, "last" prefixes
+        "study": ["library default", "head trained too", "paper loss, frozen BN, lr 0.01",
+                  "re-solve s_t every 2 epochs", "last stage + head only"],
+        "clean_fraction": 0.05, "group": 2,
     },
     # GPU full suite (Fashion-MNIST padded to 32x32; 20k-sample training subset to fit the budget)
     "full": {
@@ -304,7 +307,7 @@ class Runner:
 
         def ours(p: dict[str, Any], k: int) -> tuple[int, group.Member]:
             train = ARCHS[spec["arch"]]["last"] if p["train"] == "last" else p["train"]
-            epochs = p["epochs"] or auto_epochs(core.n_steps(len(self.Xc), FT_BS))
+            epochs = p["epochs"] or cfg.get("ours_epochs") or auto_epochs(core.n_steps(len(self.Xc), FT_BS))
             return epochs, group.Member(clf=clf.copy(), lr=p["lr"], train=train, beta=p["beta"],
                                         scale=p["scale"], distill=p["distill"], s_t=au.perturbations[k])
 
@@ -342,7 +345,8 @@ class Runner:
         for name in alone:
             p = {**OURS, **STUDY[name]}
             rec["study"][name] = ev_model(core.finetune(
-                clf.copy(), self.Xc, self.Yc, epochs=p["epochs"], lr=p["lr"], bs=FT_BS, seed=0,
+                clf.copy(), self.Xc, self.Yc, epochs=p["epochs"] or cfg.get("ours_epochs"), lr=p["lr"],
+                bs=FT_BS, seed=0,
                 train=p["train"], beta=p["beta"], scale=p["scale"], distill=p["distill"],
                 s_t=au.perturbations[target], target=target, resolve_every=p["resolve_every"],
                 freeze_norm=p["freeze_norm"]))
@@ -663,11 +667,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def prev(key: str) -> str:
         return _previous(args.out / f"{args.suite}.json", key)
 
+    elsewhere = args.cached_only and not (dev.type == "cuda" and torch.cuda.is_available())
     out = {
         "suite": args.suite,
         "command": "python -m benchmarks.run " + " ".join(argv_l),
-        "machine": prev("machine") if args.cached_only else machine(dev),
-        "device": dev.type, "torch": prev("torch") if args.cached_only else torch.__version__,
+        # rebuilt elsewhere from a GPU run's cache: keep that run's machine; on the GPU itself: this one
+        "machine": prev("machine") if elsewhere else machine(dev),
+        "device": dev.type, "torch": prev("torch") if elsewhere else torch.__version__,
         "config": {k: v for k, v in runner.cfg.items() if k != "zoo"} | {"zoo": {
             a: {"attacks": at, "rates": rt} for a, (at, rt) in runner.cfg["zoo"].items()}},
         "ours": OURS, "default_rule": DEFAULT_RULE, "rule_for_ours": rule,
