@@ -32,7 +32,7 @@ def autocast(device: torch.device, enabled: bool = True) -> Any:
     return contextlib.nullcontext()
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -141,11 +141,11 @@ def audit(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, *, bs: int = 256, q
     C, d = clf.num_classes, clf.embed_dim
     # plain inference (warm-up first so neither pass pays for it)
     model(X[: min(bs, len(X))])
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     for i in range(0, len(X), bs):
         model(X[i : i + bs])
-    _sync(dev)
+    sync(dev)
     t_plain = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ their configuration is unchanged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import hashlib
 import itertools
@@ -20,6 +21,7 @@ import platform
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -261,10 +263,13 @@ class Runner:
             return core.evaluate(c.model, self.Xte, self.Yte, Xtr, Ytr, target)
 
         rec: dict[str, Any] = {"hash": eh, "spec": spec, "train_seconds": meta["seconds"],
-                               "n_poison": meta["n_poison"], "metrics": {}, "ours_by_class": {}, "study": {}}
-        rec["metrics"]["none"] = ev_model(clf)
+                               "n_poison": meta["n_poison"], "metrics": {}, "ours_by_class": {}, "study": {},
+                               "phases": {}}
+        with self.timed(rec, "evaluations"):
+            rec["metrics"]["none"] = ev_model(clf)
         # stage 1: one reconstruction (+ the study's s >= 0 and quantile QPs), all rules scored
-        au = core.audit(clf, self.Xc, self.Yc)
+        with self.timed(rec, "audit"):
+            au = core.audit(clf, self.Xc, self.Yc)
         rec["audit_timings"] = au.timings
         rec["audit_stats"] = core.audit_stats(au.inp)
         W, b = clf.head_numpy()
@@ -276,7 +281,9 @@ class Runner:
         rec["detection"] = flagged
         # Neural Cleanse detection (all models: its false-positive rate too)
         t0 = time.perf_counter()
-        rev = baselines.nc_reverse(clf, self.Xc, steps=cfg["nc_steps"], bs=cfg["nc_bs"], seed=spec["seed"])
+        with self.timed(rec, "nc reverse engineering"):
+            rev = baselines.nc_reverse(clf, self.Xc, steps=cfg["nc_steps"], bs=cfg["nc_bs"],
+                                       seed=spec["seed"])
         rec["nc"] = {"l1": rev["l1"], "scores": rev["scores"], "flagged": rev["flagged"],
                      "seconds": time.perf_counter() - t0}
         if spec["attack"] is not None:
@@ -288,6 +295,15 @@ class Runner:
         self.log(f"  evaluated {spec['id']} in {rec['eval_seconds']:.1f}s: acc {m['acc']:.3f}"
                  + (f" asr {m['asr']:.3f}" if "asr" in m else ""))
         return rec
+
+    @contextlib.contextmanager
+    def timed(self, rec: dict[str, Any], phase: str) -> Iterator[None]:
+        """Add the wall time of the block (device synchronised) to ``rec["phases"][phase]``."""
+        core.sync(self.dev)
+        t0 = time.perf_counter()
+        yield
+        core.sync(self.dev)
+        rec["phases"][phase] = rec["phases"].get(phase, 0.0) + time.perf_counter() - t0
 
     def remove(self, spec: dict[str, Any], clf: Any, au: core.AuditResult, rev: dict[str, Any],
                flagged: dict[str, list[int]], rec: dict[str, Any], trig: tuple[Any, Any]) -> None:
@@ -335,23 +351,28 @@ class Runner:
             size = self.cfg.get("ft_group") or len(same)
             for i in range(0, len(same), size):
                 part = same[i : i + size]
-                group.fit([m for _, m in part], self.Xc, self.Yc, epochs=epochs, bs=FT_BS,
-                          stacked=self.stacked)
-                for ((where, name), _), ev in zip(part, ev_group([m.clf for _, m in part])):
+                with self.timed(rec, "fine-tunes (stacked)" if self.stacked else "fine-tunes"):
+                    group.fit([m for _, m in part], self.Xc, self.Yc, epochs=epochs, bs=FT_BS,
+                              stacked=self.stacked)
+                with self.timed(rec, "evaluations"):
+                    evs = ev_group([m.clf for _, m in part])
+                for ((where, name), _), ev in zip(part, evs):
                     rec[where][name] = ev
         for name in cfg["study"] if in_study else []:
             if not STUDY[name]:
                 rec["study"][name] = rec["ours_by_class"][str(target)]
         for name in alone:
             p = {**OURS, **STUDY[name]}
-            rec["study"][name] = ev_model(core.finetune(
-                clf.copy(), self.Xc, self.Yc, epochs=p["epochs"] or cfg.get("ours_epochs"), lr=p["lr"],
-                bs=FT_BS, seed=0,
-                train=p["train"], beta=p["beta"], scale=p["scale"], distill=p["distill"],
-                s_t=au.perturbations[target], target=target, resolve_every=p["resolve_every"],
-                freeze_norm=p["freeze_norm"]))
-        rec["metrics"]["fst"] = ev_model(baselines.fst(clf.copy(), self.Xc, self.Yc, epochs=cfg["ft_epochs"],
-                                                       lr=0.01, bs=FT_BS, seed=0))  # FST's own learning rate
+            with self.timed(rec, "fine-tunes (alone: frozen BN, re-solve, FST)"):
+                rec["study"][name] = ev_model(core.finetune(
+                    clf.copy(), self.Xc, self.Yc, epochs=p["epochs"] or cfg.get("ours_epochs"), lr=p["lr"],
+                    bs=FT_BS, seed=0, train=p["train"], beta=p["beta"], scale=p["scale"],
+                    distill=p["distill"], s_t=au.perturbations[target], target=target,
+                    resolve_every=p["resolve_every"], freeze_norm=p["freeze_norm"]))
+        with self.timed(rec, "fine-tunes (alone: frozen BN, re-solve, FST)"):
+            fst = baselines.fst(clf.copy(), self.Xc, self.Yc, epochs=cfg["ft_epochs"], lr=0.01,  # FST's own
+                                bs=FT_BS, seed=0)
+            rec["metrics"]["fst"] = ev_model(fst)
         pruned, n = baselines.clp(clf.copy())
         rec["clp_pruned"] = n
         rec["metrics"]["clp"] = ev_model(pruned) if n >= 0 else None
@@ -499,8 +520,12 @@ def summarise(res: dict[str, Any], cache: Path, rule: str) -> dict[str, Any]:
             [r["audit_timings"]["audit"] / max(r["audit_timings"]["plain_inference"], 1e-9) for r in recs]))
         timings["nc_reverse"] = float(np.mean([r["nc"]["seconds"] for r in recs]))
     clean_acc = {r["spec"]["id"]: r["metrics"]["none"]["acc"] for r in cl}
+    spent: dict[str, float] = {"training": float(sum(r.get("train_seconds", 0.0) for r in recs))}
+    for r in recs:
+        for k, v in r.get("phases", {}).items():
+            spent[k] = spent.get(k, 0.0) + v
     return {"detection": det, "rows": rows, "aggregate": agg, "study": study, "best_study": best,
-            "timings": timings,
+            "timings": timings, "spent": spent,
             "clean_models": clean_acc}
 
 
@@ -615,6 +640,11 @@ def markdown(out: dict[str, Any]) -> str:
               f"| {t['reference_pass']:.3f} | {t['qp']:.3f} | {t['detection']:.4f} | {t['audit']:.3f} | "
               f"{t['plain_inference']:.3f} | {t['ratio_audit_to_inference']:.1f}x | "
               f"{t['qp_nonneg']:.3f} + {t['qp_quantile']:.3f} | {t['nc_reverse']:.2f} |"]
+    spent = s.get("spent") or {}
+    if len(spent) > 1:
+        L += ["", f"### Where the time went (seconds summed over models; {out.get('workers', 1)} worker "
+              "process(es) overlap)", "", "| " + " | ".join(spent) + " |", "|---" * len(spent) + "|",
+              "| " + " | ".join(f"{v:.1f}" for v in spent.values()) + " |"]
     return "\n".join(L) + "\n"
 
 

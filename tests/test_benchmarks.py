@@ -32,6 +32,8 @@ def test_micro_suite_end_to_end_and_resumes(tmp_path):
         assert "mad" in det and all(0 <= d["fpr"] <= 1 and 0 <= d["tpr"] <= 1 for d in det.values())
         t = out["summary"]["timings"]
         assert t["reference_pass"] > 0 and t["qp"] > 0 and t["plain_inference"] > 0
+        spent = out["summary"]["spent"]  # where the time went, per phase
+        assert spent["training"] > 0 and spent["fine-tunes (stacked)"] > 0 and spent["audit"] > 0
         md = (tmp_path / "micro.md").read_text()
         assert "`mad` (paper)" in md and "| ft |" in md and "| clp |" in md
 
