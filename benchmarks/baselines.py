@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from hub_backdoor.adapters.base import Classifier
 from hub_backdoor.detection import anomaly_index
 
-from .group import Member
+from .group import Member, head_name
 
 
 def nc_reverse(clf: Classifier, X: torch.Tensor, *, steps: int, bs: int, seed: int,
@@ -80,27 +80,30 @@ def nc_unlearn(clf: Classifier, rev: dict[str, Any], *, lr: float, share: float 
     return Member(clf=clf, lr=lr, stamp=(rev["masks"][t], rev["patterns"][t], share))
 
 
-def _linear_head(model: torch.nn.Module, num_classes: int) -> torch.nn.Linear:
-    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_classes]
-    if not heads:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear with {num_classes} outputs")
-    return heads[-1]
+def fst_member(clf: Classifier, *, lr: float, alpha: float = 0.2, seed: int = 0) -> Member:
+    """FST as a fine-tune of a :mod:`benchmarks.group`: re-initialises ``clf``'s linear head in
+    place at the original weight's norm and returns the member that trains every layer with
+    ``CE + alpha <W, W_0>``, the head's norm projected back after each step."""
+    head = clf.model.get_submodule(head_name(clf))
+    w0 = head.weight.detach().clone()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        head.reset_parameters()
+        head.weight.mul_(w0.norm() / head.weight.norm())
+    return Member(clf=clf, lr=lr, seed=seed, anchor=(w0, alpha))
 
 
-def fst(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, *, epochs: int, lr: float, bs: int, seed: int,
-        alpha: float = 0.2) -> Classifier:
-    """Feature shift tuning in place (see the module docstring)."""
+def fst_train(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, *, epochs: int, lr: float, bs: int,
+              seed: int, w0: torch.Tensor, alpha: float) -> Classifier:
+    """FST's fine-tune of a head re-initialised by :func:`fst_member`, alone (the reference loop)."""
     from .core import autocast, batches, n_steps
 
     dev = X.device
     torch.manual_seed(seed)
     model = clf.model
-    head = _linear_head(model, clf.num_classes)
-    w0 = head.weight.detach().clone()
+    head = model.get_submodule(head_name(clf))
+    w0 = w0.to(dev)
     norm0 = w0.norm()
-    with torch.no_grad():
-        head.reset_parameters()
-        head.weight.mul_(norm0 / head.weight.norm())
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * n_steps(len(X), bs))
     g = torch.Generator(device="cpu").manual_seed(seed)

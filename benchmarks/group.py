@@ -47,20 +47,28 @@ class Member:
     stamp: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (mask, pattern, share): NC unlearning
     X: torch.Tensor | None = None  # (N, ch, H, W) own data (zoo training); None: the group's shared set
     Y: torch.Tensor | None = None
+    # FST: (W_0 (C, d), alpha): adds alpha <W, W_0> for the linear head's weight W and scales W
+    # back to ||W_0|| after every step (the head is re-initialised before: baselines.fst_member)
+    anchor: tuple[torch.Tensor, float] | None = None
 
 
 class _Loss(torch.nn.Module):
     """``purification_loss`` as a module, so ``functional_call`` can swap in a member's weights
     (the classifier's hooks read the swapped model: it is the same module object)."""
 
-    def __init__(self, clf: Classifier) -> None:
+    def __init__(self, clf: Classifier, head: str) -> None:
         super().__init__()
         self.model = clf.model
         self.__dict__["clf"] = clf  # not a submodule: its parameters are ``model``'s
+        self.head = head  # the linear head's module path (FST's anchor term)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, beta: torch.Tensor,
-                distill: torch.Tensor, t_logits: torch.Tensor | None) -> torch.Tensor:
-        return purification_loss(self.clf, x, y, s, beta=beta, teacher_logits=t_logits, distill=distill)[0]
+                distill: torch.Tensor, t_logits: torch.Tensor | None, anchor: torch.Tensor | None,
+                alpha: torch.Tensor) -> torch.Tensor:
+        loss = purification_loss(self.clf, x, y, s, beta=beta, teacher_logits=t_logits, distill=distill)[0]
+        if anchor is not None:
+            loss = loss + alpha * (self.model.get_submodule(self.head).weight * anchor).sum()
+        return loss
 
 
 class _Logits(torch.nn.Module):
@@ -103,7 +111,8 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
             raise ValueError("members of a group need the same architecture")
 
     base = _unfused(copy.deepcopy(members[0].clf))  # the structure; its own weights are never used
-    loss_mod = _Loss(base).train()
+    head = head_name(members[0].clf)
+    loss_mod = _Loss(base, head).train()
     params, bufs = _stack([m.clf.model for m in members])
     pkeys = list(params)
     # a member's learning rate and frozen parameters as a gradient scale: plain SGD is linear in
@@ -128,10 +137,20 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
         t_params = {k: v.detach() for k, v in t_params.items()}
         teacher = (t_mod, t_params, t_bufs)
 
-    def step_loss(p, b, x, y, s, beta, distill, t):  # noqa: ANN001, ANN202 - vmapped
-        return functional_call(loss_mod, (p, b), (x, y, s, beta, distill, t))
+    anchor = alpha = None
+    if any(m.anchor is not None for m in members):
+        w = params[f"model.{head}.weight"]
+        anchor = torch.stack([torch.zeros_like(w[0]) if m.anchor is None else m.anchor[0].to(w)
+                              for m in members])
+        alpha = torch.tensor([0.0 if m.anchor is None else m.anchor[1] for m in members], device=dev)
+        norm0 = torch.stack([w[i].detach().norm() if m.anchor is None else m.anchor[0].norm().to(w)
+                             for i, m in enumerate(members)])
 
-    v_loss = vmap(step_loss, in_dims=(0, 0, 0, 0, 0, 0, 0, 0 if teacher else None), randomness="different")
+    def step_loss(p, b, x, y, s, beta, distill, t, anchor, alpha):  # noqa: ANN001, ANN202 - vmapped
+        return functional_call(loss_mod, (p, b), (x, y, s, beta, distill, t, anchor, alpha))
+
+    opt_in = [0 if t is not None else None for t in (teacher, anchor, alpha)]
+    v_loss = vmap(step_loss, in_dims=(0, 0, 0, 0, 0, 0, 0, *opt_in), randomness="different")
     own_data = any(m.X is not None for m in members)
     seeds = {m.seed for m in members}
     gens = [torch.Generator(device="cpu").manual_seed(m.seed) for m in members]
@@ -159,7 +178,7 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
                     with torch.no_grad():
                         t_logits = vmap(lambda p, b, x: functional_call(teacher[0], (p, b), (x,)))(
                             teacher[1], teacher[2], xb)
-                loss = v_loss(params, bufs, xb, yb, s, beta, distill, t_logits)
+                loss = v_loss(params, bufs, xb, yb, s, beta, distill, t_logits, anchor, alpha)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             grads = [params[k].grad for k in pkeys]
@@ -167,6 +186,11 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
             torch._foreach_mul_(grads, scales)
             opt.step()
             sched.step()
+            if anchor is not None:  # FST: the head's norm back to ||W_0|| (others: unchanged)
+                with torch.no_grad():
+                    w = params[f"model.{head}.weight"]
+                    keep = alpha == 0
+                    w.mul_(torch.where(keep, 1.0, norm0 / w.flatten(1).norm(dim=1)).view(-1, 1, 1))
             tot += loss.detach().float() * len(cols)
         for i, v in enumerate((tot / N).tolist()):
             losses[i].append(v)
@@ -174,11 +198,25 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
     return losses
 
 
+def head_name(clf: Classifier) -> str:
+    """Module path of the classifier's last ``nn.Linear`` with ``num_classes`` outputs (the head)."""
+    names = [n for n, mod in clf.model.named_modules()
+             if isinstance(mod, torch.nn.Linear) and mod.out_features == clf.num_classes]
+    if not names:
+        raise ValueError(f"{type(clf.model).__name__} has no nn.Linear with {clf.num_classes} outputs")
+    return names[-1]
+
+
 def _alone(m: Member, X: torch.Tensor | None, Y: torch.Tensor | None, *, epochs: int, bs: int,
            nesterov: bool) -> list[float]:
     x, y = (m.X, m.Y) if m.X is not None else (X, Y)
     if nesterov:  # the zoo's training
         return core.train_model(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed)
+    if m.anchor is not None:
+        from .baselines import fst_train
+
+        fst_train(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed, w0=m.anchor[0], alpha=m.anchor[1])
+        return []
     stamp = None
     if m.stamp is not None:
         mask, pattern, share = m.stamp

@@ -102,7 +102,7 @@ SUITES: dict[str, dict[str, Any]] = {
     },
 }
 
-EVAL_VERSION = 3  # 3: fine-tunes in groups; FT, NC and FST in the data order of seed 0
+EVAL_VERSION = 3  # 3: fine-tunes in groups; FT, NC and FST in the data order of seed 0 (FST in groups)
 FT_BS = 64  # batch size of every fine-tune (the clean sets are small)
 
 
@@ -308,9 +308,9 @@ class Runner:
     def remove(self, spec: dict[str, Any], clf: Any, au: core.AuditResult, rev: dict[str, Any],
                flagged: dict[str, list[int]], rec: dict[str, Any], trig: tuple[Any, Any]) -> None:
         """Every removal of one backdoored model: ours (for each class some rule flags first, and
-        for the true target), FT, NC unlearning and the purification study's variants as
-        fine-tunes of one group per number of epochs; FST, CLP and the study's variants that
-        cannot share a group (frozen BatchNorm, re-solving s_t) one by one."""
+        for the true target), FT, NC unlearning, FST and the purification study's variants as
+        fine-tunes of one group per number of epochs; CLP and the study's variants that cannot
+        share a group (frozen BatchNorm, re-solving s_t) one by one."""
         cfg, target = self.cfg, spec["target"]
 
         def ev_model(c: Any) -> dict[str, float]:
@@ -335,6 +335,8 @@ class Runner:
             jobs.append((("metrics", "nc"), cfg["ft_epochs"], nc))
         else:
             rec["metrics"]["nc"] = rec["metrics"]["none"]  # nothing flagged: the model is left as it is
+        fst = baselines.fst_member(clf.copy(), lr=0.01)  # FST's own learning rate
+        jobs.append((("metrics", "fst"), cfg["ft_epochs"], fst))
         in_study = spec["rate"] in cfg.get("study_rates", [spec["rate"]]) and any(
             fnmatch.fnmatch(spec["id"], pat) for pat in cfg.get("study_models", ["*"]))
         alone = []
@@ -363,16 +365,12 @@ class Runner:
                 rec["study"][name] = rec["ours_by_class"][str(target)]
         for name in alone:
             p = {**OURS, **STUDY[name]}
-            with self.timed(rec, "fine-tunes (alone: frozen BN, re-solve, FST)"):
+            with self.timed(rec, "fine-tunes (alone: frozen BN, re-solve)"):
                 rec["study"][name] = ev_model(core.finetune(
                     clf.copy(), self.Xc, self.Yc, epochs=p["epochs"] or cfg.get("ours_epochs"), lr=p["lr"],
                     bs=FT_BS, seed=0, train=p["train"], beta=p["beta"], scale=p["scale"],
                     distill=p["distill"], s_t=au.perturbations[target], target=target,
                     resolve_every=p["resolve_every"], freeze_norm=p["freeze_norm"]))
-        with self.timed(rec, "fine-tunes (alone: frozen BN, re-solve, FST)"):
-            fst = baselines.fst(clf.copy(), self.Xc, self.Yc, epochs=cfg["ft_epochs"], lr=0.01,  # FST's own
-                                bs=FT_BS, seed=0)
-            rec["metrics"]["fst"] = ev_model(fst)
         pruned, n = baselines.clp(clf.copy())
         rec["clp_pruned"] = n
         rec["metrics"]["clp"] = ev_model(pruned) if n >= 0 else None

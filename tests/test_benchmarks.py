@@ -58,7 +58,7 @@ def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 def test_group_equals_one_by_one():
     """benchmarks.group: models stepped together by one vmapped step end where each would alone
     (the zoo's training with own data and seeds; fine-tunes with their own learning rate, frozen
-    head, loss weights, distillation and NC's stamped trigger)."""
+    head, loss weights, distillation, NC's stamped trigger and FST's anchored, re-normed head)."""
     import numpy as np
 
     from benchmarks import baselines, core, group
@@ -89,16 +89,20 @@ def test_group_equals_one_by_one():
     members = [group.Member(clf=src.copy(), **v) for v in variants]
     rev = {"flagged": 0, "masks": mask[None], "patterns": pattern[None]}
     members.append(baselines.nc_unlearn(src.copy(), rev, lr=0.003))
+    members.append(baselines.fst_member(src.copy(), lr=0.01))
     group.fit(members, X, Y, epochs=2, bs=64)
     refs = [group.Member(clf=src.copy(), **v) for v in variants]
     refs.append(baselines.nc_unlearn(src.copy(), rev, lr=0.003))
+    refs.append(baselines.fst_member(src.copy(), lr=0.01))
     group.fit(refs, X, Y, epochs=2, bs=64, stacked=False)  # one by one: benchmarks.core's loops
     refs = [m.clf for m in refs]
     for ref, m in zip(refs, members):
         moved = _max_diff(ref.model, src.model)
         assert moved > 1e-3 and _max_diff(ref.model, m.clf.model) < 1e-3 * moved
-    # the frozen head stayed where it was
+    # the frozen head stayed where it was; FST's head kept the original norm
     assert torch.equal(members[0].clf.model.linear.weight, src.model.linear.weight)
+    norm0 = float(src.model.linear.weight.detach().norm())
+    assert abs(float(members[-1].clf.model.linear.weight.detach().norm()) - norm0) < 1e-4 * norm0
     # predicted together: the same metrics as one by one (a rounding tie may flip one sample)
     Xtr = X.clone()
     Xtr[:, :, -4:, -4:] = 1.0
