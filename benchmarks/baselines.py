@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.func import vmap
 
 from hub_backdoor.adapters.base import Classifier
 from hub_backdoor.detection import anomaly_index
 
-from .group import Member, head_name
+from .group import Member, frozen, head_name
 
 
 def nc_reverse(clf: Classifier, X: torch.Tensor, *, steps: int, bs: int, seed: int,
@@ -40,30 +41,68 @@ def nc_reverse(clf: Classifier, X: torch.Tensor, *, steps: int, bs: int, seed: i
     model = clf.model.eval()
     C = clf.num_classes
     ch, H, W = X.shape[1:]
-    lam = 2.0 / (H * W)
     g = torch.Generator(device="cpu").manual_seed(seed)
     m_raw = torch.zeros(C, 1, H, W, device=dev, requires_grad=True)
     p_raw = (torch.randn(C, ch, H, W, generator=g) * 0.1).to(dev).requires_grad_(True)
     opt = torch.optim.Adam([m_raw, p_raw], lr=lr, betas=(0.5, 0.9))
     for p in model.parameters():
         p.requires_grad_(False)
-    labels = torch.arange(C, device=dev).repeat_interleave(bs)
     for _ in range(steps):
         idx = torch.randint(0, len(X), (bs,), generator=g).to(dev)
-        xb = X[idx]
-        m, p = torch.sigmoid(m_raw), torch.tanh(p_raw)
-        xt = (1 - m[:, None]) * xb[None] + m[:, None] * p[:, None]
-        logits = model(xt.reshape(C * bs, ch, H, W)).float()
-        ce = F.cross_entropy(logits, labels, reduction="none").view(C, bs).mean(1)
-        loss = (ce + lam * m.flatten(1).sum(1)).sum()
+        loss = _nc_loss(model, X[idx], m_raw, p_raw)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     for p in model.parameters():
         p.requires_grad_(True)
-    with torch.no_grad():
-        m, p = torch.sigmoid(m_raw), torch.tanh(p_raw)
-        l1 = m.flatten(1).sum(1).cpu().numpy().astype(np.float64)
+    return _nc_result(m_raw, p_raw)
+
+
+def nc_reverse_many(clfs: list[Classifier], X: torch.Tensor, *, steps: int, bs: int, seeds: list[int],
+                    lr: float = 0.1, stacked: bool = True) -> list[dict[str, Any]]:
+    """:func:`nc_reverse` of models of one architecture, stacked (one vmapped step for all; each
+    model keeps its own seed, so its batches and initial patterns are those it would draw alone)."""
+    if not stacked or len(clfs) == 1:
+        return [nc_reverse(c, X, steps=steps, bs=bs, seed=s, lr=lr) for c, s in zip(clfs, seeds)]
+    dev = X.device
+    C = clfs[0].num_classes
+    ch, H, W = X.shape[1:]
+    gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    m_raw = torch.zeros(len(clfs), C, 1, H, W, device=dev, requires_grad=True)
+    p_raw = torch.stack([torch.randn(C, ch, H, W, generator=g) * 0.1 for g in gens]).to(dev)
+    p_raw.requires_grad_(True)
+    opt = torch.optim.Adam([m_raw, p_raw], lr=lr, betas=(0.5, 0.9))  # elementwise: each model its own
+    f, params, bufs = frozen(clfs)
+
+    def loss(p: dict, b: dict, xb: torch.Tensor, m_raw: torch.Tensor, p_raw: torch.Tensor) -> torch.Tensor:
+        return _nc_loss(lambda x: f(p, b, x), xb, m_raw, p_raw)
+
+    v_loss = vmap(loss)
+    for _ in range(steps):
+        idx = torch.stack([torch.randint(0, len(X), (bs,), generator=g) for g in gens]).to(dev)
+        total = v_loss(params, bufs, X[idx], m_raw, p_raw).sum()
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+    return [_nc_result(m_raw[i], p_raw[i]) for i in range(len(clfs))]
+
+
+def _nc_loss(model: Any, xb: torch.Tensor, m_raw: torch.Tensor, p_raw: torch.Tensor) -> torch.Tensor:
+    """Sum over classes of ``CE(f((1 - m) x + m p), k) + lambda |m|_1``; ``xb (B, ch, H, W)``,
+    ``m_raw (C, 1, H, W)``, ``p_raw (C, ch, H, W)`` (before sigmoid / tanh)."""
+    C, ch, H, W = p_raw.shape
+    m, p = torch.sigmoid(m_raw), torch.tanh(p_raw)
+    xt = (1 - m[:, None]) * xb[None] + m[:, None] * p[:, None]
+    logits = model(xt.reshape(C * len(xb), ch, H, W)).float()
+    labels = torch.arange(C, device=xb.device).repeat_interleave(len(xb))
+    ce = F.cross_entropy(logits, labels, reduction="none").view(C, len(xb)).mean(1)
+    return (ce + 2.0 / (H * W) * m.flatten(1).sum(1)).sum()
+
+
+@torch.no_grad()
+def _nc_result(m_raw: torch.Tensor, p_raw: torch.Tensor) -> dict[str, Any]:
+    m, p = torch.sigmoid(m_raw), torch.tanh(p_raw)
+    l1 = m.flatten(1).sum(1).cpu().numpy().astype(np.float64)
     scores = anomaly_index(l1)
     k = int(np.argmax(scores))
     return {"masks": m.detach(), "patterns": p.detach(), "l1": l1.tolist(), "scores": scores.tolist(),

@@ -18,7 +18,7 @@ shape (SGD with momentum, one-cycle; a member's learning rate scales it).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -259,12 +259,25 @@ def _stamped(members: Sequence[Member], xb: torch.Tensor, gens: list[torch.Gener
     return xb
 
 
+def frozen(clfs: Sequence[Classifier]) -> tuple[Callable[..., torch.Tensor], dict[str, torch.Tensor],
+                                                 dict[str, torch.Tensor]]:
+    """``(f, params, bufs)`` for the models in eval mode, weights stacked and detached:
+    ``f(p, b, x)`` is the logits of the model with weights ``(p, b)``; vmap it over the weights."""
+    mod = _Logits(_unfused(copy.deepcopy(clfs[0]))).eval()
+    params, bufs = _stack([c.model for c in clfs])
+    params = {k: v.detach() for k, v in params.items()}
+
+    def f(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(mod, (p, b), (x,))
+
+    return f, params, bufs
+
+
 @torch.no_grad()
 def predict(clfs: Sequence[Classifier], X: torch.Tensor, bs: int = 512) -> torch.Tensor:
     """Labels of every model for ``X (N, ...)`` in one vmapped pass per batch: ``(G, N)``."""
-    mod = _Logits(_unfused(copy.deepcopy(clfs[0]))).eval()
-    params, bufs = _stack([c.model for c in clfs])
-    fn = vmap(lambda p, b, x: functional_call(mod, (p, b), (x,)), in_dims=(0, 0, None))
+    f, params, bufs = frozen(clfs)
+    fn = vmap(f, in_dims=(0, 0, None))
     out = []
     for i in range(0, len(X), bs):
         with autocast(X.device):

@@ -130,3 +130,26 @@ def test_study_pick_needs_a_clear_paired_gain():
     assert s["noisy"]["der_gain"] > 0 and s["noisy"]["der_gain"] < 2 * s["noisy"]["der_gain_se"]
     # a clear DER gain that meets the goal on fewer models does not replace the default
     assert run.pick(study({run.DEFAULT_VARIANT: 2, "noisy": 2, "steady": 1}), ders) == run.DEFAULT_VARIANT
+
+
+def test_nc_reverse_stacked_equals_alone():
+    """Neural Cleanse's reverse engineering of several models in one vmapped step per iteration
+    ends where each model's own run does (Adam turns rounding of tiny gradients into lr-sized
+    moves, so the mask norms agree to 1e-3, not to the last digit)."""
+    import numpy as np
+
+    from benchmarks import baselines
+    from benchmarks.models import build
+
+    torch.manual_seed(0)
+    X = torch.randn(60, 1, 16, 16)
+    clfs = [build("preact18-w8", 10, 1, 16, seed=i) for i in range(3)]
+    stacked = baselines.nc_reverse_many(clfs, X, steps=5, bs=4, seeds=[1, 2, 3])
+    alone = [baselines.nc_reverse(c, X, steps=5, bs=4, seed=s) for c, s in zip(clfs, [1, 2, 3])]
+    for a, b in zip(stacked, alone):
+        np.testing.assert_allclose(a["l1"], b["l1"], rtol=1e-3)
+        assert a["masks"].shape == b["masks"].shape == (10, 1, 16, 16)
+        assert float((a["patterns"] - b["patterns"]).abs().max()) < 0.05  # patterns live in [-1, 1]
+    # each model kept its own seed: another seed starts from other patterns
+    other = baselines.nc_reverse(clfs[0], X, steps=5, bs=4, seed=9)
+    assert float((other["patterns"] - stacked[0]["patterns"]).abs().max()) > 0.1
