@@ -5,12 +5,14 @@
 #
 # Python packages the machine lacks can sit as wheels in .whl/ (installed to /tmp/site), and
 # Fashion-MNIST's four .gz files in .bench-data/fashion-mnist/ when the Debian package is absent.
-# DEVICE=cpu with GROUP_SPEC=preact18-w8:1,4 DEADLINE=1 SKIP_SCALE=1 dry-runs the script's logic on a CPU.
+# DEVICE=cpu GROUP_SPEC=preact18-w8:1,4 DEADLINE=1 GRACE=20 SKIP_SCALE=1 RES=/tmp/res dry-runs the
+# script's logic on a CPU (RES: where the suite writes its tables and cache; default benchmarks/results).
 # DEADLINE (seconds, default 360): no new model is started after it, so the run fits a lease.
 # WORKERS (default 2): processes sharing the GPU; each trains its share of an architecture's models
 # as one group (benchmarks/group.py), so few workers keep the groups large.
 set -u
 OUT=${OUT:-/tmp/bench-out}
+RES=${RES:-benchmarks/results}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -32,30 +34,34 @@ if [ -z "${SKIP_MICRO:-}" ]; then
     python3 -m benchmarks.run --suite micro --device "${DEVICE:-cuda}" --out /tmp/micro1 --quiet --one-by-one || exit 1
   fi
 fi
-# one-by-one against grouped fine-tunes, side by side (~1 min; SKIP_GROUP=1 skips it)
-[ -n "${SKIP_GROUP:-}" ] || timeout "${GROUP_TIMEOUT:-120}" python3 -m benchmarks.scale group --device "${DEVICE:-cuda}" \
-  --group "${GROUP_SPEC:-preact18:1,12;vit:1,12;mobilenet:1,12}" --out "$OUT/group-gpu.json" >"$OUT/group-gpu.log" 2>&1
-echo "group benchmark: exit $?"
-# stacking must pay on this GPU, else the suite runs one model at a time
-if [ -s "$OUT/group-gpu.json" ] && ! python3 -c "import json, sys
+# one-by-one against stacked fine-tunes of the three architectures, side by side (~1 min;
+# SKIP_GROUP=1 skips it). Stacking is used only if this ran and paid for every G > 1.
+if [ -z "${SKIP_GROUP:-}" ]; then
+  timeout "${GROUP_TIMEOUT:-150}" python3 -m benchmarks.scale group --device "${DEVICE:-cuda}" \
+    --group "${GROUP_SPEC:-preact18:1,12;vit:1,12;mobilenet:1,12}" --out "$OUT/group-gpu.json" \
+    >"$OUT/group-gpu.log" 2>&1
+  code=$?
+  echo "group benchmark: exit $code"
+  if [ "$code" -ne 0 ] || ! python3 -c "import json, sys
 r = [x for x in json.load(open(sys.argv[1]))['results'] if x['G'] > 1]
 sys.exit(0 if r and min(x['speedup_wall'] for x in r) >= 1.0 else 1)" "$OUT/group-gpu.json"; then
-  echo "stacking did not pay on this GPU: the full suite runs --one-by-one"; ONE_BY_ONE=1
+    echo "stacking failed or did not pay here: the full suite runs --one-by-one"; ONE_BY_ONE=1
+  fi
 fi
 start=$(date +%s)
 # a model started just before the deadline still finishes; the hard stop is for a hung run
 timeout "$(( ${DEADLINE:-360} + ${GRACE:-120} ))" python3 -m benchmarks.run --suite full --device "${DEVICE:-cuda}" \
-  --workers "${WORKERS:-2}" --threads 1 --deadline "${DEADLINE:-360}" ${MODELS:+--models "$MODELS"} \
+  --workers "${WORKERS:-2}" --threads 1 --deadline "${DEADLINE:-360}" ${MODELS:+--models "$MODELS"} --out "$RES" \
   ${ONE_BY_ONE:+--one-by-one} \
   >"$OUT/full.log" 2>&1
 code=$?
 echo "full suite: exit $code after $(( $(date +%s) - start )) s"
 # a hard stop leaves no tables: rebuild them from what finished
 [ "$code" -eq 0 ] || python3 -m benchmarks.run --suite full --device "${DEVICE:-cuda}" --cached-only --quiet \
-  >>"$OUT/full.log" 2>&1
-cp benchmarks/results/full.md benchmarks/results/full.json "$OUT/" 2>/dev/null
+  --out "$RES" >>"$OUT/full.log" 2>&1
+cp "$RES/full.md" "$RES/full.json" "$OUT/" 2>/dev/null
 # per-model evaluations (not the weights): the tables can be rebuilt and extended from them
-tar czf "$OUT/full-cache.tgz" --exclude=model.pt -C benchmarks/results cache/full
+tar czf "$OUT/full-cache.tgz" --exclude=model.pt -C "$RES" cache/full
 [ -n "${SKIP_SCALE:-}" ] || timeout "${SCALE_TIMEOUT:-80}" python3 -m benchmarks.scale overhead --device "${DEVICE:-cuda}" --out "$OUT/scale-gpu.json" \
   >"$OUT/scale-gpu.log" 2>&1
 echo "scale overhead: exit $?"
