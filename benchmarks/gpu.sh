@@ -34,10 +34,10 @@ if [ -z "${SKIP_MICRO:-}" ]; then
     python3 -m benchmarks.run --suite micro --device "${DEVICE:-cuda}" --out /tmp/micro1 --quiet --one-by-one || exit 1
   fi
 fi
-# one-by-one against stacked fine-tunes of the three architectures, side by side (~1 min;
+# one-by-one against stacked fine-tunes and trainings of the three architectures, side by side (~1-2 min;
 # SKIP_GROUP=1 skips it). Stacking is used only if this ran and paid for every G > 1.
 if [ -z "${SKIP_GROUP:-}" ]; then
-  timeout "${GROUP_TIMEOUT:-150}" python3 -m benchmarks.scale group --device "${DEVICE:-cuda}" \
+  timeout "${GROUP_TIMEOUT:-180}" python3 -m benchmarks.scale group --device "${DEVICE:-cuda}" \
     --group "${GROUP_SPEC:-preact18:1,12;vit:1,12;mobilenet:1,12}" --out "$OUT/group-gpu.json" \
     >"$OUT/group-gpu.log" 2>&1
   code=$?

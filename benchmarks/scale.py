@@ -278,18 +278,19 @@ def _kernels(fn: Any) -> int:
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
-def bench_group(*, arch: str, sizes: list[int], steps: int = 6, device: str = "cpu",
+def bench_group(*, arch: str, sizes: list[int], steps: int = 6, device: str = "cpu", mode: str = "finetune",
                 sink: list[dict[str, Any]]) -> None:
-    """The full suite's fine-tune (this project's loss, frozen head, distillation; batch 64 at
-    32x32) run for G models one by one (:func:`benchmarks.core.finetune`) and as one group of G
-    (:func:`benchmarks.group.fit`): wall seconds per model and step, measured side by side, and on
-    CUDA the kernels launched per model and step (the ratios are what stacking saves). Setup
+    """G models run one by one (:mod:`benchmarks.core`'s loops) and as one stacked group of G
+    (:func:`benchmarks.group.fit`), side by side: wall seconds per model and step, and on CUDA
+    the kernels launched per model and step (the ratios are what stacking saves). ``mode``:
+    "finetune" (this project's loss, frozen head, distillation; batch 64, shared data) or "train"
+    (the zoo's training: cross-entropy, batch 256, each model its own data). 32x32 inputs. Setup
     (copying and stacking the weights) is inside the timing."""
     from benchmarks import core, group
     from benchmarks.models import build
 
     dev = torch.device(device)
-    bs = 64
+    bs = 64 if mode == "finetune" else 256
     X = torch.randn(bs * steps, 1, 32, 32, device=dev)
     Y = torch.randint(0, 10, (bs * steps,), device=dev)
     kw = {"lr": 0.003, "train": "backbone", "beta": 10.0, "scale": 2.0, "distill": 3.0}
@@ -298,14 +299,22 @@ def bench_group(*, arch: str, sizes: list[int], steps: int = 6, device: str = "c
     s_t = np.ones(src.embed_dim)
 
     def alone(g: int) -> None:
-        for _ in range(g):
-            core.finetune(src.copy(), X, Y, epochs=1, bs=bs, seed=0, s_t=s_t, **kw)
+        for i in range(g):
+            if mode == "finetune":
+                core.finetune(src.copy(), X, Y, epochs=1, bs=bs, seed=0, s_t=s_t, **kw)
+            else:
+                core.train_model(src.copy(), X, Y, epochs=1, lr=0.05, bs=bs, seed=i)
 
     def grouped(g: int) -> None:
-        group.fit([group.Member(clf=src.copy(), s_t=s_t, **kw) for _ in range(g)], X, Y, epochs=1, bs=bs)
+        if mode == "finetune":
+            members = [group.Member(clf=src.copy(), s_t=s_t, **kw) for _ in range(g)]
+            group.fit(members, X, Y, epochs=1, bs=bs)
+        else:  # own data each (the same tensor: the gather is what counts)
+            members = [group.Member(clf=src.copy(), lr=0.05, seed=i, X=X, Y=Y) for i in range(g)]
+            group.fit(members, None, None, epochs=1, bs=bs, nesterov=True)
 
     for g in sizes:
-        rec: dict[str, Any] = {"part": "group", "arch": arch, "G": g, "device": device,
+        rec: dict[str, Any] = {"part": "group", "mode": mode, "arch": arch, "G": g, "device": device,
                                "batch_size": bs, "steps": steps, "torch_threads": torch.get_num_threads()}
         for name, fn in (("alone", alone), ("group", grouped)):
             fn(1)  # warm-up (cuDNN autotuning, allocator)
@@ -426,8 +435,9 @@ def main(argv: list[str] | None = None) -> int:
             spec = "preact18-w8:1,4" if args.quick else args.group
             for item in spec.split(";"):
                 arch, gs = item.split(":")
-                bench_group(arch=arch, sizes=[int(g) for g in gs.split(",")],
-                            steps=2 if args.quick else 20, device=args.device, sink=sink)
+                for mode, steps in (("finetune", 20), ("train", 8)):
+                    bench_group(arch=arch, sizes=[int(g) for g in gs.split(",")], mode=mode,
+                                steps=2 if args.quick else steps, device=args.device, sink=sink)
         elif part == "memory":
             sizes = [100, 400] if args.quick else [int(s) for s in args.sizes.split(",")]
             bench_memory(sizes=sizes, res=16 if args.quick else args.res, batch_size=args.batch_size,

@@ -104,7 +104,8 @@ def test_scale_benchmark_smoke(tmp_path):
     assert sink[-1]["ratio_largest_to_smallest"] < 1.10
     from benchmarks.scale import bench_group
 
-    bench_group(arch="preact18-w8", sizes=[3], steps=1, sink=sink)
+    for mode in ("finetune", "train"):
+        bench_group(arch="preact18-w8", sizes=[3], steps=1, mode=mode, sink=sink)
     g = sink[-1]
-    assert g["part"] == "group" and g["G"] == 3 and g["steps"] == 1
+    assert g["part"] == "group" and g["mode"] == "train" and g["G"] == 3 and g["batch_size"] == 256
     assert g["alone_ms_per_model_step"] > 0 and g["group_ms_per_model_step"] > 0 and g["speedup_wall"] > 0
