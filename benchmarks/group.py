@@ -56,7 +56,7 @@ class _Loss(torch.nn.Module):
     """``purification_loss`` as a module, so ``functional_call`` can swap in a member's weights
     (the classifier's hooks read the swapped model: it is the same module object)."""
 
-    def __init__(self, clf: Classifier, head: str) -> None:
+    def __init__(self, clf: Classifier, head: str | None) -> None:
         super().__init__()
         self.model = clf.model
         self.__dict__["clf"] = clf  # not a submodule: its parameters are ``model``'s
@@ -111,7 +111,8 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
             raise ValueError("members of a group need the same architecture")
 
     base = _unfused(copy.deepcopy(members[0].clf))  # the structure; its own weights are never used
-    head = head_name(members[0].clf)
+    anchored = torch.tensor([m.anchor is not None for m in members], device=dev)
+    head = head_name(members[0].clf) if bool(anchored.any()) else None
     loss_mod = _Loss(base, head).train()
     params, bufs = _stack([m.clf.model for m in members])
     pkeys = list(params)
@@ -130,15 +131,10 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
                      for m in members]).to(dev)
     beta = torch.tensor([m.beta if m.s_t is not None else 0.0 for m in members], device=dev)
     distill = torch.tensor([m.distill for m in members], device=dev)
-    teacher = None
-    if bool((distill > 0).any()):
-        t_mod = _Logits(_unfused(copy.deepcopy(members[0].clf))).eval()
-        t_params, t_bufs = _stack([m.clf.model for m in members])
-        t_params = {k: v.detach() for k, v in t_params.items()}
-        teacher = (t_mod, t_params, t_bufs)
+    teacher = frozen([m.clf for m in members]) if bool((distill > 0).any()) else None  # the originals
 
     anchor = alpha = None
-    if any(m.anchor is not None for m in members):
+    if head is not None:
         w = params[f"model.{head}.weight"]
         anchor = torch.stack([torch.zeros_like(w[0]) if m.anchor is None else m.anchor[0].to(w)
                               for m in members])
@@ -154,7 +150,7 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
     own_data = any(m.X is not None for m in members)
     seeds = {m.seed for m in members}
     gens = [torch.Generator(device="cpu").manual_seed(m.seed) for m in members]
-    torch.manual_seed(members[0].seed)
+    torch.manual_seed(members[0].seed)  # as the lone loops do (nothing random in the zoo's models)
     Xs = torch.stack([x for x, _ in data]) if own_data else None  # (G, N, ...)
     Ys = torch.stack([y for _, y in data]) if own_data else None
     ar = torch.arange(G, device=dev)[:, None]
@@ -176,8 +172,7 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
                 t_logits = None
                 if teacher is not None:
                     with torch.no_grad():
-                        t_logits = vmap(lambda p, b, x: functional_call(teacher[0], (p, b), (x,)))(
-                            teacher[1], teacher[2], xb)
+                        t_logits = vmap(teacher[0])(teacher[1], teacher[2], xb)
                 loss = v_loss(params, bufs, xb, yb, s, beta, distill, t_logits, anchor, alpha)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
@@ -186,11 +181,10 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
             torch._foreach_mul_(grads, scales)
             opt.step()
             sched.step()
-            if anchor is not None:  # FST: the head's norm back to ||W_0|| (others: unchanged)
+            if head is not None:  # FST: the head's norm back to ||W_0|| (others: unchanged)
                 with torch.no_grad():
                     w = params[f"model.{head}.weight"]
-                    keep = alpha == 0
-                    w.mul_(torch.where(keep, 1.0, norm0 / w.flatten(1).norm(dim=1)).view(-1, 1, 1))
+                    w.mul_(torch.where(anchored, norm0 / w.flatten(1).norm(dim=1), 1.0).view(-1, 1, 1))
             tot += loss.detach().float() * len(cols)
         for i, v in enumerate((tot / N).tolist()):
             losses[i].append(v)
