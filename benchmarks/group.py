@@ -167,7 +167,7 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
         for cols in batches(torch.arange(N), bs):
             idx = perms[:, cols.to(dev)]  # (G, B)
             xb, yb = (Xs[ar, idx], Ys[ar, idx]) if own_data else (X[idx], Y[idx])  # (G, B, ...)
-            xb = _stamped(members, xb, gens)
+            xb = _stamped(members, xb)
             with autocast(dev):
                 t_logits = None
                 if teacher is not None:
@@ -213,13 +213,9 @@ def _alone(m: Member, X: torch.Tensor | None, Y: torch.Tensor | None, *, epochs:
         return []
     stamp = None
     if m.stamp is not None:
-        mask, pattern, share = m.stamp
 
         def stamp(xb: torch.Tensor, _g: torch.Generator) -> torch.Tensor:
-            k = int(round(share * len(xb)))
-            xb = xb.clone()
-            xb[:k] = (1 - mask) * xb[:k] + mask * pattern
-            return xb
+            return _stamp(xb, *m.stamp)
 
     core.finetune(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed, train=m.train, beta=m.beta,
                   scale=m.scale, distill=m.distill, s_t=m.s_t, stamp=stamp)
@@ -240,17 +236,19 @@ def _trainable_names(m: Member) -> set[str]:
     return {n for n, p in m.clf.model.named_parameters() if id(p) in ids}
 
 
-def _stamped(members: Sequence[Member], xb: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-    """Neural Cleanse unlearning: the member's reversed trigger on the first ``share`` of its batch."""
+def _stamp(xb: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor, share: float) -> torch.Tensor:
+    """Neural Cleanse unlearning: the reversed trigger on the first ``share`` of ``xb (B, ...)``."""
+    k = int(round(share * len(xb)))
+    xb = xb.clone()
+    xb[:k] = (1 - mask) * xb[:k] + mask * pattern
+    return xb
+
+
+def _stamped(members: Sequence[Member], xb: torch.Tensor) -> torch.Tensor:
+    """:func:`_stamp` on each NC member's share of the stacked batch ``xb (G, B, ...)``."""
     if not any(m.stamp for m in members):
         return xb
-    xb = xb.clone()
-    for i, m in enumerate(members):
-        if m.stamp is not None:
-            mask, pattern, share = m.stamp
-            k = int(round(share * xb.shape[1]))
-            xb[i, :k] = (1 - mask) * xb[i, :k] + mask * pattern
-    return xb
+    return torch.stack([xb[i] if m.stamp is None else _stamp(xb[i], *m.stamp) for i, m in enumerate(members)])
 
 
 def frozen(clfs: Sequence[Classifier]) -> tuple[Callable[..., torch.Tensor], dict[str, torch.Tensor],

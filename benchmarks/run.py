@@ -177,13 +177,21 @@ class Runner:
             assert loaded is not None
         return loaded
 
-    def _load(self, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
-        d, folder = self.data, self.cache / spec["id"]
+    def _train_meta(self, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """The training record of ``spec`` if its weights are cached and current, else None."""
+        folder = self.cache / spec["id"]
         try:
             meta = json.loads((folder / "train.json").read_text())
         except (OSError, ValueError):
             return None
         if meta.get("hash") != self.train_hash(spec) or not (folder / "model.pt").exists():
+            return None
+        return meta
+
+    def _load(self, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+        d, folder = self.data, self.cache / spec["id"]
+        meta = self._train_meta(spec)
+        if meta is None:
             return None
         clf = build(spec["arch"], d.num_classes, d.channels, d.size, spec["seed"])
         clf.model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
@@ -224,7 +232,7 @@ class Runner:
 
     def train_pending(self, specs: list[dict[str, Any]], deadline: float | None, t0: float) -> None:
         """Train every not yet trained model of ``specs``, ``group`` at a time per architecture."""
-        todo = [s for s in specs if self.cached(s) is None and self._train_missing(s)]
+        todo = [s for s in specs if self.cached(s) is None and self._train_meta(s) is None]
         for part in self._groups(todo, deadline, t0):
             self.train_group(part)
 
@@ -267,17 +275,9 @@ class Runner:
     def reverse_pending(self, specs: list[dict[str, Any]], deadline: float | None, t0: float) -> None:
         """Reverse-engineer every model of ``specs`` still to evaluate, ``group`` at a time."""
         todo = [s for s in specs if self.cached(s) is None and self._load_nc(s) is None
-                and not self._train_missing(s)]
+                and self._train_meta(s) is not None]
         for part in self._groups(todo, deadline, t0):
             self.reverse_group(part, {s["id"]: self._load(s)[0] for s in part})
-
-    def _train_missing(self, spec: dict[str, Any]) -> bool:
-        try:
-            meta = json.loads((self.cache / spec["id"] / "train.json").read_text())
-        except (OSError, ValueError):
-            return True
-        stale = meta.get("hash") != self.train_hash(spec)
-        return stale or not (self.cache / spec["id"] / "model.pt").exists()
 
     # -- evaluation (cached) --------------------------------------------------------------------
     def evaluate(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -321,7 +321,7 @@ class Runner:
         rec["detection"] = flagged
         # Neural Cleanse detection (all models: its false-positive rate too)
         rev = self._load_nc(spec)
-        if rev is None:  # not reversed with its group beforehand (run_nc_pending)
+        if rev is None:  # not reversed with its group beforehand (reverse_pending)
             self.reverse_group([spec], {spec["id"]: clf})
             rev = self._load_nc(spec)
         rec["nc"] = {"l1": rev["l1"], "scores": rev["scores"], "flagged": rev["flagged"],
@@ -380,8 +380,9 @@ class Runner:
         jobs.append((("metrics", "fst"), cfg["ft_epochs"], fst))
         in_study = spec["rate"] in cfg.get("study_rates", [spec["rate"]]) and any(
             fnmatch.fnmatch(spec["id"], pat) for pat in cfg.get("study_models", ["*"]))
+        study = cfg["study"] if in_study else []
         alone = []
-        for name in cfg["study"] if in_study else []:
+        for name in study:
             p = {**OURS, **STUDY[name]}
             if not STUDY[name]:
                 continue  # the library default: ours on the true target, copied below
@@ -390,18 +391,15 @@ class Runner:
             else:
                 jobs.append((("study", name), *ours(p, target)))
         for epochs in sorted({e for _, e, _ in jobs}):
-            same = [(where, m) for where, e, m in jobs if e == epochs]
-            size = self.cfg.get("ft_group") or len(same)
-            for i in range(0, len(same), size):
-                part = same[i : i + size]
-                with self.timed(rec, "fine-tunes (stacked)" if self.stacked else "fine-tunes"):
-                    group.fit([m for _, m in part], self.Xc, self.Yc, epochs=epochs, bs=FT_BS,
-                              stacked=self.stacked)
-                with self.timed(rec, "evaluations"):
-                    evs = ev_group([m.clf for _, m in part])
-                for ((where, name), _), ev in zip(part, evs):
-                    rec[where][name] = ev
-        for name in cfg["study"] if in_study else []:
+            part = [(where, m) for where, e, m in jobs if e == epochs]
+            with self.timed(rec, "fine-tunes (stacked)" if self.stacked else "fine-tunes"):
+                group.fit([m for _, m in part], self.Xc, self.Yc, epochs=epochs, bs=FT_BS,
+                          stacked=self.stacked)
+            with self.timed(rec, "evaluations"):
+                evs = ev_group([m.clf for _, m in part])
+            for ((where, name), _), ev in zip(part, evs):
+                rec[where][name] = ev
+        for name in study:
             if not STUDY[name]:
                 rec["study"][name] = rec["ours_by_class"][str(target)]
         for name in alone:
