@@ -483,6 +483,12 @@ def test_http_edges(local_hub, tmp_path):
             urllib.request.urlopen(req, timeout=30)
         assert err.value.code == 401
         assert [e["outcome"] for e in service.store.events()] == ["unauthorized"]
+        # a taken port fails in the constructor and leaves that queue free for the next try
+        port = int(service.url.rsplit(":", 1)[1])
+        other = Config(secret=SECRET, repos=["org/*"], db=tmp_path / "other.sqlite3", port=port)
+        with pytest.raises(OSError):
+            Service(other)
+        Service(Config(secret=SECRET, repos=["org/*"], db=other.db, port=0)).stop()
     finally:
         service.stop()
 

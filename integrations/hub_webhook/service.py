@@ -537,14 +537,21 @@ class Service:
         for j in failed:
             log.error("job %s: %s@%s failed: interrupted %s times", j.id, j.repo, j.sha, j.attempts)
         self.app = create_app(self)
-        self._socket = _listen(config.host, config.port)
+        try:
+            self._socket = _listen(config.host, config.port)
+        except OSError:  # e.g. the port is taken: let another service have the queue
+            self.store.close()
+            if self._queue_lock is not None:
+                self._queue_lock.close()
+            raise
+        host, port = self._socket.getsockname()[:2]  # kept: uvicorn closes the socket when it stops
+        self._url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         self._server: Any = None
         self._http_thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self._socket.getsockname()[:2]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return self._url
 
     def start(self) -> Service:
         import uvicorn
