@@ -1,7 +1,8 @@
 """The Hub webhook service (integrations/hub_webhook) end to end on loopback, against the session's
 LocalHub: payloads of the Hub's real shape (v3), the secret, the event filter, the answer on the Hub
 (a discussion comment, and a pull request on refs/pr/N with the purified model), deduplication, the
-bounded queue, one job at a time per repo, retries, and a SIGKILL in the middle of the queue.
+bounded queue, one job at a time per repo, retries decided by the error's type, the HTTP edges of the
+FastAPI app, and a SIGKILL in the middle of the queue.
 """
 
 from __future__ import annotations
@@ -413,3 +414,204 @@ def test_restart_after_kill_loses_no_queued_event(local_hub, models, hub_dataset
     assert not [d for d in local_hub.discussions(x) if d["is_pull_request"]]
     text = log.read_text()
     assert "was interrupted; queued again" in text and "done in" in text
+
+
+# -- the payload: huggingface_hub's WebhookPayload, and the event filter on it -----------------------------
+def test_parse_event_reads_the_hubs_payload_model(local_hub):
+    from huggingface_hub import WebhookPayload
+
+    from integrations.hub_webhook.service import BadPayload, parse_event, parse_payload
+
+    config = Config(secret=SECRET, repos=["org/*"], branches=["main", "dev"])
+    sha, other = "a" * 40, "b" * 40
+    event = parse_payload(payload(local_hub, "org/m", sha))
+    assert isinstance(event, WebhookPayload) and event.repo.head_sha == sha  # headSha on the wire
+    body = payload(local_hub, "org/m", sha)
+    body["updatedRefs"] += [
+        {"ref": "refs/heads/dev", "oldSha": sha, "newSha": other},
+        {"ref": "refs/heads/gone", "oldSha": sha, "newSha": "0" * 40},
+    ]
+    targets, _ = parse_event(body, config)
+    assert [(t.sha, t.ref) for t in targets] == [(sha, "refs/heads/main"), (other, "refs/heads/dev")]
+    # a deleted watched branch (zero sha) moves nothing to audit
+    deleted = payload(local_hub, "org/m", sha)
+    deleted["updatedRefs"][0]["newSha"] = "0" * 40
+    targets, reason = parse_event(deleted, config)
+    assert targets == [] and "no watched branch updated" in reason
+    # no ref list: the head of the default branch (either spelling of the field)
+    for key in ("headSha", "head_sha"):
+        body = payload(local_hub, "org/m", sha)
+        del body["updatedRefs"], body["repo"]["headSha"]
+        body["repo"][key] = other
+        assert [(t.sha, t.ref) for t in parse_event(body, config)[0]] == [(other, None)]
+    space = payload(local_hub, "org/m", sha)
+    space["repo"]["type"] = "space"
+    assert parse_event(space, config) == ([], "not a model repo (space)")
+
+    # what the Hub's model refuses, and what the filter adds to it
+    for change, message in (
+        (lambda b: b.pop("webhook"), "webhook: Field required"),
+        (lambda b: b["webhook"].update(version=2), "webhook.version"),
+        (lambda b: b["event"].update(action="explode"), "event.action"),
+        (lambda b: b["repo"].pop("owner"), "repo.owner: Field required"),
+        (lambda b: b["repo"].update(name="not a repo"), "is not a repo id"),
+        (lambda b: b["repo"].update(headSha="xyz"), "repo.headSha is not a commit sha"),
+        (lambda b: b["updatedRefs"][0].update(newSha=7), "updatedRefs.0.newSha"),
+    ):
+        body = payload(local_hub, "org/m", sha)
+        change(body)
+        with pytest.raises(BadPayload, match=message.replace(".", r"\.")):
+            parse_event(body, config)
+
+
+def test_http_edges(local_hub, tmp_path):
+    from fastapi import FastAPI
+
+    config = Config(secret=SECRET, repos=["org/*"], db=tmp_path / "q.sqlite3", port=0, max_body=4096)
+    service = Service(config)
+    service.auditor = StubAuditor(config, service.store)
+    service.start()
+    try:
+        assert isinstance(service.app, FastAPI) and service.url.startswith("http://127.0.0.1:")
+        big = json.dumps({"padding": "x" * 5000}).encode()
+        assert post(service.url, big) == (413, {"error": "the body is over 4096 bytes"})
+        assert get(service.url, "/nothing")[0] == 404 and "error" in get(service.url, "/nothing")[1]
+        assert get(service.url, "/webhook")[0] == 405  # a GET of the webhook
+        # POST / is the webhook too; an event without the secret is refused before any work
+        req = urllib.request.Request(service.url + "/", data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert err.value.code == 401
+        assert [e["outcome"] for e in service.store.events()] == ["unauthorized"]
+        # a taken port fails in the constructor and leaves that queue free for the next try
+        port = int(service.url.rsplit(":", 1)[1])
+        other = Config(secret=SECRET, repos=["org/*"], db=tmp_path / "other.sqlite3", port=port)
+        with pytest.raises(OSError):
+            Service(other)
+        Service(Config(secret=SECRET, repos=["org/*"], db=other.db, port=0)).stop()
+    finally:
+        service.stop()
+
+
+# -- retries: decided by the error's type, not its text ------------------------------------------------------
+def _hub_error(status: int | None):
+    """A real huggingface_hub error as the library raises it: the HTTP client's, mapped to a one-line
+    HubBackdoorError by hub_backdoor.hub (status None: the connection was refused)."""
+    import http.server
+
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    from hub_backdoor.errors import HubBackdoorError
+    from hub_backdoor.hub import _raise_hub_error
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - stdlib name
+            self.send_response(status or 500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    port = server.server_address[1]
+    if status is None:
+        server.server_close()  # nobody listens there now
+    else:
+        threading.Thread(target=server.handle_request, daemon=True).start()
+    try:
+        try:
+            hf_raise_for_status(get_session().get(f"http://127.0.0.1:{port}/api/models/org/m", timeout=10))
+        except Exception as exc:  # noqa: BLE001 - mapped as the library maps it
+            try:
+                _raise_hub_error(exc, repo_id="org/m", revision=None, writing=True)
+            except HubBackdoorError as mapped:
+                return mapped
+    finally:
+        server.server_close()
+    raise AssertionError("no error raised")
+
+
+def test_transient_errors_are_told_by_type(local_hub):
+    from hub_backdoor.errors import DatasetError, RepoNotFoundError, RevisionNotFoundError
+    from hub_backdoor.hub import download_model
+    from integrations.hub_webhook.service import PermanentError, is_permanent, is_transient
+
+    for status in (None, 500, 503, 429, 412):
+        e = _hub_error(status)
+        assert is_transient(e) and not is_permanent(e), (status, e)
+    for status in (403, 404, 400):
+        e = _hub_error(status)
+        assert not is_transient(e) and is_permanent(e), (status, e)
+    # the Hub's "no such repo / revision": input errors, failed at once
+    repo = f"tester/wh-tr-{uuid.uuid4().hex[:8]}"
+    local_hub.commit_files(repo, {"README.md": b"---\nlicense: mit\n---\n"})
+    for source, kind in ((f"tester/missing-{uuid.uuid4().hex[:8]}", RepoNotFoundError), (repo, None)):
+        with pytest.raises(kind or RevisionNotFoundError) as info:
+            download_model(source, revision="f" * 40 if kind is None else None)
+        assert is_permanent(info.value) and not is_transient(info.value)
+    # a message that merely reads like a network error is still an input error
+    assert is_permanent(DatasetError("cannot reach the data (HTTP 503)"))
+    assert is_permanent(PermanentError("bad options"))
+    assert not is_permanent(RuntimeError("a bug")) and not is_transient(RuntimeError("a bug"))
+    try:
+        try:
+            raise ConnectionResetError("peer went away")
+        except OSError:
+            raise DatasetError("cannot load dataset org/d") from None
+    except DatasetError as e:
+        assert is_transient(e) and not is_permanent(e)
+
+
+def test_worker_retries_transient_and_fails_input_errors(local_hub, tmp_path):
+    repo = f"tester/wh-rt-{uuid.uuid4().hex[:8]}"
+    local_hub.commit_files(repo, {"README.md": b"---\nlicense: mit\n---\n"})
+    config = Config(
+        secret=SECRET, repos=["tester/wh-rt-*"], db=tmp_path / "q.sqlite3", port=0, retry_delay=0.05
+    )
+    service = Service(config)
+    auditor, real_load = service.auditor, service.auditor.load
+    loads: list[str] = []
+
+    def flaky_load(job):
+        loads.append(job.sha)
+        if len(loads) == 1:
+            raise _hub_error(503)  # the Hub had a bad moment: tried again
+        return real_load(job)  # the commit does not exist: RevisionNotFoundError, failed at once
+
+    auditor.load = flaky_load
+    service.start()
+    try:
+        missing = "e" * 40
+        status, answer = post(service.url, payload(local_hub, repo, missing))
+        assert status == 202, answer
+        job_id = answer["jobs"][0]["job"]
+        job = wait_for(lambda: (j := service.store.get(job_id)) and j.status == "failed" and j, 30, "the job")
+        assert job.attempts == 2 and loads == [missing, missing]
+        assert "revision" in job.error and "not found" in job.error and "HTTP 503" not in job.error
+        (why,) = audit_comments(local_hub, repo, missing)
+        assert "could not audit" in why and "not found" in why
+    finally:
+        service.stop()
+
+
+def test_audit_options_are_library_keywords(monkeypatch):
+    from integrations.hub_webhook.service import build_parser, config_from_args, parse_audit_options
+
+    assert parse_audit_options(["rule=mad", "seed=1", "image-column=img"]) == {
+        "rule": "mad",
+        "seed": 1,
+        "image_column": "img",
+    }
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        parse_audit_options(["threads=4"])  # not an audit keyword
+    with pytest.raises(ValueError, match="unknown audit options"):
+        Config(secret=SECRET, repos=["org/*"], audit_options={"progress": True})
+    monkeypatch.setenv("HUB_BACKDOOR_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("HUB_BACKDOOR_WEBHOOK_AUDIT_OPTIONS", "rule=mad,soft_margin=10")
+    args = build_parser().parse_args(["--repo", "org/*", "--max-samples", "50", "--dataset", "org/d"])
+    config = config_from_args(args)
+    assert config.audit_kwargs() == {"rule": "mad", "soft_margin": 10, "max_samples": 50}
+    assert config.reproduce_args("org/m") == [
+        "--dataset", "org/d", "--max-samples", "50", "--rule", "mad", "--soft-margin", "10",
+    ]

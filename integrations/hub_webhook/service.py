@@ -1,21 +1,24 @@
 """The webhook service: HTTP endpoint, event filter, background workers and the answer on the Hub.
 
-HTTP (stdlib ``http.server``):
+HTTP (FastAPI on uvicorn, the stack huggingface_hub's ``WebhooksServer`` builds on; install with
+``pip install 'hub-backdoor[webhook]'``):
 
 - ``POST /`` or ``POST /webhook``: a Hub webhook delivery. 401 without the right
-  ``X-Webhook-Secret``; 400 for a body that is not a Hub webhook payload; 200 ``{"status":
-  "ignored"}`` for events the service does not act on (not a content update, not a model, repo not
-  watched, no watched branch moved); 202 ``{"status": "accepted", "jobs": [...]}`` otherwise, each job
-  ``queued`` or ``duplicate`` (that commit is already queued, running or audited); 503 when the queue
-  is full (the Hub may deliver again later).
+  ``X-Webhook-Secret``; 400 for a body that is not a Hub webhook payload (parsed with
+  huggingface_hub's ``WebhookPayload`` model); 413 for a body over ``max_body`` bytes; 200
+  ``{"status": "ignored"}`` for events the service does not act on (not a content update, not a
+  model, repo not watched, no watched branch moved); 202 ``{"status": "accepted", "jobs": [...]}``
+  otherwise, each job ``queued`` or ``duplicate`` (that commit is already queued, running or
+  audited); 503 when the queue is full (the Hub may deliver again later).
 - ``GET /healthz``: ``{"ok": true, "jobs": {status: count}}``.
 - ``GET /jobs`` (with the secret header): the latest jobs and events.
 
-Each job audits ``repo@commit`` with ``hub-backdoor audit`` (the data: the operator's mapping, else
-the model card's ``datasets:``), then answers in the repo's discussion titled
+Each job audits ``repo@commit`` with :func:`hub_backdoor.audit` (the data: the operator's mapping,
+else the model card's ``datasets:``), then answers in the repo's discussion titled
 :attr:`Config.discussion_title` (created when missing): the verdict, the per-class table and, when a
-backdoor was found and ``open_pr`` is on, the link to a pull request (``refs/pr/N``) with the
-purified model and its security card (``hub-backdoor purify --open-pr``; main is never written).
+backdoor was found and ``open_pr`` is on, the link to a pull request (``refs/pr/N``) with the model
+from :func:`hub_backdoor.purify` and its security card (:func:`hub_backdoor.publish.open_purification_pr`;
+main is never written). Failures are retried unless they are the input's fault (see :func:`is_transient`).
 """
 
 from __future__ import annotations
@@ -23,18 +26,18 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hmac
+import inspect
 import json
 import logging
 import os
 import re
 import shlex
 import signal
+import socket
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,21 @@ DISCUSSION_INTRO = (
     "backdoor is suspected when one class can be reached by an abnormally small change of the model's "
     "penultimate embedding (a shortcut that a trigger would use)."
 )
+#: ``hub_backdoor.audit`` keywords an operator may set (``--audit-option KEY=VALUE``); the data, the
+#: threshold and the sample count have their own options, the rest belongs to the service.
+AUDIT_OPTIONS = (
+    "rule",
+    "seed",
+    "margin",
+    "solver",
+    "soft_margin",
+    "batch_size",
+    "image_column",
+    "label_column",
+    "device",
+)
+#: HTTP statuses of the Hub that may pass: timeouts, conflicts of concurrent pushes, rate limits.
+TRANSIENT_STATUS = frozenset({408, 409, 412, 425, 429})
 
 
 class BadPayload(ValueError):
@@ -68,7 +86,8 @@ class Config:
 
     ``repos``: watched model repos, ``fnmatch`` patterns (``org/*``), case-insensitive.
     ``datasets``: ``(repo pattern, dataset)`` pairs, first match wins; no match: the model card's
-    ``datasets:``. ``audit_args``: more ``hub-backdoor audit`` options (e.g. ``["--rule", "mad"]``).
+    ``datasets:``. ``audit_options``: more :func:`hub_backdoor.audit` keywords (names in
+    :data:`AUDIT_OPTIONS`, e.g. ``{"rule": "mad"}``); the purification uses the ones it shares.
     """
 
     secret: str
@@ -82,7 +101,7 @@ class Config:
     split: str | None = None
     threshold: float | None = None
     max_samples: int | None = None
-    audit_args: list[str] = field(default_factory=list)
+    audit_options: dict[str, Any] = field(default_factory=dict)
     purify_epochs: int | None = None  # None: purify's default (auto)
     queue_size: int = 100
     max_attempts: int = 3
@@ -93,6 +112,11 @@ class Config:
     max_body: int = 1 << 20
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.audit_options) - set(AUDIT_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown audit options {unknown}; known: {', '.join(AUDIT_OPTIONS)}")
+
     def watches(self, repo: str) -> bool:
         return any(fnmatch.fnmatchcase(repo.lower(), p.lower()) for p in self.repos)
 
@@ -102,8 +126,17 @@ class Config:
                 return dataset
         return None
 
-    def data_args(self, repo: str, *, runtime: bool = True) -> list[str]:
-        """``hub-backdoor`` options for ``repo``'s data and detection (and ``--threads`` if ``runtime``)."""
+    def audit_kwargs(self) -> dict[str, Any]:
+        """Keywords of :func:`hub_backdoor.audit` for every job (data and model aside)."""
+        kw: dict[str, Any] = dict(self.audit_options)
+        if self.max_samples:
+            kw["max_samples"] = self.max_samples
+        if self.threshold is not None:
+            kw["threshold"] = self.threshold
+        return kw
+
+    def reproduce_args(self, repo: str) -> list[str]:
+        """The ``hub-backdoor audit`` options that redo a job's audit of ``repo`` (for the comment)."""
         argv: list[str] = []
         dataset = self.dataset_for(repo)
         if dataset:
@@ -114,9 +147,10 @@ class Config:
             argv += ["--max-samples", str(self.max_samples)]
         if self.threshold is not None:
             argv += ["--threshold", str(self.threshold)]
-        if self.threads and runtime:
-            argv += ["--threads", str(self.threads)]
-        return argv + list(self.audit_args)
+        for key, value in self.audit_options.items():
+            if key != "device":  # where it ran, not what it found
+                argv += [f"--{key.replace('_', '-')}", str(value)]
+        return argv
 
 
 # -- events ----------------------------------------------------------------------------------------------
@@ -129,62 +163,73 @@ class Target:
     ref: str | None
 
 
-def _get(d: Any, key: str, kind: type | tuple[type, ...], where: str, *, required: bool = True) -> Any:
-    if not isinstance(d, dict):
-        raise BadPayload(f"{where} is not an object")
-    value = d.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise BadPayload(f"{where}.{key} is missing or not a {getattr(kind, '__name__', kind)}")
-    return value
+def _validation_message(error: Any) -> str:
+    """The first few problems of a pydantic ``ValidationError``, as ``where: what``."""
+    parts = []
+    for e in error.errors()[:3]:
+        where = ".".join(str(x) for x in e.get("loc", ())) or "payload"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    more = error.error_count() - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def parse_payload(payload: Any) -> Any:
+    """Validate a decoded body as huggingface_hub's :class:`~huggingface_hub.WebhookPayload` (v3).
+
+    Raises :class:`BadPayload` when it is not one: a missing or mistyped field, an unsupported
+    ``webhook.version``, a repo name that is not a repo id, or a commit that is not a sha.
+    """
+    import pydantic
+    from huggingface_hub import WebhookPayload
+
+    if not isinstance(payload, dict):
+        raise BadPayload("the body is not a JSON object")
+    repo = payload.get("repo")
+    if isinstance(repo, dict) and "headSha" in repo and "head_sha" not in repo:
+        # the Hub sends repo.headSha; huggingface_hub's model names the field head_sha
+        payload = {**payload, "repo": {**repo, "head_sha": repo["headSha"]}}
+    try:
+        event = WebhookPayload.model_validate(payload)
+    except pydantic.ValidationError as e:
+        raise BadPayload(_validation_message(e)) from None
+    if not _REPO_RE.match(event.repo.name):
+        raise BadPayload(f"repo.name {event.repo.name!r} is not a repo id")
+    head = event.repo.head_sha
+    if head is not None and not _SHA_RE.match(head):
+        raise BadPayload("repo.headSha is not a commit sha")
+    for i, ref in enumerate(event.updatedRefs or []):
+        if ref.newSha is not None and not (_SHA_RE.match(ref.newSha) or _ZERO_SHA.match(ref.newSha)):
+            raise BadPayload(f"updatedRefs[{i}].newSha is not a commit sha")
+    return event
 
 
 def parse_event(payload: Any, config: Config) -> tuple[list[Target], str]:
     """What a webhook payload asks for: ``(targets, reason)``; no targets means ignored, for ``reason``.
 
-    Raises :class:`BadPayload` when the payload does not have the Hub's shape (v3: ``event.action``,
-    ``event.scope``, ``repo.type``, ``repo.name``, optional ``repo.headSha`` and ``updatedRefs``).
+    ``payload`` is the decoded body (or an already parsed ``WebhookPayload``). Raises
+    :class:`BadPayload` when it does not have the Hub's shape (see :func:`parse_payload`).
     """
-    if not isinstance(payload, dict):
-        raise BadPayload("the body is not a JSON object")
-    event = _get(payload, "event", dict, "payload")
-    action = _get(event, "action", str, "event")
-    scope = _get(event, "scope", str, "event")
-    repo = _get(payload, "repo", dict, "payload")
-    repo_type = _get(repo, "type", str, "repo")
-    name = _get(repo, "name", str, "repo")
-    webhook = payload.get("webhook")
-    if isinstance(webhook, dict) and webhook.get("version") not in (None, 3):
-        raise BadPayload(f"webhook version {webhook.get('version')!r} is not supported (expected 3)")
-    if not _REPO_RE.match(name):
-        raise BadPayload(f"repo.name {name!r} is not a repo id")
-    refs = payload.get("updatedRefs")
-    if refs is not None and not isinstance(refs, list):
-        raise BadPayload("updatedRefs is not a list")
-    head = repo.get("headSha", repo.get("head_sha"))
-    if head is not None and (not isinstance(head, str) or not _SHA_RE.match(head)):
-        raise BadPayload("repo.headSha is not a commit sha")
+    from huggingface_hub import WebhookPayload
 
+    event = payload if isinstance(payload, WebhookPayload) else parse_payload(payload)
+    scope, action = event.event.scope, event.event.action
+    name, refs = event.repo.name, event.updatedRefs
     if scope != CONTENT_SCOPE or action != "update":
         return [], f"not a content update (scope {scope}, action {action})"
-    if repo_type != "model":
-        return [], f"not a model repo ({repo_type})"
+    if event.repo.type != "model":
+        return [], f"not a model repo ({event.repo.type})"
     if not config.watches(name):
         return [], f"repo {name} is not watched"
     watched = {f"refs/heads/{b}" for b in config.branches}
-    targets: list[Target] = []
-    for i, item in enumerate(refs or []):
-        ref = _get(item, "ref", str, f"updatedRefs[{i}]")
-        new = _get(item, "newSha", str, f"updatedRefs[{i}]", required=False)
-        if new is not None and not (_SHA_RE.match(new) or _ZERO_SHA.match(new)):
-            raise BadPayload(f"updatedRefs[{i}].newSha is not a commit sha")
-        if ref in watched and new and not _ZERO_SHA.match(new):
-            targets.append(Target(name, new, ref))
-    if not refs and head:  # no ref list: the head of the default branch
-        targets.append(Target(name, head, None))
+    targets = [
+        Target(name, r.newSha, r.ref)
+        for r in refs or []
+        if r.ref in watched and r.newSha and not _ZERO_SHA.match(r.newSha)  # zero: the branch was deleted
+    ]
+    if not refs and event.repo.head_sha:  # no ref list: the head of the default branch
+        targets.append(Target(name, event.repo.head_sha, None))
     if not targets:
-        moved = ", ".join(str(r.get("ref")) for r in refs or [] if isinstance(r, dict)) or "none"
+        moved = ", ".join(r.ref for r in refs or []) or "none"
         return [], f"no watched branch updated (refs: {moved}; watched: {', '.join(config.branches)})"
     return targets, "content update"
 
@@ -194,40 +239,84 @@ class PermanentError(Exception):
     """The job cannot succeed by trying again (bad model, no data); it fails at once."""
 
 
-def _capture_ui() -> Any:
-    """A quiet ``hub_backdoor.cli.UI`` that keeps the result lines (the PR url is one of them)."""
-    from hub_backdoor import cli
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level errors: the HTTP clients huggingface_hub and datasets use, and the OS's."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    class CaptureUI(cli.UI):
-        def __init__(self) -> None:
-            super().__init__(quiet=True)
-            self.results: list[str] = []
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError, LocalEntryNotFoundError]
+    for module, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
+        mod = sys.modules.get(module)  # a client nobody imported raised nothing
+        found += [getattr(mod, n) for n in names if mod is not None and hasattr(mod, n)]
+    return tuple(found)
 
-        def result(self, msg: str) -> None:
-            self.results.append(msg)
 
-    return CaptureUI()
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling (hub_backdoor's one-line
+    errors are raised ``from None``, which hides the Hub's error from tracebacks, not from here)."""
+    out: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and all(e is not o for o in out):
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
 
 
-def _run_cli(argv: list[str]) -> tuple[int, Any]:
-    """Run one hub-backdoor command in this process; HubBackdoorError propagates."""
-    from hub_backdoor import cli
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again later may succeed: the Hub answered 5xx, 408, 409, 412, 425 or 429, or a
+    connection failed, anywhere in ``exc``'s chain. A 4xx answer (no such repo or revision, no
+    access) and hub_backdoor's input errors without such a cause are not transient."""
+    from huggingface_hub.errors import HfHubHTTPError
 
+    transport = _transport_errors()
+    for e in _chain(exc):
+        if isinstance(e, HfHubHTTPError):
+            status = e.response.status_code if e.response is not None else None
+            return status is None or status >= 500 or status in TRANSIENT_STATUS
+        if isinstance(e, transport):
+            return True
+    return False
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a job that raised ``exc`` should fail at once: :class:`PermanentError`, or one of
+    hub_backdoor's input errors (:class:`~hub_backdoor.errors.HubBackdoorError`) that is not
+    :func:`transient <is_transient>`. Anything else (a bug, an unexpected error) is retried."""
+    from hub_backdoor.errors import HubBackdoorError
+
+    if isinstance(exc, PermanentError):
+        return True
+    return isinstance(exc, HubBackdoorError) and not is_transient(exc)
+
+
+@dataclass
+class Revision:
+    """A Hub model at one commit, ready to audit: the classifier, its card and the reference data."""
+
+    repo: str
+    sha: str
+    clf: Any
+    data: Any  # hub_backdoor.datasets_io.LoadedDataset
+    card_metadata: dict[str, Any]
+    card_body: str
+
+
+def _quiet_libraries() -> None:
+    """No progress bars or per-request lines from the libraries in the service's log."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    for name in ("timm", "transformers", "datasets", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        args = cli.build_parser().parse_args(argv)
-    except SystemExit as e:
-        raise PermanentError(f"bad hub-backdoor options {argv[2:]}: exit {e.code}") from None
-    args.quiet = True
-    cli._configure(args)  # noqa: SLF001 - the CLI's logging and progress-bar settings
-    ui = _capture_ui()
-    return int(args.func(args, ui)), ui
+        import datasets
 
-
-def _is_transient(exc: BaseException) -> bool:
-    text = str(exc)
-    return (
-        "cannot reach" in text or "(HTTP 5" in text or "(HTTP 429" in text or "changed while pushing" in text
-    )
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover - a dependency of hub_backdoor
+        pass
 
 
 class Auditor:
@@ -237,56 +326,118 @@ class Auditor:
         self.config = config
         self.store = store
 
+    def load(self, job: Job) -> Revision:
+        """Download ``job.repo@job.sha`` (safetensors only), its card and its reference data."""
+        from hub_backdoor.adapters import load_folder
+        from hub_backdoor.card import split_card
+        from hub_backdoor.datasets_io import load_reference_dataset
+        from hub_backdoor.errors import CorruptWeightsError, UnsupportedModelError
+        from hub_backdoor.hub import download_model
+
+        label = f"{job.repo}@{job.sha}"
+        folder, info = download_model(job.repo, revision=job.sha)
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            config = None  # load_folder says what is wrong with it
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise UnsupportedModelError(
+                f"{label} needs its own model code (auto_map in config.json), which this service never runs"
+            )
+        try:
+            clf = load_folder(folder)
+        except Exception as e:
+            if type(e).__name__ == "SafetensorError":  # a damaged upload: trying again will not help
+                raise CorruptWeightsError(f"the safetensors weights of {label} are corrupted ({e})") from None
+            raise
+        clf.source = {**clf.source, **info}
+        clf.name = job.repo
+        readme = folder / "README.md"
+        meta, body = ({}, "")
+        if readme.is_file():
+            meta, body = split_card(readme.read_text(encoding="utf-8", errors="replace"))
+        data = load_reference_dataset(
+            self.config.dataset_for(job.repo), split=self.config.split, card_metadata=meta, model_label=label
+        )
+        return Revision(job.repo, job.sha, clf, data, meta, body)
+
     def run(self, job: Job) -> dict[str, Any]:
-        """Audit ``job.repo@job.sha``; comment; open a PR when asked. Returns the fields to store."""
-        from hub_backdoor.errors import HubBackdoorError
-        from hub_backdoor.report import AuditReport
+        """Audit ``job.repo@job.sha``; comment; open a PR when asked. Returns the fields to store.
 
-        source = f"{job.repo}@{job.sha}"
-        data = self.config.data_args(job.repo)
-        with tempfile.TemporaryDirectory(prefix="hub-backdoor-webhook-") as tmp:
-            report_path = Path(tmp) / "audit.json"
+        Errors propagate; :meth:`Service.process` decides from their type whether to retry.
+        """
+        import hub_backdoor
+
+        if self.config.threads:
+            import torch
+
+            torch.set_num_threads(self.config.threads)
+        rev = self.load(job)
+        report = hub_backdoor.audit(rev.clf, rev.data.dataset, progress=False, **self.config.audit_kwargs())
+        report.data["source"] = {
+            "name": rev.data.name,
+            "kind": rev.data.kind,
+            "split": rev.data.split,
+            "revision": rev.data.revision,
+        }
+        log.info("job %s: %s@%s is %s", job.id, job.repo, job.sha, report.verdict)
+        pr_url, pr_error = job.pr_url, None
+        if report.backdoor_found and self.config.open_pr and not pr_url:
             try:
-                code, _ = _run_cli(["audit", source, *data, "--json", str(report_path)])
-            except HubBackdoorError as e:
-                if _is_transient(e):
+                pr_url = self.open_pr(job, rev, report)
+            except Exception as e:  # noqa: BLE001 - the verdict is still worth telling
+                if is_transient(e):
                     raise
-                raise PermanentError(str(e)) from None
-            report = AuditReport.from_json(report_path)
-            log.info("job %s: %s is %s (exit %s)", job.id, source, report.verdict, code)
-            pr_url, pr_error = job.pr_url, None
-            if report.backdoor_found and self.config.open_pr and not pr_url:
-                try:
-                    pr_url = self.open_pr(job, report_path, data)
-                except Exception as e:  # noqa: BLE001 - the verdict is still worth telling
-                    if isinstance(e, HubBackdoorError) and _is_transient(e):
-                        raise
-                    pr_error = " ".join(str(e).split())[:300] or type(e).__name__
-                    log.error("job %s: could not open a pull request: %s", job.id, pr_error)
-                else:
-                    self.store.update(job.id, pr_url=pr_url)
-            text = self.comment_text(job, report, pr_url, pr_error)
-            comment_url = job.comment_url or self.comment(job, text)
-            self.store.update(job.id, comment_url=comment_url)
-            return {
-                "verdict": report.verdict,
-                "target": report.target,
-                "report": report.to_json(indent=None),
-                "error": None,
-            }
+                pr_error = " ".join(str(e).split())[:300] or type(e).__name__
+                log.error("job %s: could not open a pull request: %s", job.id, pr_error)
+            else:
+                log.info("job %s: opened pull request %s", job.id, pr_url)
+                self.store.update(job.id, pr_url=pr_url)
+        text = self.comment_text(job, report, pr_url, pr_error)
+        comment_url = job.comment_url or self.comment(job, text)
+        self.store.update(job.id, comment_url=comment_url)
+        return {
+            "verdict": report.verdict,
+            "target": report.target,
+            "report": report.to_json(indent=None),
+            "error": None,
+        }
 
-    def open_pr(self, job: Job, report_path: Path, data: list[str]) -> str:
-        source = f"{job.repo}@{job.sha}"
-        argv = ["purify", source, *data, "--open-pr", "--report", str(report_path)]
-        if self.config.purify_epochs:
-            argv += ["--epochs", str(self.config.purify_epochs)]
-        code, ui = _run_cli(argv)
-        for line in ui.results:
-            m = re.match(r"opened pull request on \S+: (\S+)", line)
-            if m:
-                log.info("job %s: opened pull request %s", job.id, m.group(1))
-                return m.group(1)
-        raise RuntimeError(f"purify --open-pr did not open a pull request (exit {code}): {ui.results}")
+    def open_pr(self, job: Job, rev: Revision, report: Any) -> str:
+        """Purify ``rev`` against ``report``'s target, audit the result, open the pull request;
+        returns its URL."""
+        import hub_backdoor
+        from hub_backdoor.data import ReferenceData
+        from hub_backdoor.publish import open_purification_pr
+
+        opts = self.config.audit_options
+        shared = set(inspect.signature(hub_backdoor.purify).parameters) & set(opts)
+        result = hub_backdoor.purify(
+            rev.clf,
+            rev.data.dataset,
+            report=report,
+            epochs=self.config.purify_epochs,
+            progress=False,
+            **{k: opts[k] for k in shared},
+        )
+        result.classifier.model.to("cpu")
+        # the purified model is audited on the part it was fine-tuned on, as `hub-backdoor purify` does
+        data = ReferenceData(
+            rev.data.dataset, image_column=opts.get("image_column"), label_column=opts.get("label_column")
+        )
+        fit = data.split(float(result.params["holdout"]), int(result.params["seed"]))[0]
+        kw = self.config.audit_kwargs()
+        kw.pop("image_column", None), kw.pop("label_column", None)  # fit already knows its columns
+        after = hub_backdoor.audit(result.classifier, fit, progress=False, **kw)
+        return open_purification_pr(
+            result,
+            repo_id=job.repo,
+            sha=job.sha,
+            dataset=rev.data,
+            report_after=after,
+            card_metadata=rev.card_metadata,
+            card_body=rev.card_body,
+        )
 
     def comment_text(self, job: Job, report: Any, pr_url: str | None, pr_error: str | None = None) -> str:
         from hub_backdoor.integrations import summary_markdown
@@ -296,7 +447,7 @@ class Auditor:
             report,
             title=f"hub-backdoor audit of {job.repo}@{job.sha[:10]}{ref}",
             reproduce=f"hub-backdoor audit {job.repo}@{job.sha}"
-            + "".join(f" {shlex.quote(a)}" for a in self.config.data_args(job.repo, runtime=False)),
+            + "".join(f" {shlex.quote(a)}" for a in self.config.reproduce_args(job.repo)),
         )
         if report.backdoor_found:
             if pr_error:
@@ -349,12 +500,27 @@ class Auditor:
 
 
 # -- the service ---------------------------------------------------------------------------------------------
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: a free one), bound before the server runs so
+    that :attr:`Service.url` is known at once and a taken port fails in the constructor."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=128)
+
+
 class Service:
     """The HTTP endpoint, the queue and the workers. ``start()``, then ``stop()``."""
 
     def __init__(self, config: Config, auditor: Auditor | None = None) -> None:
         if not config.secret:
             raise ValueError("a webhook secret is required")
+        try:  # fail here, with the way out, rather than in the HTTP thread
+            import uvicorn  # noqa: F401
+
+            from .app import create_app
+        except ImportError as e:
+            raise RuntimeError(
+                f"the webhook service needs {e.name}: pip install 'hub-backdoor[webhook]'"
+            ) from None
         self.config = config
         self._queue_lock = _lock_queue(Path(config.db))
         self.store = JobStore(config.db)
@@ -370,21 +536,50 @@ class Service:
             )
         for j in failed:
             log.error("job %s: %s@%s failed: interrupted %s times", j.id, j.repo, j.sha, j.attempts)
-        handler = type("Handler", (_Handler,), {"service": self})
-        self.httpd = ThreadingHTTPServer((config.host, config.port), handler)
-        self.httpd.daemon_threads = True
+        self.app = create_app(self)
+        try:
+            self._socket = _listen(config.host, config.port)
+        except OSError:  # e.g. the port is taken: let another service have the queue
+            self.store.close()
+            if self._queue_lock is not None:
+                self._queue_lock.close()
+            raise
+        host, port = self._socket.getsockname()[:2]  # kept: uvicorn closes the socket when it stops
+        self._url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        self._server: Any = None
         self._http_thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return self._url
 
     def start(self) -> Service:
+        import uvicorn
+
+        _quiet_libraries()
+        server_config = uvicorn.Config(
+            self.app,
+            log_config=None,  # the service's logging, not uvicorn's
+            access_log=False,  # every delivery is logged by handle()
+            lifespan="off",
+            loop="asyncio",
+            http="h11",
+            ws="none",
+            limit_concurrency=64,  # more open requests at once get 503
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=5,
+            server_header=False,
+        )
+        self._server = uvicorn.Server(server_config)  # in a thread: it leaves signals to main()
         self._http_thread = threading.Thread(
-            target=self.httpd.serve_forever, name="webhook-http", daemon=True
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="webhook-http", daemon=True
         )
         self._http_thread.start()
+        deadline = time.time() + 30
+        while not self._server.started:
+            if not self._http_thread.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"the HTTP server did not start on {self.url}")
+            time.sleep(0.01)
         for i in range(max(1, self.config.workers)):
             t = threading.Thread(target=self._work, name=f"webhook-worker-{i}", daemon=True)
             t.start()
@@ -401,8 +596,10 @@ class Service:
         ``running`` in the store and are retried at the next start)."""
         self._stop.set()
         self._notify()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if self._server is not None and self._http_thread is not None:
+            self._server.should_exit = True
+            self._http_thread.join(10)
+        self._socket.close()
         deadline = time.time() + timeout
         for t in self._workers:
             t.join(max(0.0, deadline - time.time()))
@@ -413,9 +610,12 @@ class Service:
                 self._queue_lock = None
 
     # -- events -----------------------------------------------------------------------------------------
+    def authorized(self, secret: str | None) -> bool:
+        return secret is not None and hmac.compare_digest(secret.encode(), self.config.secret.encode())
+
     def handle(self, secret: str | None, body: bytes) -> tuple[int, dict[str, Any]]:
         """One delivery: ``(HTTP status, JSON answer)``; logged, and recorded in the event log."""
-        if secret is None or not hmac.compare_digest(secret.encode(), self.config.secret.encode()):
+        if not self.authorized(secret):
             log.warning("event refused: missing or wrong %s", SECRET_HEADER)
             self.store.log_event(repo=None, scope=None, action=None, status=401, outcome="unauthorized")
             return 401, {"error": f"missing or wrong {SECRET_HEADER}"}
@@ -476,26 +676,18 @@ class Service:
                 self._notify()  # the next job of this repo may go now
 
     def process(self, job: Job) -> None:
-        """Run one claimed job and record how it ended."""
+        """Run one claimed job and record how it ended: done, failed at once (:func:`is_permanent`),
+        or queued again with back-off until ``max_attempts``."""
         log.info("job %s: auditing %s@%s (try %s)", job.id, job.repo, job.sha, job.attempts)
         t0 = time.time()
-        from hub_backdoor.errors import HubBackdoorError  # the first job pays for importing torch
-
         try:
             fields = self.auditor.run(job)
-        except PermanentError as e:
-            log.error("job %s: %s@%s cannot be audited: %s", job.id, job.repo, job.sha, e)
-            if self.config.comment_errors and not job.comment_url:
-                try:
-                    url = self.auditor.comment(job, self.auditor.error_text(job, str(e)))
-                    self.store.update(job.id, comment_url=url)
-                except Exception as ce:  # noqa: BLE001 - the job has failed anyway
-                    log.error("job %s: could not comment the error: %s", job.id, ce)
-            self.store.fail(job.id, str(e))
-            return
-        except Exception as e:  # noqa: BLE001 - any failure of a job is logged and retried
-            message = f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"
-            transient = isinstance(e, HubBackdoorError) and _is_transient(e)
+        except Exception as e:  # noqa: BLE001 - any failure of a job is logged, then failed or retried
+            message = " ".join(str(e).split())[:500] or type(e).__name__
+            if is_permanent(e):
+                self._fail_permanently(job, message)
+                return
+            message = f"{type(e).__name__}: {message}"
             if job.attempts < self.config.max_attempts:
                 delay = self.config.retry_delay * 2 ** (job.attempts - 1)
                 log.warning(
@@ -505,11 +697,21 @@ class Service:
             else:
                 log.error("job %s: failed after %s tries: %s", job.id, job.attempts, message)
                 self.store.fail(job.id, message)
-            if not transient:
+            if not is_transient(e):  # not the network: maybe a bug, keep the traceback
                 log.debug("job %s traceback", job.id, exc_info=True)
             return
         self.store.finish(job.id, **fields)
         log.info("job %s: done in %.1f s: %s", job.id, time.time() - t0, fields.get("verdict"))
+
+    def _fail_permanently(self, job: Job, message: str) -> None:
+        log.error("job %s: %s@%s cannot be audited: %s", job.id, job.repo, job.sha, message)
+        if self.config.comment_errors and not job.comment_url:
+            try:
+                url = self.auditor.comment(job, self.auditor.error_text(job, message))
+                self.store.update(job.id, comment_url=url)
+            except Exception as ce:  # noqa: BLE001 - the job has failed anyway
+                log.error("job %s: could not comment the error: %s", job.id, ce)
+        self.store.fail(job.id, message)
 
 
 def _text_at(payload: Any, key: str, field: str) -> str | None:
@@ -534,55 +736,6 @@ def _lock_queue(db: Path) -> Any:
         f.close()
         raise RuntimeError(f"another webhook service is using the queue {db}") from None
     return f
-
-
-class _Handler(BaseHTTPRequestHandler):
-    service: Service
-    server_version = "hub-backdoor-webhook/1"
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        log.debug("http %s " + format, self.client_address[0], *args)
-
-    def _answer(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        data = (json.dumps(body) + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
-        if self.path.split("?")[0].rstrip("/") not in ("", "/webhook"):
-            self.close_connection = True
-            return self._answer(404, {"error": "POST the webhook to / or /webhook"})
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0 or length > self.service.config.max_body:
-            self.close_connection = True
-            return self._answer(413 if length > 0 else 400, {"error": "missing or too large Content-Length"})
-        body = self.rfile.read(length)
-        status, answer = self.service.handle(self.headers.get(SECRET_HEADER), body)
-        self._answer(status, answer, {"Retry-After": "60"} if status == 503 else None)
-
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        path = self.path.split("?")[0].rstrip("/")
-        store = self.service.store
-        if path == "/healthz":
-            return self._answer(200, {"ok": True, "jobs": store.counts()})
-        if path == "/jobs":
-            secret = self.headers.get(SECRET_HEADER)
-            if secret is None or not hmac.compare_digest(
-                secret.encode(), self.service.config.secret.encode()
-            ):
-                return self._answer(401, {"error": f"missing or wrong {SECRET_HEADER}"})
-            jobs = [j.to_dict() for j in store.jobs()]
-            return self._answer(200, {"jobs": jobs, "events": store.events(), "counts": store.counts()})
-        self._answer(404, {"error": "GET /healthz or /jobs"})
 
 
 # -- command line -------------------------------------------------------------------------------------------
@@ -645,7 +798,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=_env("THRESHOLD"), help="anomaly-index threshold")
     p.add_argument("--max-samples", type=int, default=_env("MAX_SAMPLES"), help="audit at most N images")
     p.add_argument(
-        "--audit-args", default=_env("AUDIT_ARGS", ""), help="more hub-backdoor audit options, in one string"
+        "--audit-option",
+        dest="audit_options",
+        action="append",
+        metavar="KEY=VALUE",
+        help=f"a hub_backdoor.audit keyword ({', '.join(AUDIT_OPTIONS)}), e.g. rule=mad; VALUE is read as "
+        f"JSON when it parses, else as text (repeatable; {ENV_PREFIX}AUDIT_OPTIONS: comma list)",
     )
     p.add_argument(
         "--purify-epochs", type=int, default=int(_env("PURIFY_EPOCHS", "0") or 0) or None,
@@ -668,6 +826,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return p
+
+
+def parse_audit_options(specs: list[str]) -> dict[str, Any]:
+    """``["rule=mad", "seed=1"]`` -> ``{"rule": "mad", "seed": 1}`` (values as JSON, else text)."""
+    out: dict[str, Any] = {}
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in AUDIT_OPTIONS:
+            known = ", ".join(AUDIT_OPTIONS)
+            raise ValueError(f"--audit-option {spec!r}: expected KEY=VALUE with KEY in {known}")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -696,7 +870,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         split=args.split,
         threshold=float(args.threshold) if args.threshold is not None else None,
         max_samples=int(args.max_samples) if args.max_samples else None,
-        audit_args=shlex.split(args.audit_args or ""),
+        audit_options=parse_audit_options(args.audit_options or _split_list(_env("AUDIT_OPTIONS"))),
         purify_epochs=args.purify_epochs,
         queue_size=args.queue_size,
         max_attempts=args.max_attempts,
