@@ -55,12 +55,16 @@ def freeze_bn(model: torch.nn.Module) -> None:
 
 
 def train_model(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, *, epochs: int, lr: float, bs: int,
-                seed: int) -> list[float]:
-    """SGD (Nesterov, momentum 0.9, wd 5e-4) with a one-cycle schedule, as ``zoo.train``."""
+                seed: int, optimizer: str = "sgd") -> list[float]:
+    """SGD (Nesterov, momentum 0.9, wd 5e-4) with a one-cycle schedule, as ``zoo.train``;
+    ``optimizer="adamw"`` (wd 0.05) for the families that train poorly with SGD (ViT, ConvNeXt)."""
     dev = X.device
     torch.manual_seed(seed)
     model = clf.model
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    if optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * n_steps(len(X), bs))
     g = torch.Generator(device="cpu").manual_seed(seed)
     losses = []

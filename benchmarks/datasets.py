@@ -22,6 +22,9 @@ class Arrays:
     y_test: np.ndarray
     name: str
     num_classes: int = 10
+    # images of the same source outside x_train (and their labels): a shared backbone's pretraining
+    x_other: np.ndarray | None = None
+    y_other: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -49,9 +52,17 @@ def _idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def _rgb(x: np.ndarray) -> np.ndarray:
+    return np.repeat(x[..., None], 3, axis=-1)
+
+
 def fashion_mnist(size: int = 32, train_limit: int | None = None, test_limit: int | None = None,
-                  seed: int = 0) -> Arrays:
-    """Fashion-MNIST from the Debian package ``dataset-fashion-mnist``; 28x28 padded to ``size``."""
+                  seed: int = 0, rgb: bool = False, other_limit: int = 0) -> Arrays:
+    """Fashion-MNIST from the Debian package ``dataset-fashion-mnist``; 28x28 padded to ``size``.
+
+    ``rgb``: grey replicated to 3 channels (``(N, H, W, 3)``), so colour triggers act as on RGB
+    models. ``other_limit``: that many training images outside the ``train_limit`` subset go to
+    ``x_other`` / ``y_other`` (disjoint from the zoo's training and clean data)."""
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
         raise FileNotFoundError(
             f"Fashion-MNIST not found under {FASHION_DIR}; install it with "
@@ -61,13 +72,23 @@ def fashion_mnist(size: int = 32, train_limit: int | None = None, test_limit: in
     ytr = _idx(FASHION_DIR / "train-labels-idx1-ubyte.gz")
     xte = _idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz")
     yte = _idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz")
+    xo = yo = None
     if train_limit is not None and train_limit < len(ytr):
         keep = np.sort(np.random.default_rng(seed).choice(len(ytr), train_limit, replace=False))
+        if other_limit:
+            rest = np.setdiff1d(np.arange(len(ytr)), keep)
+            rest = np.sort(np.random.default_rng(seed + 1).permutation(rest)[:other_limit])
+            xo, yo = xtr[rest], ytr[rest].astype(np.int64)
         xtr, ytr = xtr[keep], ytr[keep]
     if test_limit is not None and test_limit < len(yte):
         xte, yte = xte[:test_limit], yte[:test_limit]
-    return Arrays(_resize(xtr, size), ytr.astype(np.int64), _resize(xte, size), yte.astype(np.int64),
-                  f"fashion-mnist-{size}")
+    xtr, xte = _resize(xtr, size), _resize(xte, size)
+    xo = None if xo is None else _resize(xo, size)
+    if rgb:
+        xtr, xte = _rgb(xtr), _rgb(xte)
+        xo = None if xo is None else _rgb(xo)
+    return Arrays(xtr, ytr.astype(np.int64), xte, yte.astype(np.int64),
+                  f"fashion-mnist-{size}" + ("-rgb" if rgb else ""), x_other=xo, y_other=yo)
 
 
 def mnist5k(size: int = 16, test_fraction: float = 0.3, seed: int = 0) -> Arrays:

@@ -50,6 +50,7 @@ class Member:
     # FST: (W_0 (C, d), alpha): adds alpha <W, W_0> for the linear head's weight W and scales W
     # back to ||W_0|| after every step (the head is re-initialised before: baselines.fst_member)
     anchor: tuple[torch.Tensor, float] | None = None
+    optimizer: str = "sgd"  # the zoo's training only: "sgd" or "adamw" (not stacked)
 
 
 class _Loss(torch.nn.Module):
@@ -96,7 +97,7 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
     ``stacked=False`` runs each member alone with the reference loops of :mod:`benchmarks.core`
     (what a stacked run must equal; also the way out where ``vmap`` fails on a machine).
     """
-    if not stacked:
+    if not stacked or any(m.optimizer != "sgd" for m in members):
         return [_alone(m, X, Y, epochs=epochs, bs=bs, nesterov=nesterov) for m in members]
     momentum, weight_decay = 0.9, 5e-4
     G = len(members)
@@ -205,7 +206,7 @@ def _alone(m: Member, X: torch.Tensor | None, Y: torch.Tensor | None, *, epochs:
            nesterov: bool) -> list[float]:
     x, y = (m.X, m.Y) if m.X is not None else (X, Y)
     if nesterov:  # the zoo's training
-        return core.train_model(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed)
+        return core.train_model(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed, optimizer=m.optimizer)
     if m.anchor is not None:
         from .baselines import fst_train
 

@@ -69,6 +69,18 @@ def _identity(x: Any) -> Any:
     return x
 
 
+class LogitsOnly(nn.Module):
+    """A transformers image classifier seen as ``x -> logits`` (the harness's training loops call
+    ``model(x)``); the audit still goes through the transformers adapter on ``self.m``."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(pixel_values=x).logits
+
+
 #: architecture name -> (factory(num_classes, channels, size, seed, **kw) -> Classifier, the
 #: parameter-name prefixes of "the last stage + head" for the purification layer study)
 def preact18(num_classes: int, channels: int, size: int, seed: int, width: int = 64) -> Classifier:
@@ -90,6 +102,31 @@ def timm_arch(arch: str, num_classes: int, channels: int, size: int, seed: int, 
     return clf
 
 
+def hf_convnext(num_classes: int, channels: int, size: int, seed: int, hidden: tuple[int, ...] = (16, 32, 64, 128),
+                depths: tuple[int, ...] = (1, 1, 2, 1)) -> Classifier:
+    """A transformers ``ConvNextForImageClassification`` built from a config (patch 2 for 32x32)."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ConvNextConfig(num_channels=channels, hidden_sizes=list(hidden), depths=list(depths),
+                         num_labels=num_classes, patch_size=2, image_size=size)
+    m = LogitsOnly(ConvNextForImageClassification(cfg))
+    return TorchClassifier(m, head="m.classifier", input_channels=channels, input_size=(size, size),
+                           preprocess=_identity, name="transformers-convnext-" + "-".join(map(str, hidden)))
+
+
+def audit_view(clf: Classifier) -> Classifier:
+    """The classifier the audit sees: a transformers model through the library's transformers
+    adapter (its head discovery and checks), everything else as built."""
+    if isinstance(clf.model, LogitsOnly):
+        from hub_backdoor.adapters.transformers import TransformersClassifier
+
+        view = TransformersClassifier(clf.model.m)
+        view.preprocess = _identity
+        return view
+    return clf
+
+
 ARCHS: dict[str, dict[str, Any]] = {
     # full suite
     "preact18": {"factory": preact18, "kw": {"width": 64}, "last": ["layer4", "bn", "linear"]},
@@ -101,6 +138,16 @@ ARCHS: dict[str, dict[str, Any]] = {
     "preact18-w8": {"factory": preact18, "kw": {"width": 8}, "last": ["layer4", "bn", "linear"]},
     "test-vit": {"factory": timm_arch, "kw": {"arch": "test_vit", "img_size": 16, "patch_size": 4},
                  "last": ["blocks.1", "norm", "head"]},
+    # standard suite (CPU, 32x32 RGB Fashion-MNIST): four families, one adapter each at least
+    "vit-e64d4": {"factory": timm_arch, "kw": {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4,
+                                               "embed_dim": 64, "depth": 4, "num_heads": 2},
+                  "train": {"opt": "adamw", "lr": 0.002, "epochs": 5}, "last": ["blocks.3", "norm", "head"]},
+    "mnv3-050": {"factory": timm_arch, "kw": {"arch": "mobilenetv3_small_050"}, "train": {"epochs": 6},
+                 "last": ["blocks.5", "conv_head", "classifier"]},
+    # fine-tuned from one backbone the harness pretrains on other images with a coarser labelling
+    "hf-convnext": {"factory": hf_convnext, "kw": {}, "pretrain": {"epochs": 5, "lr": 0.003, "opt": "adamw"},
+                    "train": {"epochs": 3, "lr": 0.002, "opt": "adamw"},
+                    "last": ["m.convnext.encoder.stages.3", "m.convnext.layernorm", "m.classifier"]},
     "test-efficientnet": {"factory": timm_arch, "kw": {"arch": "test_efficientnet"},
                           "last": ["blocks.4", "conv_head", "bn2", "classifier"]},
 }

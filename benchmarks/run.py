@@ -31,12 +31,13 @@ import torch
 from hub_backdoor.defaults import PURIFY
 from hub_backdoor.detection import DEFAULT_RULE, RULES, DetectionInput
 from hub_backdoor.purification import auto_epochs
+from hub_backdoor.verification import verify_input_space
 
-from . import baselines, core, group
+from . import baselines, core, group, stats
 from ._machine import cpu_name
 from .attacks import ATTACKS, apply, poison_arrays
 from .datasets import LOADERS
-from .models import ARCHS, build
+from .models import ARCHS, audit_view, build
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_ATTACKS = list(ATTACKS)
@@ -68,6 +69,12 @@ STUDY: dict[str, dict[str, Any]] = {
     "beta 20, distill 6": {"beta": 20.0, "distill": 6.0},
 }
 
+STANDARD_ARCHS = ("preact18-w8", "vit-e64d4", "mnv3-050", "hf-convnext")
+#: the standard suite's purification study (on its 10 % models): the paper's loss and the
+#: variants that move accuracy most on the quick suite
+STANDARD_STUDY = ["library default", "paper loss (scale 1, distill 0)", "head trained too", "beta 3",
+                  "scale 4", "lr 0.01"]
+
 SUITES: dict[str, dict[str, Any]] = {
     # the test's micro suite: 2 models, 1-2 epochs
     "micro": {
@@ -92,6 +99,30 @@ SUITES: dict[str, dict[str, Any]] = {
                   "re-solve s_t every 2 epochs", "last stage + head only"],
         "clean_fraction": 0.05, "group": 2,
     },
+    # CPU standard suite: Fashion-MNIST 32x32 RGB, four families (plain torch, timm ViT, timm
+    # MobileNetV3, transformers ConvNeXt fine-tuned from a shared backbone), six attacks at two
+    # rates + one two-target model and 12 clean models per family; stored statistics committed
+    "standard": {
+        "data": ("fashion-mnist", {"size": 32, "train_limit": 6000, "test_limit": 2000, "rgb": True,
+                                   "other_limit": 6000}),
+        "zoo": {a: (ALL_ATTACKS, [0.05, 0.1]) for a in STANDARD_ARCHS},
+        "two_target": ("badnets", "blend", 0.1), "n_clean": 12,
+        "epochs": 4, "lr": 0.05, "bs": 128, "ft_epochs": 10, "nc_steps": 60, "nc_bs": 16,
+        "verify": {"n_images": 40, "steps": 20},
+        "study": STANDARD_STUDY, "study_rates": [0.1],
+        "clean_fraction": 0.05, "group": 1, "stacked": False, "stats": "standard",
+    },
+    # the standard suite's code paths on a sliver (tests and a CPU dry run in minutes)
+    "standard-smoke": {
+        "data": ("fashion-mnist", {"size": 32, "train_limit": 1200, "test_limit": 300, "rgb": True,
+                                   "other_limit": 600}),
+        "zoo": {a: (["badnets"], [0.1]) for a in STANDARD_ARCHS},
+        "two_target": ("badnets", "blend", 0.1), "n_clean": 1,
+        "epochs": 1, "lr": 0.05, "bs": 128, "ft_epochs": 1, "nc_steps": 2, "nc_bs": 4, "ours_epochs": 2,
+        "verify": {"n_images": 20, "steps": 6},
+        "study": ["library default", "paper loss (scale 1, distill 0)"], "study_rates": [0.1],
+        "clean_fraction": 0.05, "group": 1, "stacked": False, "stats": "standard-smoke",
+    },
     # GPU full suite (Fashion-MNIST padded to 32x32; 20k-sample training subset to fit the budget)
     "full": {
         "data": ("fashion-mnist", {"size": 32, "train_limit": 20000}),
@@ -105,13 +136,17 @@ SUITES: dict[str, dict[str, Any]] = {
     },
 }
 
-EVAL_VERSION = 3  # 3: fine-tunes in groups; FT, NC and FST in the data order of seed 0 (FST in groups)
+EVAL_VERSION = 4  # 4: detection and removal cached apart; several triggers per model
 FT_BS = 64  # batch size of every fine-tune (the clean sets are small)
+WORKING_ASR = 0.5  # a backdoor "works" when its ASR before defense reaches this
 
 
 def model_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """Every model of the zoo, architectures interleaved (so every worker's share, and whatever a
-    deadline leaves finished, mixes architectures, attacks and clean models)."""
+    deadline leaves finished, mixes architectures, attacks and clean models).
+
+    A spec's ``attacks`` / ``targets`` list every planted trigger (two for a two-target model,
+    ``cfg["two_target"] = (attack, attack, rate)``); ``attack`` / ``target`` name the first."""
     per_arch = []
     for arch, (attacks, rates) in cfg["zoo"].items():
         specs: list[dict[str, Any]] = []
@@ -119,13 +154,31 @@ def model_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         for atk in attacks:
             for rate in rates:
                 mid = f"{arch}-{atk}-{int(round(rate * 100))}pct"
+                t = zlib.crc32(mid.encode()) % 10
                 specs.append({"id": mid, "arch": arch, "attack": atk, "rate": rate, "seed": n,
-                              "target": zlib.crc32(mid.encode()) % 10})
+                              "target": t, "attacks": [atk], "targets": [t]})
                 n += 1
+        if cfg.get("two_target"):
+            a1, a2, rate = cfg["two_target"]
+            mid = f"{arch}-two-{a1}-{a2}-{int(round(rate * 100))}pct"
+            t1 = zlib.crc32(mid.encode()) % 10
+            t2 = (t1 + 1 + zlib.crc32(mid[::-1].encode()) % 9) % 10
+            specs.append({"id": mid, "arch": arch, "attack": f"{a1}+{a2}", "rate": rate, "seed": n,
+                          "target": t1, "attacks": [a1, a2], "targets": [t1, t2]})
+            n += 1
+        n_clean = cfg.get("n_clean", n)  # default: as many clean as backdoored
         clean = [{"id": f"{arch}-clean-s{s}", "arch": arch, "attack": None, "rate": 0.0,
-                  "seed": 100 + s, "target": None} for s in range(n)]  # as many clean as backdoored
-        per_arch.append([m for pair in zip(specs, clean) for m in pair])
+                  "seed": 100 + s, "target": None, "attacks": [], "targets": []} for s in range(n_clean)]
+        mixed = [m for pair in itertools.zip_longest(specs, clean) for m in pair if m is not None]
+        per_arch.append(mixed)
     return [m for group in itertools.zip_longest(*per_arch) for m in group if m is not None]
+
+
+def planted(spec: dict[str, Any]) -> list[tuple[str, int]]:
+    """``(attack, target)`` of every trigger planted in ``spec``'s model (older records: one)."""
+    if spec.get("attacks") is not None:
+        return list(zip(spec["attacks"], spec["targets"]))
+    return [] if spec["attack"] is None else [(spec["attack"], spec["target"])]
 
 
 def _hash(obj: Any) -> str:
@@ -142,7 +195,9 @@ class Runner:
     def __init__(self, suite: str, device: torch.device, out: Path, log: bool = True,
                  cached_only: bool = False, stacked: bool = True) -> None:
         self.suite, self.cfg, self.dev, self.out = suite, SUITES[suite], device, out
-        self.stacked = stacked  # models trained / fine-tuned stacked (benchmarks/group.py) or one by one
+        # models trained / fine-tuned stacked (benchmarks/group.py) or one by one; a CPU suite sets
+        # "stacked": False (on a CPU stacking measured 0.7-1.0x at real batch sizes)
+        self.stacked = stacked and self.cfg.get("stacked", True)
         self.cache = out / "cache" / suite
         self.log_on = log
         name, kw = self.cfg["data"]
@@ -165,8 +220,10 @@ class Runner:
     # -- training (cached) ----------------------------------------------------------------------
     def train_hash(self, spec: dict[str, Any]) -> str:
         cfg = self.cfg
+        a = ARCHS[spec["arch"]]
+        extra = {k: a[k] for k in ("pretrain", "train") if k in a}  # absent keys keep older hashes
         return _hash({"spec": spec, "data": cfg["data"], "epochs": cfg["epochs"], "lr": cfg["lr"],
-                      "bs": cfg["bs"], "arch": ARCHS[spec["arch"]]["kw"]})
+                      "bs": cfg["bs"], "arch": a["kw"], **extra})
 
     def trained(self, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """The model of ``spec`` and its training record, trained now if not cached."""
@@ -203,21 +260,28 @@ class Runner:
         """Train models of one architecture together (:mod:`benchmarks.group`), each on its own
         poisoned copy of the training set with its own seed, and cache each."""
         d, cfg = self.data, self.cfg
+        over = ARCHS[specs[0]["arch"]].get("train", {})
+        epochs, lr = over.get("epochs", cfg["epochs"]), over.get("lr", cfg["lr"])
+        backbone = self.backbone(specs[0]["arch"])
         members, n_poison = [], []
         for spec in specs:
             x, y, n = d.x_train, d.y_train, 0
-            if spec["attack"] is not None:
-                atk_f, clean_label = ATTACKS[spec["attack"]]
-                x, y, mask = poison_arrays(x, y, atk_f(d.size), target=spec["target"], rate=spec["rate"],
-                                           clean_label=clean_label, seed=spec["seed"])
-                n = int(mask.sum())
+            for j, (atk, target) in enumerate(planted(spec)):
+                atk_f, clean_label = ATTACKS[atk]
+                x, y, mask = poison_arrays(x, y, atk_f(d.size), target=target, rate=spec["rate"],
+                                           clean_label=clean_label, seed=spec["seed"] + 1000 * j)
+                n += int(mask.sum())
             clf = build(spec["arch"], d.num_classes, d.channels, d.size, spec["seed"])
+            if backbone is not None:  # a fine-tune: every weight but the new head from the backbone
+                own = clf.model.state_dict()
+                clf.model.load_state_dict({k: v for k, v in backbone.items()
+                                           if k in own and own[k].shape == v.shape}, strict=False)
             clf.model.to(self.dev)
-            members.append(group.Member(clf=clf, lr=cfg["lr"], seed=spec["seed"],
+            members.append(group.Member(clf=clf, lr=lr, seed=spec["seed"], optimizer=over.get("opt", "sgd"),
                                         X=core.to_tensor(x, self.dev), Y=torch.as_tensor(y, device=self.dev)))
             n_poison.append(n)
         t0 = time.perf_counter()
-        losses = group.fit(members, None, None, epochs=cfg["epochs"], bs=cfg["bs"], nesterov=True,
+        losses = group.fit(members, None, None, epochs=epochs, bs=cfg["bs"], nesterov=True,
                            stacked=self.stacked)
         seconds = time.perf_counter() - t0
         for spec, m, n, ls in zip(specs, members, n_poison, losses):
@@ -229,6 +293,35 @@ class Runner:
             (folder / "train.json").write_text(json.dumps(meta))
             self.counters["trained"] += 1
         self.log(f"  trained {', '.join(s['id'] for s in specs)} together in {seconds:.1f}s")
+
+    def backbone(self, arch: str) -> dict[str, torch.Tensor] | None:
+        """The shared backbone of a fine-tuned family (``ARCHS[arch]["pretrain"]``): one model
+        trained, once, on images outside the zoo's data with a coarser labelling (label // 2,
+        5 classes), so the backdoor enters during fine-tuning as on most Hub models. Cached."""
+        pre = ARCHS[arch].get("pretrain")
+        if pre is None:
+            return None
+        d = self.data
+        if d.x_other is None:
+            raise ValueError(f"{arch} is fine-tuned from a backbone but the suite's data has no other images")
+        path = self.cache / "_backbones" / f"{arch}.pt"
+        key = _hash({"arch": ARCHS[arch]["kw"], "pre": pre, "data": self.cfg["data"]})
+        if path.exists():
+            saved = torch.load(path, map_location=self.dev, weights_only=True)
+            if saved.get("hash") == key:
+                return saved["state"]
+        n_coarse = (d.num_classes + 1) // 2
+        clf = build(arch, n_coarse, d.channels, d.size, seed=9999)
+        clf.model.to(self.dev)
+        t0 = time.perf_counter()
+        core.train_model(clf, core.to_tensor(d.x_other, self.dev),
+                         torch.as_tensor(d.y_other // 2, device=self.dev), epochs=pre["epochs"], lr=pre["lr"],
+                         bs=self.cfg["bs"], seed=9999, optimizer=pre.get("opt", "sgd"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().clone() for k, v in clf.model.state_dict().items()}
+        torch.save({"hash": key, "state": state, "seconds": time.perf_counter() - t0}, path)
+        self.log(f"  pretrained the {arch} backbone in {time.perf_counter() - t0:.1f}s")
+        return state
 
     def train_pending(self, specs: list[dict[str, Any]], deadline: float | None, t0: float) -> None:
         """Train every not yet trained model of ``specs``, ``group`` at a time per architecture."""
@@ -280,46 +373,89 @@ class Runner:
             self.reverse_group(part, {s["id"]: self._load(s)[0] for s in part})
 
     # -- evaluation (cached) --------------------------------------------------------------------
-    def evaluate(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def evaluate(self, spec: dict[str, Any], phase: str = "all") -> dict[str, Any]:
+        """A model's record: the detection part (every model; ``detect.json``), then for a
+        single-trigger backdoored model the removal part (``eval.json``) unless ``phase`` is
+        ``"detect"``. Both are cached and reused while their configuration is unchanged."""
         clf, meta = self.trained(spec)
         folder = self.cache / spec["id"]
-        eh = self.eval_hash(meta["hash"])
-        ev_p = folder / "eval.json"
-        if ev_p.exists() and (folder / "audit.npz").exists():
-            ev = json.loads(ev_p.read_text())
-            if ev.get("hash") == eh:
-                self.counters["eval_cached"] += 1
-                return ev
+        rec = self._read(folder / "detect.json", self.detect_hash(meta["hash"]))
+        if rec is None:
+            rec = self.detect_part(spec, clf, meta)
+        else:
+            self.counters["eval_cached"] += 1
+        if phase == "detect" or not self.removable(spec):
+            return rec
+        done = self._read(folder / "eval.json", self.eval_hash(meta["hash"]))
+        if done is not None:
+            return done
         t_model = time.perf_counter()
-        d, target = self.data, spec["target"]
-        Xtr = Ytr = None
-        if spec["attack"] is not None:
+        rec = json.loads(json.dumps(rec))
+        rec["hash"] = self.eval_hash(meta["hash"])
+        z = np.load(folder / "audit.npz")
+        rev = self._load_nc(spec)
+        assert rev is not None  # written by detect_part
+        self.remove(spec, clf, z["perturbations"], rev, rec["detection"], rec, self.triggered(spec)[0])
+        rec["eval_seconds"] = rec.get("eval_seconds", 0.0) + time.perf_counter() - t_model
+        _write_json(folder / "eval.json", rec)
+        self.counters["evaluated"] += 1
+        self.log(f"  removal on {spec['id']} in {time.perf_counter() - t_model:.1f}s")
+        return rec
+
+    @staticmethod
+    def removable(spec: dict[str, Any]) -> bool:
+        """Removal is measured on single-trigger backdoored models (the purification takes one target)."""
+        return len(planted(spec)) == 1
+
+    @staticmethod
+    def _read(path: Path, want: str) -> dict[str, Any] | None:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if rec.get("hash") == want else None
+
+    def triggered(self, spec: dict[str, Any]) -> list[tuple[Any, Any]]:
+        """Per planted trigger: the triggered test images not of its target, and their labels."""
+        d, out = self.data, []
+        for atk, target in planted(spec):
             keep = d.y_test != target
-            atk = ATTACKS[spec["attack"]][0](d.size)
-            Xtr = core.to_tensor(apply(atk, d.x_test[keep]), self.dev)
-            Ytr = torch.as_tensor(d.y_test[keep], device=self.dev)
+            x = apply(ATTACKS[atk][0](d.size), d.x_test[keep])
+            out.append((core.to_tensor(x, self.dev), torch.as_tensor(d.y_test[keep], device=self.dev)))
+        return out
 
-        def ev_model(c: Any) -> dict[str, float]:
-            return core.evaluate(c.model, self.Xte, self.Yte, Xtr, Ytr, target)
-
-        rec: dict[str, Any] = {"hash": eh, "spec": spec, "train_seconds": meta["seconds"],
-                               "n_poison": meta["n_poison"], "metrics": {}, "ours_by_class": {}, "study": {},
-                               "phases": {}}
+    def detect_part(self, spec: dict[str, Any], clf: Any, meta: dict[str, Any]) -> dict[str, Any]:
+        """Metrics before defense, the audit (every rule from one reconstruction), the input-space
+        verification (when the suite has one), Neural Cleanse's detection; the stored statistics."""
+        t_model = time.perf_counter()
+        folder = self.cache / spec["id"]
+        trig = self.triggered(spec)
+        rec: dict[str, Any] = {"hash": self.detect_hash(meta["hash"]), "spec": spec,
+                               "train_seconds": meta["seconds"], "n_poison": meta["n_poison"], "metrics": {},
+                               "ours_by_class": {}, "study": {}, "phases": {}}
         with self.timed(rec, "evaluations"):
-            rec["metrics"]["none"] = ev_model(clf)
-        # stage 1: one reconstruction (+ the study's s >= 0 and quantile QPs), all rules scored
+            ev = [core.evaluate(clf.model, self.Xte, self.Yte, x, y, t)
+                  for (x, y), (_, t) in zip(trig, planted(spec))] or [
+                core.evaluate(clf.model, self.Xte, self.Yte, None, None, None)]
+        rec["metrics"]["none"] = ev[0]
+        rec["asr_by_trigger"] = [e.get("asr") for e in ev] if trig else []
+        view = audit_view(clf)
         with self.timed(rec, "audit"):
-            au = core.audit(clf, self.Xc, self.Yc)
+            au = core.audit(view, self.Xc, self.Yc)
         rec["audit_timings"] = au.timings
         rec["audit_stats"] = core.audit_stats(au.inp)
-        W, b = clf.head_numpy()
-        # per-sample logits and the head too: rules that need them can be studied without a GPU rerun
+        W, b = view.head_numpy()
+        # per-sample logits and the head too: rules that need them can be studied without a rerun
         np.savez(folder / "audit.npz", perturbations=au.perturbations, h_std=au.inp.h_std,
                  norms=au.inp.norms, nonneg_norms=au.inp.nonneg_norms, quantile_norms=au.inp.quantile_norms,
                  logits=au.logits.astype(np.float32), labels=self.Yc.cpu().numpy(), head_W=W, head_b=b)
-        flagged = detections(au.inp)
-        rec["detection"] = flagged
-        # Neural Cleanse detection (all models: its false-positive rate too)
+        ver = None
+        if self.cfg.get("verify"):
+            with self.timed(rec, "input-space verification"):
+                ver = verify_input_space(view, self.Xc, self.Yc, seed=0, **self.cfg["verify"])
+            au.inp.input_bounds = ver.full_bounds(view.num_classes)
+            rec["verification"] = {"bounds": ver.bounds.tolist(), "seconds": ver.seconds}
+        rec["detection"] = detections(au.inp)
         rev = self._load_nc(spec)
         if rev is None:  # not reversed with its group beforehand (reverse_pending)
             self.reverse_group([spec], {spec["id"]: clf})
@@ -327,13 +463,16 @@ class Runner:
         rec["nc"] = {"l1": rev["l1"], "scores": rev["scores"], "flagged": rev["flagged"],
                      "seconds": rev["seconds"]}
         rec["phases"]["nc reverse engineering"] = rev["seconds"]
-        if spec["attack"] is not None:
-            self.remove(spec, clf, au, rev, flagged, rec, (Xtr, Ytr))
+        if self.cfg.get("stats"):
+            pairs = [(self.Xte[torch.as_tensor(self.data.y_test != t, device=self.dev)], x)
+                     for (x, _), (_, t) in zip(trig, planted(spec))]
+            stats.save(self.out / self.cfg["stats"] / f"{spec['id']}.npz", spec=spec, rec=rec, clf=view,
+                       X=self.Xc, Y=self.Yc, audit=au, verification=ver, tac_pairs=pairs)
         rec["eval_seconds"] = time.perf_counter() - t_model
-        ev_p.write_text(json.dumps(rec))
+        _write_json(folder / "detect.json", rec)
         self.counters["evaluated"] += 1
         m = rec["metrics"]["none"]
-        self.log(f"  evaluated {spec['id']} in {rec['eval_seconds']:.1f}s: acc {m['acc']:.3f}"
+        self.log(f"  audited {spec['id']} in {rec['eval_seconds']:.1f}s: acc {m['acc']:.3f}"
                  + (f" asr {m['asr']:.3f}" if "asr" in m else ""))
         return rec
 
@@ -346,7 +485,7 @@ class Runner:
         core.sync(self.dev)
         rec["phases"][phase] = rec["phases"].get(phase, 0.0) + time.perf_counter() - t0
 
-    def remove(self, spec: dict[str, Any], clf: Any, au: core.AuditResult, rev: dict[str, Any],
+    def remove(self, spec: dict[str, Any], clf: Any, perturbations: np.ndarray, rev: dict[str, Any],
                flagged: dict[str, list[int]], rec: dict[str, Any], trig: tuple[Any, Any]) -> None:
         """Every removal of one backdoored model: ours (for each class some rule flags first, and
         for the true target), FT, NC unlearning, FST and the purification study's variants as
@@ -366,7 +505,7 @@ class Runner:
             train = ARCHS[spec["arch"]]["last"] if p["train"] == "last" else p["train"]
             epochs = p["epochs"] or cfg.get("ours_epochs") or auto_epochs(core.n_steps(len(self.Xc), FT_BS))
             return epochs, group.Member(clf=clf.copy(), lr=p["lr"], train=train, beta=p["beta"],
-                                        scale=p["scale"], distill=p["distill"], s_t=au.perturbations[k])
+                                        scale=p["scale"], distill=p["distill"], s_t=perturbations[k])
 
         for k in sorted({target} | {f[0] for f in flagged.values() if f}):
             jobs.append((("ours_by_class", str(k)), *ours(OURS, k)))
@@ -408,36 +547,44 @@ class Runner:
                 rec["study"][name] = ev_model(core.finetune(
                     clf.copy(), self.Xc, self.Yc, epochs=p["epochs"] or cfg.get("ours_epochs"), lr=p["lr"],
                     bs=FT_BS, seed=0, train=p["train"], beta=p["beta"], scale=p["scale"],
-                    distill=p["distill"], s_t=au.perturbations[target], target=target,
+                    distill=p["distill"], s_t=perturbations[target], target=target,
                     resolve_every=p["resolve_every"], freeze_norm=p["freeze_norm"]))
         pruned, n = baselines.clp(clf.copy())
         rec["clp_pruned"] = n
         rec["metrics"]["clp"] = ev_model(pruned) if n >= 0 else None
 
-    def cached(self, spec: dict[str, Any]) -> dict[str, Any] | None:
-        """A model's finished evaluation, read without its weights (None when missing or stale)."""
+    def cached(self, spec: dict[str, Any], phase: str = "all") -> dict[str, Any] | None:
+        """A model's finished record, read without its weights (None when missing or stale)."""
         folder = self.cache / spec["id"]
         try:
             meta = json.loads((folder / "train.json").read_text())
-            ev = json.loads((folder / "eval.json").read_text())
         except (OSError, ValueError):
             return None
-        if not (folder / "audit.npz").exists() or ev.get("hash") != self.eval_hash(meta["hash"]):
+        if not (folder / "audit.npz").exists():
             return None
-        return ev
+        if phase == "detect" or not self.removable(spec):
+            return self._read(folder / "detect.json", self.detect_hash(meta["hash"]))
+        return self._read(folder / "eval.json", self.eval_hash(meta["hash"]))
+
+    def detect_hash(self, train_hash: str) -> str:
+        cfg = self.cfg
+        return _hash({"v": EVAL_VERSION, "train": train_hash, "verify": cfg.get("verify"),
+                      "nc": [cfg["nc_steps"], cfg["nc_bs"]], "clean": self.clean_idx.tolist()[:50],
+                      "dev": self.dev.type, "stats": cfg.get("stats")})
 
     def eval_hash(self, train_hash: str) -> str:
         cfg = self.cfg
         study = {name: STUDY[name] for name in cfg["study"]} | {"rates": cfg.get("study_rates"),
                                                                 "models": cfg.get("study_models")}
-        return _hash({"v": EVAL_VERSION, "train": train_hash, "ours": OURS, "study": study,
+        return _hash({"v": EVAL_VERSION, "detect": self.detect_hash(train_hash), "ours": OURS, "study": study,
                       "ft": cfg["ft_epochs"], "nc": [cfg["nc_steps"], cfg["nc_bs"]],
                       "clean": self.clean_idx.tolist()[:50], "dev": self.dev.type})
 
     def run(self, *, shard: tuple[int, int] | None = None, deadline: float | None = None,
-            cached_only: bool = False) -> dict[str, Any]:
-        """Evaluate every model (``shard = (i, n)``: every n-th from the i-th). ``deadline``:
-        seconds after which no new model is started. ``cached_only``: report what is cached."""
+            cached_only: bool = False, phase: str = "all") -> dict[str, Any]:
+        """Evaluate every model (``shard = (i, n)``: every n-th from the i-th): the detection part
+        of all of them first, then (``phase="all"``) the removal part. ``deadline``: seconds after
+        which no new model is started. ``cached_only``: report what is cached."""
         specs = model_specs(self.cfg)
         if shard is not None:
             # the parent listed the models still to do, so the shares are even
@@ -450,26 +597,42 @@ class Runner:
         if not cached_only:
             self.train_pending(specs, deadline, t0)
             self.reverse_pending(specs, deadline, t0)
-        records, missing = [], []
-        for i, spec in enumerate(specs):
-            rec = self.cached(spec)  # a finished evaluation needs neither data nor weights
-            if rec is not None:
-                self.counters["eval_cached"] += 1
-                records.append(rec)
-                continue
-            if cached_only or (deadline is not None and time.perf_counter() - t0 > deadline):
-                missing.append(spec["id"])
-                continue
-            self.log(f"[{i + 1}/{len(specs)}] {spec['id']}")
-            records.append(self.evaluate(spec))
+        missing: list[str] = []
+        for part in ("detect", "all") if phase == "all" else ("detect",):
+            records = []
+            for i, spec in enumerate(specs):
+                if spec["id"] in missing:
+                    continue
+                rec = self.cached(spec, part)  # a finished evaluation needs neither data nor weights
+                if rec is not None:
+                    records.append(rec)
+                    continue
+                if cached_only or (deadline is not None and time.perf_counter() - t0 > deadline):
+                    missing.append(spec["id"])
+                    continue
+                self.log(f"[{i + 1}/{len(specs)}] {spec['id']} ({'detection' if part == 'detect' else 'removal'})")
+                records.append(self.evaluate(spec, part))
         return {"suite": self.suite, "records": records, "seconds": time.perf_counter() - t0,
                 "counters": self.counters, "missing": missing}
 
 
 def detections(inp: DetectionInput, threshold: float = 2.0) -> dict[str, list[int]]:
+    """Every rule's flags; rules whose input was not computed (no verification run) are left out."""
     from hub_backdoor.detection import detect
 
-    return {name: detect(inp, rule=name, threshold=threshold).flagged for name in RULES}
+    out = {}
+    for name in RULES:
+        try:
+            out[name] = detect(inp, rule=name, threshold=threshold).flagged
+        except ValueError:
+            continue
+    return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, default=float))
+    tmp.replace(path)
 
 
 def rescore(folder: Path) -> dict[str, np.ndarray]:
@@ -477,7 +640,13 @@ def rescore(folder: Path) -> dict[str, np.ndarray]:
     z = np.load(folder / "audit.npz")
     inp = DetectionInput(norms=z["norms"], perturbations=z["perturbations"], h_std=z["h_std"],
                          nonneg_norms=z["nonneg_norms"], quantile_norms=z["quantile_norms"])
-    return {name: np.asarray(fn(inp)) for name, fn in RULES.items()}
+    out = {}
+    for name, fn in RULES.items():
+        try:
+            out[name] = np.asarray(fn(inp))
+        except ValueError:  # its input (the input-space verification) was not computed
+            continue
+    return out
 
 
 # -- summary ------------------------------------------------------------------------------------
@@ -492,7 +661,7 @@ def summarise(res: dict[str, Any], cache: Path, rule: str) -> dict[str, Any]:
     # detection: each rule at threshold 2, and its best TPR at zero false positives over the zoo
     det: dict[str, dict[str, Any]] = {}
     scores = {r["spec"]["id"]: rescore(cache / r["spec"]["id"]) for r in recs}
-    for name in RULES:
+    for name in [n for n in RULES if scores and all(n in v for v in scores.values())]:
         def flag(r: dict[str, Any], thr: float, name: str = name) -> int | None:
             s = scores[r["spec"]["id"]][name]
             k = int(np.argmax(s))
@@ -525,6 +694,9 @@ def summarise(res: dict[str, Any], cache: Path, rule: str) -> dict[str, Any]:
             return r["metrics"]["none"]  # nothing flagged: the model is left as it is
         return r["ours_by_class"].get(str(k)) or r["metrics"]["none"]
 
+    # removal: single-trigger backdoored models whose backdoor works (ASR >= 50 % before defense)
+    bd = [r for r in bd if Runner.removable(r["spec"]) and "ft" in r["metrics"]
+          and r["metrics"]["none"].get("asr", 0.0) >= WORKING_ASR]
     study = {}
     for name in (res.get("study_names") or []):
         vals = [(r["metrics"]["none"], r["study"][name]) for r in bd if name in r["study"]]
@@ -705,6 +877,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "(e.g. '*-10pct'); the tables still cover every cached model")
     ap.add_argument("--one-by-one", action="store_true",
                     help="train and fine-tune each model alone instead of stacked (same results to rounding)")
+    ap.add_argument("--phase", choices=("detect", "all"), default="all",
+                    help="detect: train, audit and score every detection rule only (no removal)")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/n": one worker's share
     args = ap.parse_args(argv)
     if args.threads:
@@ -717,17 +891,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     runner = Runner(args.suite, dev, args.out, log=not args.quiet, cached_only=args.cached_only,
                     stacked=not args.one_by_one)
+    phase_wall: dict[str, float] = {}
     if args.workers > 1 and not args.shard and not args.cached_only:
-        pending = [m["id"] for m in model_specs(runner.cfg) if runner.cached(m) is None
-                   and (args.models is None or fnmatch.fnmatch(m["id"], args.models))]
-        runner.cache.mkdir(parents=True, exist_ok=True)
-        (runner.cache / "pending.json").write_text(json.dumps(pending))
-        _spawn_workers(argv_l, min(args.workers, max(1, len(pending))))
+        for arch in runner.cfg["zoo"]:  # shared backbones once, before the workers need them
+            runner.backbone(arch)
+        # the detection part of every model first, then the removal part: a wall time per phase
+        for part in ("detect", "all") if args.phase == "all" else ("detect",):
+            t_part = time.perf_counter()
+            pending = [m["id"] for m in model_specs(runner.cfg) if runner.cached(m, part) is None
+                       and (args.models is None or fnmatch.fnmatch(m["id"], args.models))]
+            runner.cache.mkdir(parents=True, exist_ok=True)
+            (runner.cache / "pending.json").write_text(json.dumps(pending))
+            if pending:
+                _spawn_workers([*_without(argv_l, "--phase"), "--phase", part],
+                               min(args.workers, len(pending)))
+            phase_wall["detection (training, audits, every detection statistic)" if part == "detect"
+                       else "removal (every defense and the purification study)"] = time.perf_counter() - t_part
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
-        runner.run(shard=(i, n), deadline=args.deadline)
+        runner.run(shard=(i, n), deadline=args.deadline, phase=args.phase)
         return {}
-    res = runner.run(deadline=args.deadline, cached_only=args.cached_only or args.workers > 1)
+    res = runner.run(deadline=args.deadline, cached_only=args.cached_only or args.workers > 1,
+                     phase=args.phase)
     res["seconds"] = time.perf_counter() - t_start
     res["study_names"] = runner.cfg["study"]
     rule = args.rule or DEFAULT_RULE
@@ -750,6 +935,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "n_backdoored": sum(r["spec"]["attack"] is not None for r in res["records"]),
         "n_clean_models": sum(r["spec"]["attack"] is None for r in res["records"]),
         "seconds": res["seconds"], "counters": res["counters"], "workers": args.workers,
+        "phase": args.phase, "phase_wall_seconds": phase_wall,
         "missing": res["missing"], "records": res["records"],
     }
     out["summary"] = summarise(res, runner.cache, rule)
@@ -769,15 +955,25 @@ def _previous(path: Path, key: str) -> str:
         return "as recorded by the run that filled the cache (unknown)"
 
 
+def _without(argv: list[str], flag: str) -> list[str]:
+    """``argv`` less ``flag`` and its value (``--flag V`` or ``--flag=V``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
 def _spawn_workers(argv: list[str], n: int) -> None:
     """Run ``n`` copies of this command on disjoint shards of the zoo and wait for all of them;
     each writes its models' cache, which the caller then reads."""
     import subprocess
 
-    base = [a for a in argv if not a.startswith("--workers")]
-    if "--workers" in argv:  # "--workers N" as two tokens
-        j = argv.index("--workers")
-        base = argv[:j] + argv[j + 2 :]
+    base = _without(argv, "--workers")
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.run", *base, "--shard", f"{i}/{n}"])
              for i in range(n)]
     codes = [p.wait() for p in procs]

@@ -26,6 +26,9 @@ class DetectionInput:
         nonneg_norms: ``(C,)`` ||s_k|| of the QP with ``s >= 0`` (None when not solved).
         quantile_norms: ``(C,)`` ||s_k|| when the collapse takes a quantile over the samples
             instead of the max (needs per-sample logits; the benchmark computes it; None otherwise).
+        input_bounds: ``(C,)`` the input-space verification's smallest universal L2 change that
+            sends most reference images to k (:mod:`hub_backdoor.verification`; ``nan`` for a
+            class not verified; None when not run).
     """
 
     norms: np.ndarray
@@ -33,6 +36,7 @@ class DetectionInput:
     h_std: np.ndarray | None = None
     nonneg_norms: np.ndarray | None = None
     quantile_norms: np.ndarray | None = None
+    input_bounds: np.ndarray | None = None
 
 
 @dataclass
@@ -143,6 +147,14 @@ def _agree_loo(inp: DetectionInput) -> np.ndarray:
     return np.minimum(_mad_loo(inp), _dormant(inp))
 
 
+def _input_ratio(inp: DetectionInput) -> np.ndarray:
+    if inp.input_bounds is None:
+        raise ValueError("rule 'input-ratio' needs the input-space verification (input_bounds)")
+    from .verification import bound_ratio_scores
+
+    return bound_ratio_scores(inp.input_bounds)
+
+
 #: Detection rules: name -> fn(DetectionInput) -> scores (C,).
 #:   "mad"         the paper (arXiv v1): MAD anomaly index of ||s_k||
 #:   "mad-nonneg"  MAD anomaly index of ||s_k|| with s >= 0 (a trigger switches features on)
@@ -161,7 +173,15 @@ RULES: dict[str, Callable[[DetectionInput], np.ndarray]] = {
     "mad-quantile": _mad_quantile,  # 95 % quantile instead of the max in the collapse
     "agree-mad": _agree_mad,  # "mad" and "dormant" flag the same class
     "agree-loo": _agree_loo,  # "mad-loo" and "dormant" flag the same class
+    # input space: log(median bound of the other classes / bound of k); needs the verification
+    "input-ratio": _input_ratio,
 }
+
+#: Each rule's default threshold on its score (anomaly indices: 2, as Neural Cleanse).
+RULE_THRESHOLDS: dict[str, float] = {name: 2.0 for name in RULES}
+
+#: Rules that need the input-space verification (they run the model again).
+NEEDS_INPUT = frozenset({"input-ratio"})
 
 #: Rules that need the extra s >= 0 reconstruction.
 NEEDS_NONNEG = frozenset({"mad-nonneg", "agree"})

@@ -1,0 +1,254 @@
+"""Re-score every detection rule on a suite's stored statistics, without any model:
+``python -m benchmarks.rescore [--suite standard] [--rules R ...]``.
+
+Reads ``benchmarks/results/<suite>/*.npz`` (:mod:`benchmarks.stats`), scores each rule of the
+library's registry plus the study's candidates below, and rewrites the detection tables of
+``<suite>.json`` / ``<suite>.md`` (the removal tables are kept as the run wrote them).
+
+Protocol (what the tables count):
+
+* A **working** backdoor is a planted trigger with ASR >= 50 % before defense; only working
+  triggers count, the table says how many of the planted ones work.
+* **TP** (single-trigger model): the rule's top class is the target and its score exceeds the
+  threshold. **FP**: a clean model whose top score exceeds it. **Two-target** models: both targets
+  above the threshold.
+* Thresholds: the rule's library threshold; *in-sample 0 FP*: just above the highest clean score
+  of the whole zoo (optimistic); *leave-one-family-out (LOFO)*: for each family, just above the
+  highest clean score of the *other* families, applied to the held-out family (its clean models
+  too: a held-out false positive is counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hub_backdoor.detection import DEFAULT_RULE, RULE_THRESHOLDS, RULES, anomaly_index
+
+from . import stats
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORKING_ASR = 0.5
+
+
+def _curve_bound(z: dict[str, Any], flip: float) -> np.ndarray:
+    """Per class, the bound at which ``flip`` of the images reach it (from the stored curves)."""
+    from hub_backdoor.verification import _first_crossing
+
+    eps, curves = np.asarray(z["eps"], np.float64), np.asarray(z["flip_curve"], np.float64)
+    return np.array([_first_crossing(eps, c, flip) for c in curves])
+
+
+def _input_mean_log(z: dict[str, Any]) -> np.ndarray:
+    """Mean over flip shares 50-90 % of the log-ratio score (less noisy than one share)."""
+    from hub_backdoor.verification import bound_ratio_scores
+
+    return np.mean([bound_ratio_scores(_curve_bound(z, f)) for f in (0.5, 0.6, 0.7, 0.8, 0.9)], axis=0)
+
+
+def _input_ratio_at(flip: float) -> Callable[[dict[str, Any]], np.ndarray]:
+    def fn(z: dict[str, Any]) -> np.ndarray:
+        from hub_backdoor.verification import bound_ratio_scores
+
+        return bound_ratio_scores(_curve_bound(z, flip))
+
+    return fn
+
+
+def _nc(z: dict[str, Any]) -> np.ndarray:
+    return anomaly_index(np.asarray(z["nc_l1"], np.float64))
+
+
+#: Candidates studied on the stored statistics only (name -> fn(stats) -> scores (C,)), beside
+#: the library's rules; a candidate that wins moves into the library's registry.
+CANDIDATES: dict[str, Callable[[dict[str, Any]], np.ndarray]] = {
+    "input-mean-log (50-90 %)": _input_mean_log,
+    "input-ratio at 50 %": _input_ratio_at(0.5),
+    "input-ratio at 70 %": _input_ratio_at(0.7),
+}
+BASELINES = {"neural cleanse (mask L1, MAD)": _nc}
+
+
+def family(spec: dict[str, Any]) -> str:
+    return str(spec["arch"])
+
+
+def working(z: dict[str, Any]) -> list[int]:
+    """Targets of the planted triggers that work (ASR >= 50 % before defense)."""
+    spec, rec = z["spec"], z["record"]
+    asr = rec.get("asr_by_trigger") or []
+    return [t for t, a in zip(spec.get("targets") or [], asr) if a is not None and a >= WORKING_ASR]
+
+
+def score_all(zs: list[dict[str, Any]], rules: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """rule -> model id -> scores (C,); rules whose input a model lacks are left out entirely."""
+    fns: dict[str, Callable[[dict[str, Any]], np.ndarray]] = {
+        name: (lambda z, fn=fn: np.asarray(fn(stats.detection_input(z)), np.float64)) for name, fn in RULES.items()
+    } | CANDIDATES | BASELINES
+    if rules:
+        fns = {k: v for k, v in fns.items() if k in rules}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, fn in fns.items():
+        try:
+            out[name] = {z["spec"]["id"]: fn(z) for z in zs}
+        except (ValueError, KeyError):  # its input was not stored for some model
+            continue
+    return out
+
+
+def _top(s: np.ndarray) -> tuple[int, float]:
+    k = int(np.argmax(s))
+    return k, float(s[k])
+
+
+def evaluate_rule(zs: list[dict[str, Any]], sc: dict[str, np.ndarray], thr_lib: float) -> dict[str, Any]:
+    """One rule's row of the detection table (see the module docstring for the protocol)."""
+    single = [z for z in zs if len(z["spec"].get("targets") or []) == 1 and working(z)]
+    two = [z for z in zs if len(z["spec"].get("targets") or []) == 2]
+    two_w = [z for z in two if len(working(z)) == 2]
+    clean = [z for z in zs if not z["spec"].get("targets")]
+
+    def tp(z: dict[str, Any], thr: float) -> bool:
+        k, v = _top(sc[z["spec"]["id"]])
+        return k == z["spec"]["targets"][0] and v > thr
+
+    def both(z: dict[str, Any], thr: float) -> bool:
+        s = sc[z["spec"]["id"]]
+        return all(s[t] > thr for t in z["spec"]["targets"])
+
+    def fp(z: dict[str, Any], thr: float) -> bool:
+        return _top(sc[z["spec"]["id"]])[1] > thr
+
+    def clean_max(models: list[dict[str, Any]]) -> float:
+        vals = [_top(sc[z["spec"]["id"]])[1] for z in models]
+        return max(vals) if vals else -math.inf
+
+    thr0 = clean_max(clean)
+    fams = sorted({family(z["spec"]) for z in zs})
+    lofo: dict[str, dict[str, Any]] = {}
+    for f in fams:
+        thr_f = clean_max([z for z in clean if family(z["spec"]) != f])
+        mine = [z for z in single if family(z["spec"]) == f]
+        lofo[f] = {"thr": thr_f, "tp": sum(tp(z, thr_f) for z in mine), "n": len(mine),
+                   "fp": sum(fp(z, thr_f) for z in clean if family(z["spec"]) == f),
+                   "n_clean": sum(family(z["spec"]) == f for z in clean),
+                   "two": sum(both(z, thr_f) for z in two_w if family(z["spec"]) == f),
+                   "n_two": sum(family(z["spec"]) == f for z in two_w)}
+    n = len(single)
+    row = {
+        "n_working": n, "n_clean": len(clean), "n_two_working": len(two_w),
+        "threshold": thr_lib,
+        "tp": sum(tp(z, thr_lib) for z in single), "fp": sum(fp(z, thr_lib) for z in clean),
+        "two_both": sum(both(z, thr_lib) for z in two_w),
+        "thr_0fp": thr0, "tp_0fp": sum(tp(z, thr0) for z in single),
+        "top_is_target": sum(_top(sc[z["spec"]["id"]])[0] == z["spec"]["targets"][0] for z in single),
+        "lofo_tp": sum(v["tp"] for v in lofo.values()), "lofo_fp": sum(v["fp"] for v in lofo.values()),
+        "lofo_two": sum(v["two"] for v in lofo.values()), "lofo": lofo,
+    }
+    row["tpr_lofo"] = row["lofo_tp"] / max(1, n)
+    return row
+
+
+def _cost(zs: list[dict[str, Any]], rule: str) -> float:
+    """Mean seconds per model of what the rule needs (audit; + verification; NC's reverse)."""
+    vals = []
+    for z in zs:
+        rec = z["record"]
+        t = rec.get("audit_timings", {}).get("audit", 0.0)
+        if rule.startswith("input"):
+            t += (rec.get("verification") or {}).get("seconds", 0.0)
+        if rule.startswith("neural cleanse"):
+            t = rec["nc"]["seconds"]
+        vals.append(t)
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def detection_table(zs: list[dict[str, Any]], rules: list[str] | None = None) -> dict[str, Any]:
+    scores = score_all(zs, rules)
+    rows = {}
+    for name, sc in scores.items():
+        thr = RULE_THRESHOLDS.get(name, 2.0)
+        rows[name] = evaluate_rule(zs, sc, thr) | {"seconds": _cost(zs, name)}
+    planted = sum(len(z["spec"].get("targets") or []) for z in zs)
+    n_work = sum(len(working(z)) for z in zs)
+    per_family_acc: dict[str, list[float]] = {}
+    for z in zs:
+        per_family_acc.setdefault(family(z["spec"]), []).append(z["record"]["metrics"]["none"]["acc"])
+    return {"rules": rows, "planted_triggers": planted, "working_triggers": n_work,
+            "default_rule": DEFAULT_RULE, "families": sorted(per_family_acc),
+            "clean_acc": {f: float(np.mean(v)) for f, v in per_family_acc.items()},
+            "per_model": {z["spec"]["id"]: {"targets": z["spec"].get("targets") or [], "working": working(z),
+                                            "acc": z["record"]["metrics"]["none"]["acc"],
+                                            "asr": z["record"].get("asr_by_trigger") or []} for z in zs}}
+
+
+def _f(x: float) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:.2f}"
+
+
+def markdown(det: dict[str, Any]) -> str:
+    fams = det["families"]
+    L = ["### Detection (every rule scored from the stored statistics: `python -m benchmarks.rescore`)", "",
+         f"Working backdoors: {det['working_triggers']} of {det['planted_triggers']} planted triggers "
+         "reach ASR >= 50 % before defense (only those count). TP: the top class is the target and its "
+         "score exceeds the threshold; FP: a clean model whose top score exceeds it; two-target: both "
+         "targets above it. *0 FP in-sample*: threshold just above the highest clean score of the zoo "
+         "(optimistic). *LOFO*: per family, the threshold is set just above the highest clean score of "
+         "the other families, then applied to the held-out family (its false positives counted).", "",
+         "| rule | TP at library thr (thr) | FP | two-target both | TP at 0 FP in-sample | "
+         "**LOFO TP** | LOFO FP | LOFO two-target | top = target | s / model |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in det["rules"].items():
+        mark = " (paper)" if name == "mad" else (" (default)" if name == det["default_rule"] else "")
+        n, nc, n2 = r["n_working"], r["n_clean"], r["n_two_working"]
+        L.append(f"| `{name}`{mark} | {r['tp']}/{n} ({_f(r['threshold'])}) | {r['fp']}/{nc} | "
+                 f"{r['two_both']}/{n2} | {r['tp_0fp']}/{n} ({_f(r['thr_0fp'])}) | "
+                 f"**{r['lofo_tp']}/{n}** | {r['lofo_fp']}/{nc} | {r['lofo_two']}/{n2} | "
+                 f"{r['top_is_target']}/{n} | {r['seconds']:.2f} |")
+    L += ["", "LOFO per held-out family (TP / working, FP / clean, threshold from the other families):", "",
+          "| rule | " + " | ".join(fams) + " |", "|---" * (len(fams) + 1) + "|"]
+    for name, r in det["rules"].items():
+        cells = [f"{r['lofo'][f]['tp']}/{r['lofo'][f]['n']}, {r['lofo'][f]['fp']}/{r['lofo'][f]['n_clean']} "
+                 f"({_f(r['lofo'][f]['thr'])})" for f in fams]
+        L.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    L += ["", "Clean accuracy per family (mean over its models, %): "
+          + ", ".join(f"{f} {100 * a:.1f}" for f, a in det["clean_acc"].items()), ""]
+    return "\n".join(L) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", default="standard")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (holds <suite>/ and <suite>.json)")
+    ap.add_argument("--rules", nargs="*", default=None, help="only these rules (default: all)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    zs = stats.load_all(args.out / args.suite)
+    if not zs:
+        raise SystemExit(f"no stored statistics under {args.out / args.suite}; run benchmarks.run first")
+    det = detection_table(zs, args.rules)
+    det["rescore_seconds"] = time.perf_counter() - t0
+    js = args.out / f"{args.suite}.json"
+    if js.exists():
+        from .run import markdown as run_markdown
+
+        out = json.loads(js.read_text())
+        out["summary"]["detection_standard"] = det
+        js.write_text(json.dumps(out, indent=1, default=float))
+        (args.out / f"{args.suite}.md").write_text(run_markdown(out))
+    if not args.quiet:
+        print(markdown(det))
+        print(f"rescored {len(zs)} models in {det['rescore_seconds']:.1f} s")
+    return det
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Stage 1c: verify the latent screen in input space: how small a universal input change sends
+the clean reference images to each class.
+
+Why: the latent QP reconstructs the *direction* of a trigger's latent change well, but when that
+change is long (a full-image blend, a warp) ``||s_t||`` is ordinary and no rule on the norms can
+single the target out. A planted trigger is a shortcut in *input* space too: one small additive
+pattern sends almost every image to the target, while reaching a natural class needs a change
+about as large as for any other class. So per class k we grow a bound ``eps`` geometrically and
+follow one projected-gradient trajectory of a universal perturbation ``delta_k`` (``||delta_k||_2
+<= eps``, in the model's normalised input space, shared by every reference image), and record the
+smallest bound at which a share ``flip`` of the non-k reference images goes to k. All classes are
+optimised together in one batch: ``K x n`` images per step.
+
+The statistic compared across classes is scale-free (the bound of k against the median bound of
+the other classes), so it does not depend on the input's normalisation or size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .adapters.base import Classifier
+
+__all__ = ["InputVerification", "bound_ratio_scores", "reference_inputs", "verify_input_space"]
+
+
+@dataclass
+class InputVerification:
+    """Per-class input-space bounds.
+
+    Attributes:
+        classes: the K classes verified (indices into the model's classes).
+        bounds: ``(K,)`` L2 bound at which ``flip`` of the non-k images reach k (log-interpolated
+            between schedule points; ``2 * eps[-1]`` when not reached within ``eps[-1]``, a
+            censored value: "more than the largest bound tried").
+        reached: ``(K,)`` whether the share was reached within ``eps[-1]``.
+        eps: ``(T,)`` the bound schedule.
+        flip_curve: ``(K, T)`` share of non-k reference images sent to k at each bound.
+        flip: the share that defines ``bounds``.
+        n_images: reference images used (per class, those not of that class count).
+        seconds: wall time.
+    """
+
+    classes: list[int]
+    bounds: np.ndarray
+    reached: np.ndarray
+    eps: np.ndarray
+    flip_curve: np.ndarray
+    flip: float
+    n_images: int
+    seconds: float
+
+    def full_bounds(self, num_classes: int) -> np.ndarray:
+        """``(C,)`` bounds with ``nan`` for classes that were not verified."""
+        out = np.full(num_classes, np.nan)
+        out[self.classes] = self.bounds
+        return out
+
+
+def _stratified(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of about ``n`` samples, as many of each label as the data allow (seeded)."""
+    rng = np.random.default_rng(seed)
+    labels = np.unique(y)
+    per = max(1, n // max(1, len(labels)))
+    idx = [rng.permutation(np.flatnonzero(y == c))[:per] for c in labels]
+    return np.sort(np.concatenate(idx)) if idx else np.zeros(0, dtype=np.int64)
+
+
+def _first_crossing(eps: np.ndarray, curve: np.ndarray, flip: float) -> float:
+    """The bound where ``curve`` (flip rate per bound) first reaches ``flip``, log-interpolated."""
+    hit = np.flatnonzero(curve >= flip)
+    if len(hit) == 0:
+        return 2.0 * float(eps[-1])  # censored
+    i = int(hit[0])
+    if i == 0:
+        return float(eps[0])
+    lo, hi = curve[i - 1], curve[i]
+    frac = 1.0 if hi <= lo else (flip - lo) / (hi - lo)
+    return float(math.exp(math.log(eps[i - 1]) + frac * (math.log(eps[i]) - math.log(eps[i - 1]))))
+
+
+def verify_input_space(
+    clf: Classifier,
+    x: torch.Tensor,
+    y: torch.Tensor | np.ndarray,
+    *,
+    classes: list[int] | None = None,
+    n_images: int = 40,
+    steps: int = 24,
+    eps_min: float = 0.1,
+    eps_max: float = 40.0,
+    flip: float = 0.9,
+    seed: int = 0,
+    progress: bool = False,
+) -> InputVerification:
+    """Smallest universal L2 input change that sends ``flip`` of the reference images to each class.
+
+    Args:
+        clf: the classifier (its ``model`` is put in eval mode; parameters are not changed).
+        x: ``(N, channels, H, W)`` model inputs (already preprocessed), on the model's device.
+        y: ``(N,)`` their labels.
+        classes: classes to verify (default: all).
+        n_images: stratified reference images used (the cost is ``K * n_images`` images a step).
+        steps: points of the geometric bound schedule from ``eps_min`` to ``eps_max``; one
+            normalised-gradient step at each, projected onto the ball.
+        flip: share of the non-k images that must reach k.
+        seed: seeds the image sample.
+
+    Returns:
+        An :class:`InputVerification`.
+    """
+    t0 = time.perf_counter()
+    y_np = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    C = clf.num_classes
+    ks = list(range(C)) if classes is None else [int(k) for k in classes]
+    idx = _stratified(y_np, n_images, seed)
+    pool = x[torch.as_tensor(idx, device=x.device)].detach()
+    yp = torch.as_tensor(y_np[idx], device=x.device)
+    K, n = len(ks), len(idx)
+    kt = torch.as_tensor(ks, device=x.device)
+    valid = (yp[None, :] != kt[:, None]).float()  # (K, n): images not already of class k
+    n_valid = valid.sum(1).clamp_min(1)
+    eps = np.exp(np.linspace(math.log(eps_min), math.log(eps_max), steps))
+    delta = torch.zeros((K, *pool.shape[1:]), device=x.device, dtype=pool.dtype)
+    curve = np.zeros((K, steps))
+    model = clf.model
+    was_training = model.training
+    model.eval()
+    grads = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    labels = kt.repeat_interleave(n)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="input-space verification", unit="bound", leave=False)
+    try:
+        for i in range(steps + 1):
+            d = delta.requires_grad_(i < steps)
+            logits = clf.forward((pool[None] + d[:, None]).reshape(K * n, *pool.shape[1:]))[0].float()
+            with torch.no_grad():
+                hits = (logits.argmax(1) == labels).float().view(K, n)
+                rate = ((hits * valid).sum(1) / n_valid).cpu().numpy()
+            if i > 0:
+                curve[:, i - 1] = rate  # delta now has norm <= eps[i - 1]
+            if i == steps:
+                break
+            ce = F.cross_entropy(logits, labels, reduction="none").view(K, n)
+            loss = ((ce * valid).sum(1) / n_valid).sum()
+            (g,) = torch.autograd.grad(loss, d)
+            with torch.no_grad():
+                gn = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(K, *[1] * (g.dim() - 1))
+                delta = d.detach() - 0.5 * eps[i] * g / gn
+                dn = delta.flatten(1).norm(dim=1).view_as(gn)
+                delta = delta * torch.clamp(eps[i] / dn.clamp_min(1e-12), max=1.0)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        for p, g_ in zip(model.parameters(), grads):
+            p.requires_grad_(g_)
+        model.train(was_training)
+    bounds = np.array([_first_crossing(eps, curve[j], flip) for j in range(K)])
+    reached = (curve >= flip).any(1)
+    return InputVerification(classes=ks, bounds=bounds, reached=reached, eps=eps, flip_curve=curve, flip=flip,
+                             n_images=n, seconds=time.perf_counter() - t0)
+
+
+def bound_ratio_scores(bounds: np.ndarray) -> np.ndarray:
+    """``log(median of the other classes' bounds / bound_k)`` per class: larger = a shorter cut
+    to k than to a typical class. ``bounds (C,)``; ``nan`` entries (not verified) score ``-inf``
+    and are left out of the other classes' median."""
+    b = np.asarray(bounds, dtype=np.float64)
+    out = np.full(len(b), -np.inf)
+    ok = np.flatnonzero(np.isfinite(b))
+    for k in ok:
+        rest = b[[j for j in ok if j != k]]
+        if len(rest):
+            out[k] = math.log(float(np.median(rest)) / max(b[k], 1e-12))
+    return out
+
+
+def reference_inputs(
+    data: Any, transform: Any, *, n_images: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stratified sample of about ``n_images`` reference examples as model inputs.
+
+    ``data``: a :class:`hub_backdoor.data.ReferenceData` (sampled per label, seeded) or a
+    :class:`hub_backdoor.data.StreamingReference` (its first examples, a stream has no index).
+    ``transform``: raw image -> ``(channels, H, W)`` tensor (the reference pass's).
+    Returns ``x (n, channels, H, W)`` on ``device`` and ``y (n,)``.
+    """
+    from .data import ReferenceData
+
+    if isinstance(data, ReferenceData):
+        labels = np.array([data[i][1] for i in range(len(data))])
+        pick = _stratified(labels, n_images, seed)
+        items = [data[int(i)] for i in pick]
+    else:
+        items = []
+        for _, img, label in data.examples():
+            items.append((img, label))
+            if len(items) >= n_images:
+                break
+    xs = [transform(img) if transform is not None else torch.as_tensor(img) for img, _ in items]
+    x = torch.stack([t.float() for t in xs]).to(device)
+    return x, torch.as_tensor([int(lab) for _, lab in items], device=device)
