@@ -81,6 +81,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "data": ("digits", {"size": 16}), "zoo": {"preact18-w8": (["badnets"], [0.1])},
         "epochs": 2, "lr": 0.05, "bs": 64, "ft_epochs": 2, "nc_steps": 4, "nc_bs": 4,
         "study": ["library default"], "clean_fraction": 0.05, "group": 2,
+        "verify": {"n_images": 20, "steps": 4}, "stats": "micro",
     },
     # CPU quick suite (MNIST-5k at 16x16, tiny networks, 10 % poison)
     "quick": {
@@ -605,6 +606,8 @@ class Runner:
                     continue
                 rec = self.cached(spec, part)  # a finished evaluation needs neither data nor weights
                 if rec is not None:
+                    if (part == "all") == (phase == "all" and self.removable(spec)):  # once per model
+                        self.counters["eval_cached"] += 1
                     records.append(rec)
                     continue
                 if cached_only or (deadline is not None and time.perf_counter() - t0 > deadline):
@@ -654,7 +657,7 @@ def der(before: dict[str, float], after: dict[str, float]) -> float:
     return (max(0.0, before["asr"] - after["asr"]) - max(0.0, before["acc"] - after["acc"]) + 1) / 2
 
 
-def summarise(res: dict[str, Any], cache: Path, rule: str) -> dict[str, Any]:
+def summarise(res: dict[str, Any], cache: Path, rule: str, working_only: bool = False) -> dict[str, Any]:
     recs = res["records"]
     bd = [r for r in recs if r["spec"]["attack"] is not None]
     cl = [r for r in recs if r["spec"]["attack"] is None]
@@ -696,7 +699,7 @@ def summarise(res: dict[str, Any], cache: Path, rule: str) -> dict[str, Any]:
 
     # removal: single-trigger backdoored models whose backdoor works (ASR >= 50 % before defense)
     bd = [r for r in bd if Runner.removable(r["spec"]) and "ft" in r["metrics"]
-          and r["metrics"]["none"].get("asr", 0.0) >= WORKING_ASR]
+          and (not working_only or r["metrics"]["none"].get("asr", 0.0) >= WORKING_ASR)]
     study = {}
     for name in (res.get("study_names") or []):
         vals = [(r["metrics"]["none"], r["study"][name]) for r in bd if name in r["study"]]
@@ -795,18 +798,23 @@ def markdown(out: dict[str, Any]) -> str:
     if out.get("missing"):
         L[-1:-1] = [f"- **Not finished before the deadline** (left out of every table): "
                     f"{', '.join(out['missing'])}"]
-    L += ["### Detection (one reconstruction per model; every rule scored from it)", "",
-          "TP: the rule flags the true target first (threshold 2). Wrong: a backdoored model flagged at "
-          "another class. FP: a clean model with any flag. *At 0 FP*: threshold set just above the "
-          "highest score any clean model reached (in-sample, optimistic). *Top*: the target has the "
-          "highest score.", "",
-          "| rule | TP (thr 2) | wrong class | FP on clean | TPR | FPR | TPR at 0 FP (thr) | top = target |",
-          "|---|---|---|---|---|---|---|---|"]
-    for name, d in s["detection"].items():
-        mark = " (paper)" if name == "mad" else ""
-        at0 = "–" if d["tp_at_0fp"] is None else f"{d['tp_at_0fp']}/{d['n_bd']} ({d['thr_0fp']:.2f})"
-        L.append(f"| `{name}`{mark} | {d['tp']}/{d['n_bd']} | {d['wrong']} | {d['fp']}/{d['n_clean']} | "
-                 f"{pct(d['tpr'])} | {pct(d['fpr'])} | {at0} | {d['top_is_target']}/{d['n_bd']} |")
+    if s.get("detection_standard"):
+        from .rescore import markdown as detection_markdown
+
+        L += [detection_markdown(s["detection_standard"])]
+    else:
+        L += ["### Detection (one reconstruction per model; every rule scored from it)", "",
+              "TP: the rule flags the true target first (threshold 2). Wrong: a backdoored model flagged at "
+              "another class. FP: a clean model with any flag. *At 0 FP*: threshold set just above the "
+              "highest score any clean model reached (in-sample, optimistic). *Top*: the target has the "
+              "highest score.", "",
+              "| rule | TP (thr 2) | wrong class | FP on clean | TPR | FPR | TPR at 0 FP (thr) | top = target |",
+              "|---|---|---|---|---|---|---|---|"]
+        for name, d in s["detection"].items():
+            mark = " (paper)" if name == "mad" else ""
+            at0 = "–" if d["tp_at_0fp"] is None else f"{d['tp_at_0fp']}/{d['n_bd']} ({d['thr_0fp']:.2f})"
+            L.append(f"| `{name}`{mark} | {d['tp']}/{d['n_bd']} | {d['wrong']} | {d['fp']}/{d['n_clean']} | "
+                     f"{pct(d['tpr'])} | {pct(d['fpr'])} | {at0} | {d['top_is_target']}/{d['n_bd']} |")
     L += ["", "### Removal, mean over the backdoored models (ACC / ASR / RA in %, DER in %)", "",
           "| defense | ACC | ASR | RA | ACC drop | DER | ASR <= 2 % and drop <= 1 pt |",
           "|---|---|---|---|---|---|---|"]
@@ -938,7 +946,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "phase": args.phase, "phase_wall_seconds": phase_wall,
         "missing": res["missing"], "records": res["records"],
     }
-    out["summary"] = summarise(res, runner.cache, rule)
+    out["summary"] = summarise(res, runner.cache, rule, working_only=bool(runner.cfg.get("stats")))
+    if runner.cfg.get("stats"):  # the detection tables from the stored statistics, as rescore makes them
+        from . import rescore
+
+        ids = {r["spec"]["id"] for r in res["records"]}
+        zs = [z for z in stats.load_all(args.out / runner.cfg["stats"]) if z["spec"]["id"] in ids]
+        out["summary"]["detection_standard"] = rescore.detection_table(zs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.suite}.json").write_text(json.dumps(out, indent=1, default=float))
     (args.out / f"{args.suite}.md").write_text(markdown(out))

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from benchmarks import run
+from benchmarks import rescore, run
 
 
 def _metrics(out: dict) -> list[float]:
@@ -46,6 +46,15 @@ def test_micro_suite_end_to_end_and_resumes(tmp_path):
         assert again["counters"]["evaluated"] == 0 and again["counters"]["eval_cached"] == 2
         saved = json.loads((tmp_path / "micro.json").read_text())
         assert saved["summary"]["rows"][0]["none"] == out["summary"]["rows"][0]["none"]
+
+        # the detection tables rebuilt from the stored statistics alone equal the run's
+        (tmp_path / "cache").rename(tmp_path / "cache-gone")  # no model, no cached record
+        det = rescore.main(["--suite", "micro", "--out", str(tmp_path), "--quiet"])
+        want = out["summary"]["detection_standard"]
+        assert {k: v for k, v in det.items() if k != "rescore_seconds"} == json.loads(json.dumps(want))
+        assert "input-ratio" in det["rules"] and "neural cleanse (mask L1, MAD)" in det["rules"]
+        assert det["rules"]["mad"]["n_clean"] == 1 and det["planted_triggers"] == 1
+        assert "LOFO" in (tmp_path / "micro.md").read_text()
     finally:
         torch.set_num_threads(threads)
 
