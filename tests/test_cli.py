@@ -178,7 +178,8 @@ def test_audit_hub_timm_backdoor(timm_repo, hub_dataset, local_hub, tmp_path, ca
     assert code == 1, err
     report = AuditReport.from_json(tmp_path / "r.json")
     assert report.verdict == "backdoor" and report.target == 7 and report.flagged == [7]
-    assert report.schema_version == "1"
+    assert report.schema_version == "2" and report.reason is None
+    assert len(report.model["head_sha256"]) == 64
     assert report.model["source"]["repo_id"] == timm_repo
     assert report.model["source"]["sha"] == local_hub.branch_sha(timm_repo)
     assert report.data["source"] == {"name": hub_dataset, "kind": "hub", "split": "test", "revision": None}
@@ -193,7 +194,7 @@ def test_audit_hub_timm_backdoor(timm_repo, hub_dataset, local_hub, tmp_path, ca
     assert sarif["version"] == SARIF_VERSION == "2.1.0" and "sarif-2.1.0" in sarif["$schema"]
     (run_,) = sarif["runs"]
     driver = run_["tool"]["driver"]
-    assert driver["name"] == "hub-backdoor" and [r["id"] for r in driver["rules"]] == [RULE_ID]
+    assert driver["name"] == "hub-backdoor" and [r["id"] for r in driver["rules"]] == [RULE_ID, "HBD002"]
     (result,) = run_["results"]
     assert result["ruleId"] == RULE_ID and result["ruleIndex"] == 0 and result["level"] == "error"
     assert "class 7" in result["message"]["text"]
