@@ -17,6 +17,13 @@ from .embeddings import ReferencePass, reference_pass
 from .errors import InfeasibleError
 from .reconstruction import Reconstruction, dimension_reason
 from .report import AuditReport, ClassRow, library_versions
+from .validation import (
+    MIN_CLASS_SAMPLES,
+    check_audit_options,
+    default_min_accuracy,
+    head_fingerprint,
+    reference_gate,
+)
 
 
 def audit(
@@ -37,6 +44,8 @@ def audit(
     device: str | torch.device | None = None,
     progress: bool = True,
     accelerator: Any = None,
+    min_reference_accuracy: float | None = None,
+    min_class_samples: int = MIN_CLASS_SAMPLES,
     **load_kw: Any,
 ) -> AuditReport:
     """Audit a classifier for a single-target backdoor.
@@ -63,12 +72,27 @@ def audit(
             and the per-class QPs are split over the processes; detection and the report are
             computed on the main process and the same report is returned on every process (see
             :mod:`hub_backdoor.distributed`).
+        min_reference_accuracy: the verdict is ``"inconclusive"`` (never ``"clean"``) when the
+            model's accuracy on the reference data is below this; default
+            ``max(2 / C, 0.5)`` (:func:`hub_backdoor.validation.default_min_accuracy`).
+        min_class_samples: the verdict is ``"inconclusive"`` when a class has fewer reference
+            images than this (default 1; 0 turns the check off).
         **load_kw: passed to :func:`load_classifier` (``revision=``, ``head=``, ...).
 
     Returns:
         An :class:`AuditReport`; ``report.perturbations`` holds all ``(C, d)`` perturbations.
+
+    Raises:
+        OptionError: an option is out of range (e.g. a threshold that is not a number > 0), before
+            anything is loaded; other :class:`~hub_backdoor.errors.HubBackdoorError` subclasses for
+            unusable models and data.
     """
     t_start = time.perf_counter()
+    check_audit_options(
+        threshold=threshold, soft_margin=soft_margin, margin=margin, seed=seed, max_samples=max_samples,
+        batch_size=batch_size, device=device, min_reference_accuracy=min_reference_accuracy,
+        min_class_samples=min_class_samples,
+    )
     torch.manual_seed(seed)
     dist = resolve(accelerator)
     clf = load_classifier(source, **load_kw)
@@ -100,13 +124,22 @@ def audit(
             threshold=threshold,
         )
         t_detect = time.perf_counter() - t0
+        reason = reference_gate(
+            accuracy=ref.accuracy, counts=ref.state.counts, min_reference_accuracy=min_reference_accuracy,
+            min_class_samples=min_class_samples,
+        )
         return build_report(
-            clf, ref, rec, det, data=data, seed=seed,
+            clf, ref, rec, det, data=data, seed=seed, reason=reason,
             params={
                 "rule": rule, "threshold": threshold, "margin": margin, "solver": solver,
                 "soft_margin": soft_margin, "max_samples": max_samples, "batch_size": batch_size,
                 "transform": None if transform is None else repr(transform),
                 "num_processes": dist.world, "streaming": isinstance(data, StreamingReference),
+                "min_reference_accuracy": (
+                    default_min_accuracy(clf.num_classes) if min_reference_accuracy is None
+                    else float(min_reference_accuracy)
+                ),
+                "min_class_samples": min_class_samples,
             },
             timings={
                 "reference_pass": ref.seconds,
@@ -135,7 +168,10 @@ def build_report(
     seed: int,
     params: dict[str, Any],
     timings: dict[str, float],
+    reason: str | None = None,
 ) -> AuditReport:
+    """The report of one audit; ``reason`` (from :func:`~hub_backdoor.validation.reference_gate`)
+    makes the verdict ``"inconclusive"`` whatever was flagged."""
     names = data.class_names or getattr(clf, "class_names", None) or [str(k) for k in range(clf.num_classes)]
     rows = [
         ClassRow(
@@ -152,15 +188,29 @@ def build_report(
     missing = [k for k in range(clf.num_classes) if ref.state.counts[k] == 0]
     if missing:
         notes.append(f"no reference samples of classes {missing[:20]}{'...' if len(missing) > 20 else ''}")
+    if len(ref.input_sizes) > 1:
+        shown = ", ".join(f"{s[0]}x{s[1]}" for s in ref.input_sizes[:4] if len(s) == 2)
+        notes.append(
+            f"the reference images come in {len(ref.input_sizes)}{'+' if len(ref.input_sizes) >= 8 else ''} "
+            f"sizes ({shown}, ...); the model's preprocessing resized them all to its input size, and "
+            "images unlike the model's training data weaken the audit: prefer images of its input size"
+        )
     target = det.target
+    W, b = clf.head_numpy()
+    if reason is not None:
+        verdict = "inconclusive"
+    else:
+        verdict = "backdoor" if det.flagged else "clean"
     return AuditReport(
-        verdict="backdoor" if det.flagged else "clean",
+        verdict=verdict,
+        reason=reason,
         target=target,
         flagged=list(det.flagged),
         classes=rows,
         model={
             "name": clf.name, "kind": clf.kind, "class": type(clf.model).__name__,
             "source": clf.source, "num_classes": clf.num_classes, "embed_dim": clf.embed_dim,
+            "head_sha256": head_fingerprint(W, b),
         },
         params=params,
         data={

@@ -196,6 +196,18 @@ def _verdict(report: AuditReport, ctx: CardContext) -> tuple[str, str, str, str]
     median = float(np.median(norms)) if len(norms) else float("nan")
     pur = ctx.purification
     if pur is None:
+        if report.inconclusive:
+            acc = _fmt(report.data.get("accuracy"))
+            text = (
+                "The audit could not reach a verdict: the reference data does not let it tell a clean model "
+                f"from a backdoored one ({report.reason}). The model's accuracy on it is {acc}. Nothing "
+                "below says the model is clean."
+            )
+            advice = (
+                "fix the reference data and audit again: clean, labelled images of every class, like the "
+                "data the model was trained on (same kind of images, size and class order)."
+            )
+            return "❔", "Inconclusive: the reference data cannot support a verdict", text, advice
         if report.backdoor_found:
             k = report.target
             row = report.classes[k]
@@ -356,6 +368,7 @@ def metadata_block(report: AuditReport, ctx: CardContext) -> dict[str, Any]:
     block: dict[str, Any] = {
         "schema_version": CARD_SCHEMA_VERSION,
         "verdict": report.verdict,
+        **({"reason": report.reason} if report.reason else {}),
         "flagged_class": report.target,
         "flagged_classes": list(report.flagged),
         "threshold": _r(report.params.get("threshold")),

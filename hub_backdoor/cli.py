@@ -7,6 +7,8 @@ Exit codes (README "Exit codes"):
      was missed
   2  bad input or usage (unknown repo or revision, unusable data or model, bad options)
   3  internal error (a bug; rerun with ``--debug`` for the traceback)
+  4  audit / purify: inconclusive, the reference data cannot support a verdict (the model's accuracy
+     on it is below the floor, or classes lack images); the message says what to fix
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import traceback
@@ -25,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import CorruptWeightsError, HubBackdoorError, UnsupportedModelError
+from .errors import CorruptWeightsError, ExitCode, HubBackdoorError, UnsupportedModelError
 
-EXIT_OK = 0
-EXIT_BACKDOOR = 1
-EXIT_USAGE = 2
-EXIT_INTERNAL = 3
+EXIT_OK = int(ExitCode.OK)
+EXIT_BACKDOOR = int(ExitCode.BACKDOOR)
+EXIT_USAGE = int(ExitCode.USAGE)
+EXIT_INTERNAL = int(ExitCode.INTERNAL)
+EXIT_INCONCLUSIVE = int(ExitCode.INCONCLUSIVE)
 
 #: Files written next to the weights of a purified model.
 AUDIT_FILE = "backdoor_audit.json"
@@ -263,8 +267,47 @@ def _audit_kw(args: argparse.Namespace, ui: UI) -> dict[str, Any]:
         soft_margin=args.soft_margin,
         batch_size=args.batch_size,
         device=args.device,
+        min_reference_accuracy=args.min_reference_accuracy,
+        min_class_samples=args.min_class_samples,
         progress=not ui.quiet,
     )
+
+
+def _check_audit_args(args: argparse.Namespace) -> None:
+    """The audit options, checked before the model is even downloaded."""
+    from .validation import check_audit_options
+
+    check_audit_options(
+        threshold=args.threshold, soft_margin=args.soft_margin, seed=args.seed, max_samples=args.max_samples,
+        batch_size=args.batch_size, device=args.device, min_reference_accuracy=args.min_reference_accuracy,
+        min_class_samples=args.min_class_samples,
+    )
+
+
+def _inputs(model: LoadedModel, loaded: Any = None, dataset: str | None = None) -> list[tuple[Any, str]]:
+    """What an output may not overwrite: the model folder (with its README) and a local dataset."""
+    out: list[tuple[Any, str]] = [(model.folder, "the model folder")]
+    readme = model.folder / "README.md"
+    if readme.exists():  # a symlink into the HF cache: protect what it points to as well
+        out.append((readme.resolve(), "the model's README"))
+    spec = loaded.name if loaded is not None and not loaded.is_hub else dataset
+    if spec and Path(spec).expanduser().exists():
+        out.append((Path(spec).expanduser(), "the reference dataset folder"))
+    return out
+
+
+def _card_outputs(path: str | None, flag: str) -> list[tuple[Any, str]]:
+    """A card and its chart (same name, ``.png``), as outputs to check."""
+    if path is None or path == "-":
+        return [(path, flag)]
+    from .card import chart_path_for
+
+    return [(path, flag), (chart_path_for(path), f"{flag} (its chart)")]
+
+
+def _note_lines(report: Any, ui: UI) -> None:
+    for note in report.notes:
+        ui.info(f"note: {note}")
 
 
 def _reproduce(
@@ -284,6 +327,7 @@ def _reproduce(
         ("--label-column", args.label_column),
         ("--max-samples", args.max_samples),
         ("--soft-margin", args.soft_margin),
+        ("--min-reference-accuracy", args.min_reference_accuracy),
     ):
         if value is not None:
             parts += [flag, str(value)]
@@ -337,27 +381,36 @@ def card_context(model: LoadedModel, loaded: Any, **kw: Any) -> Any:
 
 def cmd_audit(args: argparse.Namespace, ui: UI) -> int:
     from .audit import audit
-    from .card import write_card
     from .distributed import is_main_process
-    from .sarif import write_sarif
+    from .sarif import to_sarif, write_sarif
+    from .validation import check_outputs
 
-    if args.json == "-":
+    # every option and output is checked before the download and the reference pass
+    _check_audit_args(args)
+    outputs = [(args.json, "--json"), (args.sarif, "--sarif"), *_card_outputs(args.card, "--card")]
+    check_outputs(outputs)
+    if "-" in (args.json, args.sarif, args.card):
         ui.stdout_is_data = True
     model = load_model(
         args.source, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, ui=ui
     )
+    check_outputs(outputs, _inputs(model, dataset=args.dataset))
     loaded = load_data(args, model, ui)
+    check_outputs(outputs, _inputs(model, loaded))
     report = audit(model.clf, loaded.dataset, **_audit_kw(args, ui))
     if not is_main_process():  # every rank holds the same report; rank 0 alone prints and writes
-        return EXIT_BACKDOOR if report.backdoor_found else EXIT_OK
+        return _audit_exit(report)
     _annotate(report, loaded)
     print_table(report, ui)
+    _note_lines(report, ui)
     if args.json == "-":
         print(report.to_json(), file=sys.stdout, flush=True)
     elif args.json:
         report.to_json(args.json)
         ui.result(f"wrote report {args.json}")
-    if args.sarif:
+    if args.sarif == "-":
+        print(json.dumps(to_sarif(report), indent=2, allow_nan=False), file=sys.stdout, flush=True)
+    elif args.sarif:
         write_sarif(report, args.sarif)
         ui.result(f"wrote SARIF {args.sarif}")
     if args.card:
@@ -367,9 +420,28 @@ def cmd_audit(args: argparse.Namespace, ui: UI) -> int:
             model_name=model.repo_id or model.label,
             reproduce=_reproduce("audit", model, loaded, args, []),
         )
-        card_path, chart = write_card(report, ctx, args.card)
-        ui.result(f"wrote card {card_path} (chart {chart})")
+        _write_card_or_print(report, ctx, args.card, ui)
+    return _audit_exit(report, ui)
+
+
+def _audit_exit(report: Any, ui: UI | None = None) -> int:
+    if report.inconclusive:
+        if ui is not None:  # like an error, said even with --quiet: this is not a clean result
+            print(f"inconclusive: {_one_line(report.reason or '')}", file=ui.err, flush=True)
+        return EXIT_INCONCLUSIVE
     return EXIT_BACKDOOR if report.backdoor_found else EXIT_OK
+
+
+def _write_card_or_print(report: Any, ctx: Any, path: str, ui: UI) -> None:
+    """Write the card and its chart, or print the card alone on stdout for ``-`` (no chart)."""
+    from .card import build_card, write_card
+
+    if path == "-":
+        text = str(build_card(report, ctx, chart_file=""))
+        print(text.rstrip("\n"), file=sys.stdout, flush=True)
+        return
+    card_path, chart = write_card(report, ctx, path)
+    ui.result(f"wrote card {card_path} (chart {chart})")
 
 
 # -- purify ---------------------------------------------------------------------------------------------
@@ -462,16 +534,36 @@ def cmd_purify(args: argparse.Namespace, ui: UI) -> int:
     from .hub import _check_repo_id, push_folder
     from .purification import purify
     from .report import AuditReport, current_umask
+    from .validation import (
+        check_not_protected,
+        check_outputs,
+        check_purify_options,
+        check_report_matches,
+        check_writable,
+    )
 
-    if args.json == "-":
-        ui.stdout_is_data = True
     if not (args.out or args.push_to or args.open_pr):
         raise HubBackdoorError("nothing to write: give --out DIR, --push-to org/name or --open-pr")
     if args.push_to:
         _check_repo_id(args.push_to)
     if args.holdout < 0 or args.holdout >= 1:
         raise HubBackdoorError(f"--holdout {args.holdout} must be in [0, 1)")
+    # every option and output is checked before the download, the audit and the fine-tuning
+    _check_audit_args(args)
+    check_purify_options(
+        beta=args.beta, scale=args.scale, distill=args.distill, lr=args.lr, epochs=args.epochs,
+        holdout=args.holdout, batch_size=args.batch_size, seed=args.seed, max_samples=args.max_samples,
+        device=args.device,
+    )
+    named_inputs = [(args.report, "the --report file")] if args.report else []
+    outputs = [(args.json, "--json")]
+    check_outputs(outputs, named_inputs)
     out = Path(args.out).expanduser() if args.out else None
+    if out is not None:
+        check_not_protected(out, "--out", named_inputs)
+        check_writable(out, "--out", folder=True)
+    if args.json == "-":
+        ui.stdout_is_data = True
     model = load_model(
         args.source, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, ui=ui
     )
@@ -484,20 +576,28 @@ def cmd_purify(args: argparse.Namespace, ui: UI) -> int:
         )
     if out is not None:
         _check_out(out, model, args.overwrite)
+        check_not_protected(out, "--out", _inputs(model, dataset=args.dataset))
+    check_outputs(outputs, [*named_inputs, *_inputs(model, dataset=args.dataset)])
     if not hasattr(model.clf, "save_pretrained"):
         raise UnsupportedModelError(
             f"cannot save a purified {model.clf.kind} model; only timm and transformers"
         )
-    loaded = load_data(args, model, ui)
-    data = ReferenceData(loaded.dataset, image_column=args.image_column, label_column=args.label_column)
-    fit = data.split(args.holdout, args.seed)[0] if args.holdout > 0 else data
-    if args.report:
+    report = None
+    if args.report:  # a report of another model is refused before any data is read
         report = AuditReport.from_json(args.report)
-        if len(report.classes) != model.clf.num_classes:
-            raise HubBackdoorError(
-                f"--report {args.report} is for a {len(report.classes)}-class model; {model.label} has "
-                f"{model.clf.num_classes} classes"
-            )
+        check_report_matches(report, model.clf, model.label, f"--report {args.report}")
+    if args.target is not None and not 0 <= args.target < model.clf.num_classes:
+        raise HubBackdoorError(
+            f"--target {args.target} is not a class of {model.label} (0..{model.clf.num_classes - 1})"
+        )
+    loaded = load_data(args, model, ui)
+    if out is not None:
+        check_not_protected(out, "--out", _inputs(model, loaded))
+    check_outputs(outputs, [*named_inputs, *_inputs(model, loaded)])
+    data = ReferenceData(loaded.dataset, image_column=args.image_column, label_column=args.label_column)
+    data = data.subset(args.max_samples, args.seed)  # --max-samples bounds the fine-tuning too
+    fit = data.split(args.holdout, args.seed)[0] if args.holdout > 0 else data
+    if report is not None:
         ui.info(f"using the audit in {args.report}")
     else:
         ui.info("auditing ...")
@@ -506,6 +606,13 @@ def cmd_purify(args: argparse.Namespace, ui: UI) -> int:
         report = audit(model.clf, fit, **kw)
         _annotate(report, loaded)
     print_table(report, ui)
+    _note_lines(report, ui)
+    if report.inconclusive and args.target is None:
+        ui.result(
+            f"the audit of {model.label} is inconclusive: {report.reason}; nothing purified (pass --target K "
+            "to purify class K anyway)"
+        )
+        return EXIT_INCONCLUSIVE
     target = args.target if args.target is not None else report.target
     if target is None:
         ui.result(
@@ -520,7 +627,7 @@ def cmd_purify(args: argparse.Namespace, ui: UI) -> int:
     ui.info(f"purifying class {target} ({args.epochs or 'auto'} epochs) ...")
     result = purify(
         model.clf,
-        loaded.dataset,
+        data,
         report=report,
         target=target,
         trigger=trigger,
@@ -647,10 +754,13 @@ def cmd_purify(args: argparse.Namespace, ui: UI) -> int:
 
 # -- card -----------------------------------------------------------------------------------------------
 def cmd_card(args: argparse.Namespace, ui: UI) -> int:
-    from .card import CardContext, write_card
+    from .card import CardContext
     from .hub import parse_repo_ref
     from .report import AuditReport
+    from .validation import check_outputs
 
+    named_inputs = [(args.report, "the --report file"), (args.purification, "the --purification record")]
+    check_outputs(_card_outputs(args.out, "--out"), named_inputs)
     report = AuditReport.from_json(args.report)
     record = None
     after = None
@@ -666,6 +776,7 @@ def cmd_card(args: argparse.Namespace, ui: UI) -> int:
                 f"--purification {args.purification} is not a purification record of schema "
                 f"{PURIFICATION_SCHEMA_VERSION}"
             )
+        _check_record(record, report, args.purification)
         if record.get("audit_after"):
             after = AuditReport.from_dict(record["audit_after"])
     source = args.source
@@ -695,9 +806,37 @@ def cmd_card(args: argparse.Namespace, ui: UI) -> int:
         base_model=(repo_id or saved.get("base_model")) if record else None,
         extra_metadata=dict(extra),
     )
-    card_path, chart = write_card(report, ctx, args.out)
-    ui.result(f"wrote card {card_path} (chart {chart})")
+    if args.out == "-":
+        ui.stdout_is_data = True
+    _write_card_or_print(report, ctx, args.out, ui)
     return EXIT_OK
+
+
+def _check_record(record: dict[str, Any], report: Any, path: str) -> None:
+    """Refuse a purification record of another model than ``report``, or one with malformed fields."""
+    from .report import AuditReport
+
+    C = len(report.classes)
+    target = record.get("target")
+    if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < C:
+        raise HubBackdoorError(f"--purification {path}: 'target' must be a class index in 0..{C - 1}")
+    metrics = record.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in metrics.values()
+    ):
+        raise HubBackdoorError(f"--purification {path}: 'metrics' must map names to numbers")
+    for key in ("params", "card"):
+        if not isinstance(record.get(key, {}), dict):
+            raise HubBackdoorError(f"--purification {path}: {key!r} must be an object")
+    before = record.get("audit_before")
+    if isinstance(before, dict):
+        b = AuditReport.from_dict(before)
+        mine, theirs = report.model.get("head_sha256"), b.model.get("head_sha256")
+        if len(b.classes) != C or (mine and theirs and mine != theirs):
+            raise HubBackdoorError(
+                f"--purification {path} belongs to another model than the --report (its audit has another "
+                "head fingerprint or class count); pass the record written with this report"
+            )
 
 
 # -- demo -----------------------------------------------------------------------------------------------
@@ -819,12 +958,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PENALTY",
         help="solve the soft-margin problem when the exact one is infeasible (C - 1 >= d)",
     )
+    g.add_argument(
+        "--min-reference-accuracy",
+        type=float,
+        default=None,
+        metavar="A",
+        help="below this accuracy of the model on the reference data the verdict is inconclusive "
+        "(exit 4), never clean (default max(2/C, 0.5))",
+    )
+    g.add_argument(
+        "--min-class-samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="a class with fewer reference images makes the verdict inconclusive (default 1; 0: off)",
+    )
 
     parser = _Parser(
         prog="hub-backdoor",
         description="Find and remove backdoors in Hugging Face Hub image classifiers.",
         epilog="exit codes: 0 no backdoor found / done, 1 backdoor found (audit), 2 bad input or usage, "
-        "3 internal error",
+        "3 internal error, 4 inconclusive (reference data unusable)",
     )
     parser.add_argument("--version", action="version", version=f"hub-backdoor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -834,15 +988,18 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[model, data, detect, common],
         help="audit a model for a backdoor (exit 1 when one is found)",
         description="Audit a model for a single-target backdoor. Exit code 0: no backdoor "
-        "found; 1: backdoor found; 2: bad input; 3: internal error.",
+        "found; 1: backdoor found; 2: bad input; 3: internal error; 4: inconclusive (the reference "
+        "data cannot support a verdict).",
     )
     g = p.add_argument_group("reports")
     g.add_argument(
         "--json", metavar="PATH", help="write the JSON report (schema in the README); - for stdout"
     )
-    g.add_argument("--sarif", metavar="PATH", help="write a SARIF 2.1.0 log for code scanning")
+    g.add_argument("--sarif", metavar="PATH", help="write a SARIF 2.1.0 log for code scanning; - for stdout")
     g.add_argument(
-        "--card", metavar="PATH", help="write a security model card (Markdown) and its chart (.png)"
+        "--card",
+        metavar="PATH",
+        help="write a security model card (Markdown) and its chart (.png); - for the card on stdout",
     )
     p.set_defaults(func=cmd_audit)
 
@@ -920,7 +1077,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default="card.md",
         metavar="PATH",
-        help="card file (default card.md); the chart goes next to it as .png",
+        help="card file (default card.md); the chart goes next to it as .png; - for stdout (no chart)",
     )
     p.add_argument("--name", default=None, help="model name in the card's model-index")
     p.set_defaults(func=cmd_card)
@@ -1013,6 +1170,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     ui = UI(quiet=args.quiet)
+    previous = _on_sigterm_interrupt()
     try:
         _configure(args)
         return int(args.func(args, ui))
@@ -1032,6 +1190,23 @@ def main(argv: list[str] | None = None) -> int:
             "(rerun with --debug for the traceback, and please report it)"
         )
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _on_sigterm_interrupt() -> Any:
+    """SIGTERM (``kill``, CI cancellation) unwinds like Ctrl-C, so temporary folders are removed.
+
+    Returns the previous handler, or None where none can be set (not the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # signals can only be set from the main thread
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

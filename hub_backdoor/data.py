@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,37 @@ def find_columns(
 
     image = pick(image_column, datasets.Image, _IMAGE_NAMES, "image", "image_column=/--image-column")
     label = pick(label_column, datasets.ClassLabel, _LABEL_NAMES, "label", "label_column=/--label-column")
+    _check_column_types(feats, image, label)
     return Columns(image=image, label=label)
+
+
+def _check_column_types(feats: Any, image: str, label: str) -> None:
+    """Refuse columns whose feature type cannot be what they are used as (before any image is read)."""
+    import datasets
+
+    def kind(f: Any) -> str:
+        if isinstance(f, datasets.Image):
+            return "images"
+        if isinstance(f, datasets.ClassLabel):
+            return "class labels"
+        if isinstance(f, datasets.Value):
+            return f"{f.dtype} values"
+        return type(f).__name__
+
+    fi, fl = feats[image], feats[label]
+    if isinstance(fi, (datasets.ClassLabel, datasets.Value)):
+        raise ColumnError(
+            f"image column {image!r} holds {kind(fi)}, not images; pass the image column with "
+            "image_column=/--image-column"
+        )
+    integer = isinstance(fl, datasets.Value) and (fl.dtype.startswith(("int", "uint")) or fl.dtype == "bool")
+    if not (isinstance(fl, datasets.ClassLabel) or integer):
+        raise ColumnError(
+            f"label column {label!r} holds {kind(fl)}; the audit needs integer class indices of the model "
+            "(a ClassLabel or integer column, in the model's class order)"
+        )
+    if image == label:
+        raise ColumnError(f"column {image!r} cannot be both the image and the label column")
 
 
 def class_names(dataset: Any, columns: Columns | None) -> list[str] | None:
@@ -119,17 +150,48 @@ class ReferenceData:
                 "columns": [cols.image, cols.label],
                 "num_rows": len(source),
             }
+        elif isinstance(source, (str, bytes, os.PathLike)):
+            raise DatasetError(
+                f"reference data {source!r} is a path; load it first (datasets.load_from_disk, "
+                "datasets.load_dataset) or pass an (images, labels) pair"
+            )
+        elif isinstance(source, np.ndarray) or torch.is_tensor(source):
+            raise DatasetError(
+                f"reference data is one array of shape {tuple(source.shape)}, without labels; pass an "
+                "(images, labels) pair"
+            )
+        elif isinstance(source, (tuple, list)) and source and all(isinstance(r, dict) for r in source):
+            raise DatasetError(
+                f"reference data is a list of {len(source)} dicts; pass datasets.Dataset.from_list(rows) "
+                "(with an image and a label column) or an (images, labels) pair"
+            )
         elif isinstance(source, (tuple, list)) and len(source) == 2:
             X, y = source
-            X = torch.as_tensor(np.asarray(X)) if not torch.is_tensor(X) else X
-            y = torch.as_tensor(np.asarray(y)) if not torch.is_tensor(y) else y
-            if len(X) != len(y):
+            try:
+                X = torch.as_tensor(np.asarray(X)) if not torch.is_tensor(X) else X
+                y = torch.as_tensor(np.asarray(y)) if not torch.is_tensor(y) else y
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise DatasetError(
+                    "an (images, labels) pair needs a numeric image array and integer labels "
+                    f"({_first(e)})"
+                ) from None
+            if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+                raise DatasetError(
+                    f"labels of an (images, labels) pair must be integer class indices, one per image; "
+                    f"got {y.dtype} of shape {tuple(y.shape)}"
+                )
+            if X.dim() == 0 or len(X) != len(y):
                 raise DatasetError(f"{len(X)} images but {len(y)} labels")
             self._get = lambda i: (X[int(i)], int(y[int(i)]))
             self._n = len(X)
             self.class_names = None
             self.description = {"type": "tensors", "shape": list(X.shape)}
         elif hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+            if isinstance(source, (tuple, list)):
+                raise DatasetError(
+                    f"reference data is a {type(source).__name__} of {len(source)} items; pass an "
+                    "(images, labels) pair or a datasets.Dataset"
+                )
             self._get = lambda i: source[int(i)]
             self._n = len(source)
             self.class_names = None
@@ -147,8 +209,15 @@ class ReferenceData:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        img, label = self._get(self.indices[i])
-        return img, int(label)
+        j = int(self.indices[i])
+        item = self._get(j)
+        try:
+            img, label = item
+        except (TypeError, ValueError):
+            raise DatasetError(
+                f"reference sample {j} is a {type(item).__name__}, not an (image, label) pair"
+            ) from None
+        return img, _as_label(label, j)
 
     def view(self, indices: np.ndarray) -> ReferenceData:
         out = ReferenceData(self)
@@ -277,7 +346,7 @@ class StreamingReference:
                 img = decode(img)
             if label is None:
                 raise DatasetError(f"stream element {i} has no label; the audit needs labelled images")
-            yield i, img, int(label)
+            yield i, img, _as_label(label, i)
 
 
 def reference_data(
@@ -294,6 +363,49 @@ def reference_data(
     return ReferenceData(dataset, image_column=image_column, label_column=label_column)
 
 
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _as_label(label: Any, i: int) -> int:
+    """An integer class index, or a :class:`DatasetError` naming the sample."""
+    if isinstance(label, (bool, np.bool_)) or isinstance(label, (float, np.floating)) and label != int(label):
+        raise DatasetError(f"reference sample {i} has label {label!r}; labels must be integer class indices")
+    try:
+        return int(label)
+    except (TypeError, ValueError):
+        raise DatasetError(
+            f"reference sample {i} has label {label!r}; labels must be integer class indices of the model"
+        ) from None
+
+
+def _transformed(transform: Callable[[Any], torch.Tensor] | None, img: Any, i: Any) -> torch.Tensor:
+    """``transform(img)`` as a float tensor; a value that is not an image is the data's fault."""
+    try:
+        x = transform(img) if transform is not None else torch.as_tensor(img)
+    except (TypeError, AttributeError) as e:
+        raise DatasetError(
+            f"reference sample {i}: cannot preprocess a {type(img).__name__} as an image ({_first(e)}); "
+            "check --image-column / image_column="
+        ) from None
+    return x.float()
+
+
+def collate(batch: list[tuple[Any, ...]]) -> Any:
+    """The default collate, with a one-line :class:`DatasetError` when inputs differ in shape."""
+    try:
+        return torch.utils.data.default_collate(batch)
+    except RuntimeError:
+        shapes = sorted({tuple(item[0].shape) for item in batch if torch.is_tensor(item[0])})
+        if len(shapes) > 1:
+            raise DatasetError(
+                f"the preprocessed reference images have different shapes {shapes[:4]}; the transform "
+                "must resize them to the model's input size (the model's own preprocessing does)"
+            ) from None
+        raise
+
+
 class _Streamed(torch.utils.data.IterableDataset):
     def __init__(
         self,
@@ -306,8 +418,7 @@ class _Streamed(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
         for i, img, label in self.data.examples(self.rank, self.world):
-            x = self.transform(img) if self.transform is not None else torch.as_tensor(img)
-            yield x.float(), label, i
+            yield _transformed(self.transform, img, i), label, i
 
 
 def make_stream_loader(
@@ -320,7 +431,7 @@ def make_stream_loader(
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of ``(x, y, stream position)`` batches over process ``rank``'s share of a stream."""
     return torch.utils.data.DataLoader(
-        _Streamed(data, transform, rank, world), batch_size=batch_size, num_workers=0
+        _Streamed(data, transform, rank, world), batch_size=batch_size, num_workers=0, collate_fn=collate
     )
 
 
@@ -333,8 +444,7 @@ class _Mapped(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, ...]:
         img, label, *extra = self.data[i]  # extra: e.g. the sample index (distributed pass)
-        x = self.transform(img) if self.transform is not None else torch.as_tensor(img)
-        return (x.float(), label, *extra)
+        return (_transformed(self.transform, img, i), label, *extra)
 
 
 def make_loader(
@@ -348,7 +458,8 @@ def make_loader(
     """A DataLoader of ``(x (B, channels, H, W), y (B,))`` batches."""
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
-        _Mapped(data, transform), batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0
+        _Mapped(data, transform), batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0,
+        collate_fn=collate,
     )
 
 

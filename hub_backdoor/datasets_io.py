@@ -164,12 +164,20 @@ def _instructions(split: str, sizes: dict[str, int], where: str) -> list[Any]:
             f"invalid --split {split!r} ({_first_line(e)}); expected e.g. test, test[:5%] or train[100:600]"
         ) from None
     try:
-        return ri.to_absolute(sizes)
+        out = ri.to_absolute(sizes)
     except (ValueError, KeyError, AssertionError) as e:
         msg = _first_line(e)
         if "Unknown split" in msg or isinstance(e, KeyError):
             raise DatasetError(f"no split {split!r} in dataset {where}; splits are {list(sizes)}") from None
         raise DatasetError(f"invalid --split {split!r} for dataset {where} ({msg})") from None
+    for i in out:  # a slice past the end selects nothing (or fails in select): say so now
+        n = sizes[i.splitname]
+        if not 0 <= i.from_ < i.to <= n:
+            raise DatasetError(
+                f"--split {split!r} selects no rows of split {i.splitname!r} of dataset {where}, which has "
+                f"{n} rows (slices are clipped to the split); choose a slice inside it"
+            )
+    return out
 
 
 def _apply(dd: Any, instructions: list[Any]) -> Any:

@@ -58,6 +58,8 @@ class ReferencePass:
     embeddings: np.ndarray | None = None
     labels: np.ndarray | None = None
     description: dict[str, Any] = field(default_factory=dict)
+    #: distinct raw sizes (width, height) of the images this process read, at most a few
+    input_sizes: list[tuple[int, ...]] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -95,7 +97,7 @@ def reference_pass(
         device = dist.device if dist.device is not None else clf.device
     device = torch.device(device)
     clf.model.to(device).eval()
-    tf = transform or clf.preprocess
+    tf = _SizeRecorder(transform or clf.preprocess)
     if streaming:
         loader = make_stream_loader(data, tf, batch_size=batch_size, rank=dist.rank, world=dist.world)
     else:
@@ -169,7 +171,28 @@ def reference_pass(
         embeddings=emb,
         labels=lab,
         description=description,
+        input_sizes=sorted(tf.sizes),
     )
+
+
+class _SizeRecorder:
+    """The transform, remembering the raw sizes of the images it sees (mixed sizes get a note)."""
+
+    MAX = 8
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+        self.sizes: set[tuple[int, ...]] = set()
+
+    def __call__(self, img: Any) -> Any:
+        if len(self.sizes) < self.MAX:
+            size = getattr(img, "size", None)  # PIL: (width, height)
+            if isinstance(size, tuple):
+                self.sizes.add(tuple(int(v) for v in size))
+        return self.transform(img) if self.transform is not None else torch.as_tensor(img)
+
+    def __repr__(self) -> str:
+        return repr(self.transform)
 
 
 class _Indexed(torch.utils.data.Dataset):

@@ -2,10 +2,22 @@
 
 Every error a user can cause derives from :class:`HubBackdoorError`; its message is one line that
 names the problem and, where there is one, what to do next. The CLI maps these to exit code 2
-(bad input); anything else is an internal error (exit code 3).
+(bad input); anything else is an internal error (exit code 3). :class:`ExitCode` lists every code.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """The exit codes of the ``hub-backdoor`` commands (README "Exit codes")."""
+
+    OK = 0  # audit: no backdoor found; purify / card / demo: done
+    BACKDOOR = 1  # audit: backdoor found; purify: nothing flagged, nothing purified
+    USAGE = 2  # bad input or usage: the message says what to fix
+    INTERNAL = 3  # a bug
+    INCONCLUSIVE = 4  # the reference data cannot support a verdict (accuracy too low, classes missing)
 
 
 class HubBackdoorError(Exception):
@@ -76,3 +88,11 @@ class RevisionNotFoundError(HubBackdoorError):
 
 class CorruptWeightsError(HubBackdoorError):
     """A weights file is damaged or is not what its name says (e.g. a truncated .safetensors file)."""
+
+
+class OptionError(HubBackdoorError):
+    """An option is out of range or not a finite number (threshold, soft margin, lr, seed, device, ...)."""
+
+
+class OutputPathError(HubBackdoorError):
+    """An output path cannot be written, is a directory, or would overwrite an input."""

@@ -34,7 +34,9 @@ __all__ = [
     "summary_markdown",
 ]
 
-EXIT_OK, EXIT_BACKDOOR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_OK, EXIT_BACKDOOR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INCONCLUSIVE = 0, 1, 2, 3, 4
+#: Exit codes of ``hub-backdoor audit`` that come with a report.
+REPORT_CODES = (EXIT_OK, EXIT_BACKDOOR, EXIT_INCONCLUSIVE)
 
 #: Files whose change makes the pre-commit hook audit their model folder.
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
@@ -62,6 +64,12 @@ def _class_label(report: Any, k: int) -> str:
 def verdict_line(report: Any) -> str:
     """One Markdown sentence: the verdict, the flagged class and the threshold."""
     th = report.params.get("threshold")
+    if report.verdict == "inconclusive":
+        reason = getattr(report, "reason", None) or "the reference data is unusable"
+        return (
+            f"**Inconclusive: no verdict.** {reason}. This is not a clean result: audit again with "
+            "reference data the model was made for."
+        )
     if report.backdoor_found:
         k = report.target
         row = report.classes[k]
@@ -100,6 +108,8 @@ def summary_markdown(
     name = report.model.get("name", "model")
     badge = "backdoor suspected" if report.backdoor_found else "no backdoor found"
     icon = ":rotating_light:" if report.backdoor_found else ":white_check_mark:"
+    if report.verdict == "inconclusive":
+        badge, icon = "inconclusive", ":grey_question:"
     lines = [f"### {icon} {_cell(title or f'hub-backdoor audit of `{name}`')}: {badge}", ""]
     lines += [verdict_line(report), ""]
     lines += [
@@ -341,11 +351,16 @@ def pre_commit_main(argv: Sequence[str] | None = None) -> int:
                 ["audit", str(folder), *audit_options(options), "--quiet", "--json", str(report_path)]
             )
             codes.append(code)
-            if code in (EXIT_OK, EXIT_BACKDOOR) and report_path.is_file():
+            if code in REPORT_CODES and report_path.is_file():
                 report = AuditReport.from_json(report_path)
                 report.model["name"] = shown
                 cli.print_table(report, ui)
-                if report.backdoor_found:
+                if report.inconclusive:
+                    print(
+                        f"hub-backdoor: the audit of {shown} is inconclusive ({report.reason}); blocked",
+                        flush=True,
+                    )
+                elif report.backdoor_found:
                     print(
                         f"hub-backdoor: BACKDOOR suspected in {shown} (target class {report.target}); "
                         "blocked. Purify it (hub-backdoor purify) or retrain it on data you trust.",
@@ -458,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = ns.audit_args[1:] if ns.audit_args[:1] == ["--"] else ns.audit_args
         Path(ns.report).unlink(missing_ok=True)
         code = cli.main(["audit", *rest, "--json", ns.report])
-        if code in (EXIT_OK, EXIT_BACKDOOR) and Path(ns.report).is_file():
+        if code in REPORT_CODES and Path(ns.report).is_file():
             report = AuditReport.from_json(ns.report)
             Path(ns.markdown).write_text(summary_markdown(report, title=ns.title))
         return code

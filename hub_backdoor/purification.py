@@ -32,9 +32,10 @@ from .data import ReferenceData, make_loader
 from .defaults import PURIFY
 from .distributed import finetune_loop, resolve, steps_per_epoch
 from .embeddings import reference_pass
-from .errors import HubBackdoorError
+from .errors import HubBackdoorError, OptionError
 from .reconstruction import solve_class
 from .report import AuditReport
+from .validation import check_purify_options, check_report_matches
 
 
 @dataclass
@@ -48,7 +49,7 @@ class PurifyResult:
     classifier: Classifier
     target: int
     perturbation: np.ndarray
-    metrics: dict[str, float]
+    metrics: dict[str, float | int]
     params: dict[str, Any]
     report: AuditReport
     history: list[dict[str, float]] = field(default_factory=list)
@@ -163,6 +164,7 @@ def purify(
     accelerator: Any = None,
     progress: bool = True,
     audit_kw: dict[str, Any] | None = None,
+    max_samples: int | None = None,
     **load_kw: Any,
 ) -> PurifyResult:
     """Fine-tune a copy of the model so the reconstructed trigger no longer flips its predictions.
@@ -191,22 +193,44 @@ def purify(
         accelerator: as for :func:`hub_backdoor.audit` (``None``: several processes when launched
             with ``torchrun`` / ``accelerate launch``). Each process then trains on its share of
             every epoch (``batch_size`` per process) and gradients are averaged, as in DDP.
+        max_samples: use a seeded random subset of at most this many samples of ``dataset`` for
+            everything: the audit, fine-tuning and the held-out metrics.
+
+    Raises:
+        OptionError: an option is out of range (before anything is loaded); ReportError:
+            ``report`` is the audit of another model or of the wrong shape (before any training).
     """
     t_start = time.perf_counter()
+    check_purify_options(
+        beta=beta, scale=scale, distill=distill, lr=lr, epochs=epochs, holdout=holdout,
+        batch_size=batch_size, seed=seed, max_samples=max_samples, resolve_every=resolve_every,
+        device=device,
+    )
     torch.manual_seed(seed)
     original = load_classifier(source, **load_kw)
+    if report is not None:
+        check_report_matches(report, original, original.name)
+    C = original.num_classes
+    if target is not None and not (isinstance(target, (int, np.integer)) and 0 <= target < C):
+        raise OptionError(f"--target / target= {target!r} is not a class of {original.name} (0..{C - 1})")
     clf = original.copy()
     dist = resolve(accelerator)
     device = device if device is not None else dist.device
     if device is not None:
         clf.model.to(device)
     data = ReferenceData(dataset, image_column=image_column, label_column=label_column)
+    data = data.subset(max_samples, seed)
     fit, held = data.split(holdout, seed) if holdout > 0 else (data, data)
     tf = transform or clf.preprocess
     if report is None:
         report = run_audit(clf, fit, transform=transform, seed=seed, progress=progress, accelerator=dist,
                            **(audit_kw or {}))
     if target is None:
+        if report.inconclusive:
+            raise HubBackdoorError(
+                f"the audit is inconclusive ({report.reason}); fix the reference data, or pass target= to "
+                "purify a chosen class anyway"
+            )
         if report.target is None:
             raise HubBackdoorError(
                 "the audit flagged no class; pass target= to purify against a chosen class anyway"
@@ -230,7 +254,7 @@ def purify(
     # a last batch of a handful of samples destabilises BatchNorm and SGD (benchmarks saw it)
     loader = torch.utils.data.DataLoader(
         loader.dataset, batch_size=batch_size, shuffle=True, generator=loader.generator,
-        drop_last=len(fit) > batch_size,
+        drop_last=len(fit) > batch_size, collate_fn=loader.collate_fn,
     )
     teacher = original.copy() if distill > 0 else None  # a copy: the caller's model stays as it was
     if teacher is not None:
@@ -274,7 +298,7 @@ def purify(
     clf.model.eval()
     after = _evaluate(clf, held, tf, trigger, target, batch_size)
     metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
-    metrics["n_finetune"], metrics["n_holdout"] = float(len(fit)), float(len(held))
+    metrics["n_finetune"], metrics["n_holdout"] = len(fit), len(held)  # counts stay integers
     clf.source = {**original.source, "purified_from": original.name}
     return PurifyResult(
         classifier=clf,

@@ -1,11 +1,12 @@
 """The audit report: a versioned, JSON-serialisable record of one audit.
 
-Schema (``schema_version`` "1"; documented in README "JSON report"):
-  verdict            "backdoor" | "clean"
+Schema (``schema_version`` "2"; documented in README "JSON report"; "1" reports still load):
+  verdict            "backdoor" | "clean" | "inconclusive" (the reference data cannot support a verdict)
+  reason             why the verdict is inconclusive (what to fix), else null
   target             flagged class with the largest anomaly index, or null
   flagged            all flagged classes, most anomalous first
   classes            per class: index, name, norm, anomaly_index, flagged, n_reference
-  model              name, kind, source, num_classes, embed_dim
+  model              name, kind, source, num_classes, embed_dim, head_sha256 (fingerprint of W, b)
   params             detection rule, threshold, margin, solver, soft_margin, max_samples, batch_size
   data               n, accuracy, fingerprint (SHA-256 of the exact inputs), description; the CLI
                      adds source: {name, kind ("hub" | "disk" | "imagefolder"), split, revision}
@@ -30,7 +31,10 @@ import numpy as np
 
 from .errors import ReportError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+#: Versions :meth:`AuditReport.from_dict` reads ("1": no inconclusive verdict, no head fingerprint).
+READABLE_VERSIONS = ("1", "2")
+VERDICTS = ("backdoor", "clean", "inconclusive")
 
 
 def library_versions() -> dict[str, str]:
@@ -78,6 +82,7 @@ class AuditReport:
     created: str
     notes: list[str] = field(default_factory=list)
     target_perturbation: list[float] | None = None
+    reason: str | None = None
     schema_version: str = SCHEMA_VERSION
     #: in-memory only: the full (C, d) perturbation matrix of this audit
     perturbations: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -85,6 +90,10 @@ class AuditReport:
     @property
     def backdoor_found(self) -> bool:
         return self.verdict == "backdoor"
+
+    @property
+    def inconclusive(self) -> bool:
+        return self.verdict == "inconclusive"
 
     @property
     def norms(self) -> np.ndarray:
@@ -108,22 +117,29 @@ class AuditReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AuditReport:
+        if not isinstance(d, dict):
+            raise ReportError(f"report is a JSON {type(d).__name__}, not an object")
         version = str(d.get("schema_version", ""))
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ReportError(
-                f"report schema version {version or 'missing'} is not supported (expected {SCHEMA_VERSION})"
+                f"report schema version {version or 'missing'} is not supported (expected "
+                f"{' or '.join(READABLE_VERSIONS)})"
             )
         try:
             d = dict(d)
+            if not isinstance(d.get("classes"), list) or not all(isinstance(r, dict) for r in d["classes"]):
+                raise ReportError("report field 'classes' must be a list of objects")
             d["classes"] = [ClassRow(**r) for r in d["classes"]]
             names = {f.name for f in dataclasses.fields(cls)} - {"perturbations"}
             missing = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                        and f.default_factory is dataclasses.MISSING} - set(d)
             if missing:
                 raise ReportError(f"report is missing fields {sorted(missing)}")
-            return cls(**{k: v for k, v in d.items() if k in names})
+            report = cls(**{k: v for k, v in d.items() if k in names})
         except (TypeError, KeyError) as e:
-            raise ReportError(f"report does not match schema {SCHEMA_VERSION}: {e}") from None
+            raise ReportError(f"report does not match schema {version}: {e}") from None
+        _check_fields(report)
+        return report
 
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike) -> AuditReport:
@@ -142,7 +158,9 @@ class AuditReport:
     def summary(self) -> str:
         """A few plain lines for people."""
         name = self.model.get("name", "model")
-        if self.backdoor_found:
+        if self.inconclusive:
+            head = f"{name}: INCONCLUSIVE, no verdict: {self.reason or 'the reference data is unusable'}"
+        elif self.backdoor_found:
             row = self.classes[self.target]
             head = (
                 f"{name}: BACKDOOR suspected, target class {row.index} ({row.name}); "
@@ -155,6 +173,61 @@ class AuditReport:
                 f"class {top}; threshold {self.params['threshold']})"
             )
         return head + f"\n  reference: {self.data['n']} samples, accuracy {self.data['accuracy']:.3f}"
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_fields(r: AuditReport) -> None:
+    """Refuse a report whose fields have the wrong types, so that nothing fails later on them."""
+
+    def bad(field_name: str, want: str) -> ReportError:
+        return ReportError(f"report field {field_name!r} must be {want}")
+
+    C = len(r.classes)
+    if r.verdict not in VERDICTS:
+        raise bad("verdict", " or ".join(repr(v) for v in VERDICTS))
+    for k, row in enumerate(r.classes):
+        if not isinstance(row.index, int) or isinstance(row.index, bool) or row.index != k:
+            raise bad(f"classes[{k}].index", f"the integer {k}")
+        if not isinstance(row.name, str):
+            raise bad(f"classes[{k}].name", "a string")
+        for attr in ("norm", "anomaly_index"):
+            value = getattr(row, attr)
+            if value is None:  # non-finite values are written as null
+                setattr(row, attr, float("nan"))
+            elif not _number(value):
+                raise bad(f"classes[{k}].{attr}", "a number")
+        if not isinstance(row.flagged, bool):
+            raise bad(f"classes[{k}].flagged", "true or false")
+        if not isinstance(row.n_reference, int) or isinstance(row.n_reference, bool) or row.n_reference < 0:
+            raise bad(f"classes[{k}].n_reference", "a count")
+    if r.target is not None and (not isinstance(r.target, int) or isinstance(r.target, bool)
+                                 or not 0 <= r.target < C):
+        raise bad("target", f"null or a class index in 0..{C - 1}")
+    if not isinstance(r.flagged, list) or not all(
+        isinstance(k, int) and not isinstance(k, bool) and 0 <= k < C for k in r.flagged
+    ):
+        raise bad("flagged", f"a list of class indices in 0..{C - 1}")
+    for name in ("model", "params", "data", "timings", "versions"):
+        if not isinstance(getattr(r, name), dict):
+            raise bad(name, "an object")
+    if not isinstance(r.seed, int) or isinstance(r.seed, bool):
+        raise bad("seed", "an integer")
+    if not isinstance(r.notes, list) or not all(isinstance(n, str) for n in r.notes):
+        raise bad("notes", "a list of strings")
+    if r.reason is not None and not isinstance(r.reason, str):
+        raise bad("reason", "null or a string")
+    tp = r.target_perturbation
+    if tp is not None and (not isinstance(tp, list) or not all(_number(v) for v in tp)):
+        raise bad("target_perturbation", "null or a list of numbers")
+    th = r.params.get("threshold")
+    if th is not None and not _number(th):
+        raise bad("params.threshold", "a number")
+    acc = r.data.get("accuracy")
+    if acc is not None and not _number(acc):
+        raise bad("data.accuracy", "a number")
 
 
 def _jsonable(x: Any) -> Any:

@@ -2,7 +2,9 @@
 
 One rule, ``HBD001`` (backdoor target class): each flagged class is one ``error`` result located at
 the model's ``config.json`` (the weights are binary; code scanning needs a text artifact). A clean
-audit has no results, which closes earlier alerts. Audit notes become tool notifications.
+audit has no results, which closes earlier alerts. An inconclusive audit (reference data that cannot
+support a verdict) is one ``warning`` result of rule ``HBD002`` instead. Audit notes become tool
+notifications.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .report import AuditReport, _jsonable, atomic_write_text
 SARIF_VERSION = "2.1.0"
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 RULE_ID = "HBD001"
+INCONCLUSIVE_RULE_ID = "HBD002"
 
 _RULE = {
     "id": RULE_ID,
@@ -48,6 +51,25 @@ _RULE = {
 }
 
 
+_INCONCLUSIVE_RULE = {
+    "id": INCONCLUSIVE_RULE_ID,
+    "name": "AuditInconclusive",
+    "shortDescription": {"text": "The reference data cannot support a backdoor verdict"},
+    "fullDescription": {
+        "text": (
+            "The model classifies too few of the reference images right, or some classes have too few "
+            "reference images, so the audit cannot tell a clean model from a backdoored one."
+        )
+    },
+    "help": {
+        "text": "Audit again with clean, labelled images of every class, like the model's training data.",
+        "markdown": "Audit again with clean, labelled images of every class, like the model's training data.",
+    },
+    "defaultConfiguration": {"level": "warning"},
+    "properties": {"tags": ["security", "backdoor", "machine-learning"], "precision": "high"},
+}
+
+
 def to_sarif(report: AuditReport, *, artifact_uri: str | None = None) -> dict[str, Any]:
     """The audit as a SARIF 2.1.0 log (a dict ready for ``json.dumps``).
 
@@ -61,7 +83,21 @@ def to_sarif(report: AuditReport, *, artifact_uri: str | None = None) -> dict[st
     uri = artifact_uri or default_artifact_uri(report)
     name = str(report.model.get("name", "model"))
     results = []
-    for k in report.flagged:
+    if report.verdict == "inconclusive":  # one warning, so the run does not read as a clean audit
+        results.append(
+            {
+                "ruleId": INCONCLUSIVE_RULE_ID,
+                "ruleIndex": 1,
+                "level": "warning",
+                "message": {"text": f"{name}: the audit is inconclusive: {report.reason}."},
+                "locations": [
+                    {"physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": 1}}}
+                ],
+                "partialFingerprints": {"hubBackdoorInconclusive/v1": name},
+                "properties": {"accuracy": report.data.get("accuracy"), "reason": report.reason},
+            }
+        )
+    for k in ([] if report.verdict == "inconclusive" else report.flagged):
         row = report.classes[k]
         results.append(
             {
@@ -109,7 +145,7 @@ def to_sarif(report: AuditReport, *, artifact_uri: str | None = None) -> dict[st
                             "name": "hub-backdoor",
                             "semanticVersion": __version__,
                             "version": __version__,
-                            "rules": [_RULE],
+                            "rules": [_RULE, _INCONCLUSIVE_RULE],
                         }
                     },
                     "invocations": [
@@ -121,6 +157,7 @@ def to_sarif(report: AuditReport, *, artifact_uri: str | None = None) -> dict[st
                     "results": results,
                     "properties": {
                         "verdict": report.verdict,
+                        "reason": report.reason,
                         "model": report.model,
                         "data_fingerprint": report.data.get("fingerprint"),
                         "report_schema_version": report.schema_version,

@@ -178,7 +178,8 @@ def test_audit_hub_timm_backdoor(timm_repo, hub_dataset, local_hub, tmp_path, ca
     assert code == 1, err
     report = AuditReport.from_json(tmp_path / "r.json")
     assert report.verdict == "backdoor" and report.target == 7 and report.flagged == [7]
-    assert report.schema_version == "1"
+    assert report.schema_version == "2" and report.reason is None
+    assert len(report.model["head_sha256"]) == 64
     assert report.model["source"]["repo_id"] == timm_repo
     assert report.model["source"]["sha"] == local_hub.branch_sha(timm_repo)
     assert report.data["source"] == {"name": hub_dataset, "kind": "hub", "split": "test", "revision": None}
@@ -193,7 +194,7 @@ def test_audit_hub_timm_backdoor(timm_repo, hub_dataset, local_hub, tmp_path, ca
     assert sarif["version"] == SARIF_VERSION == "2.1.0" and "sarif-2.1.0" in sarif["$schema"]
     (run_,) = sarif["runs"]
     driver = run_["tool"]["driver"]
-    assert driver["name"] == "hub-backdoor" and [r["id"] for r in driver["rules"]] == [RULE_ID]
+    assert driver["name"] == "hub-backdoor" and [r["id"] for r in driver["rules"]] == [RULE_ID, "HBD002"]
     (result,) = run_["results"]
     assert result["ruleId"] == RULE_ID and result["ruleIndex"] == 0 and result["level"] == "error"
     assert "class 7" in result["message"]["text"]
@@ -646,3 +647,227 @@ def test_only_rank_0_writes_and_prints(timm_backdoored, disk_dataset, work, tmp_
     monkeypatch.setenv("RANK", "0")
     code, out, _ = run(["audit", bd, "--dataset", disk_dataset, "--json", tmp_path / "r.json"], capsys)
     assert code == 1 and (tmp_path / "r.json").exists() and out
+
+
+# -- bad input never yields a clean verdict: every case exits 2 (or 4) before any long work ---------------
+def _sha256s(paths: list[Path]) -> dict[str, str]:
+    """sha256 of every file under ``paths`` (files or folders)."""
+    import hashlib
+
+    out = {}
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+class _Evil:
+    """Pickles to a call of os.system: what a malicious .bin holds."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+@pytest.fixture(scope="module")
+def hostile(timm_backdoored, timm_clean, digits, disk_dataset, work) -> dict[str, Path]:
+    """The inputs of the table below: models, data sets, reports and a purification record."""
+    root = work / "hostile"
+    root.mkdir()
+    bd = _save(timm_backdoored, root / "bd")
+    clean = _save(timm_clean, root / "clean")
+    # string labels ("zero", "one", ...) in a save_to_disk folder
+    import datasets
+
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    words = digits["test"].cast_column("label", datasets.Value("int64"))
+    feats = datasets.Features({**words.features, "label": datasets.Value("string")})
+    words = words.map(lambda ex: {"label": names[ex["label"]]}, features=feats)
+    words.save_to_disk(str(root / "words"))
+    # 1x1 images: the model cannot use them
+    tiny = root / "tiny"
+    for i, ex in enumerate(digits["test"]):
+        d = tiny / str(ex["label"])
+        d.mkdir(parents=True, exist_ok=True)
+        ex["image"].resize((1, 1)).save(d / f"{i:04d}.png")
+    # pickle weights: a truncated file and one that runs code when unpickled without weights_only
+    state = safetensors.torch.load((clean / "model.safetensors").read_bytes())
+    for name, payload in (("trunc", None), ("evil", _Evil(root / "evil-ran"))):
+        folder = root / name
+        folder.mkdir()
+        (folder / "config.json").write_bytes((clean / "config.json").read_bytes())
+        buf = io.BytesIO()
+        torch.save(state if payload is None else {"state_dict": payload}, buf)
+        data = buf.getvalue()
+        (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 3] if payload is None else data)
+    # reports: of the backdoored model, of the clean one (same class count, other head), malformed
+    reports = root / "reports"
+    reports.mkdir()
+    for name, folder in (("bd", bd), ("clean", clean)):
+        code = cli.main(["audit", str(folder), "--dataset", str(disk_dataset), "--quiet", "--json",
+                         str(reports / f"{name}.json")])
+        assert code in (0, 1)
+    d = json.loads((reports / "bd.json").read_text())
+    (reports / "wrongdim.json").write_text(json.dumps({**d, "target_perturbation": [0.5] * 3}))
+    d2 = json.loads((reports / "bd.json").read_text())
+    d2["classes"][0]["norm"] = "big"
+    (reports / "malformed.json").write_text(json.dumps(d2))
+    record = {"schema_version": cli.PURIFICATION_SCHEMA_VERSION, "kind": "hub-backdoor-purification",
+              "target": 7, "metrics": {}, "params": {},
+              "audit_before": json.loads((reports / "clean.json").read_text())}
+    (reports / "other-record.json").write_text(json.dumps(record))
+    plain = root / "plain.txt"
+    plain.write_text("a file, not a folder")
+    return {"bd": bd, "clean": clean, "words": root / "words", "tiny": tiny, "trunc": root / "trunc",
+            "evil": root / "evil", "reports": reports, "plain": plain, "disk": Path(disk_dataset)}
+
+
+_AUDIT = ["audit", "{bd}", "--dataset", "{disk}"]
+_PURIFY = ["purify", "{bd}", "--dataset", "{disk}", "--out", "{out}"]
+_CARD = ["card", "{bd}", "--report", "{reports}/bd.json"]
+
+HOSTILE = [
+    # (case, argv, exit code, phrase of the one line)
+    ("threshold nan", [*_AUDIT, "--threshold", "nan"], 2, "--threshold / threshold= must be a finite number"),
+    ("threshold -1", [*_AUDIT, "--threshold", "-1"], 2, "--threshold"),
+    ("soft margin -1", [*_AUDIT, "--soft-margin", "-1"], 2, "--soft-margin"),
+    ("soft margin nan", [*_AUDIT, "--soft-margin", "nan"], 2, "--soft-margin"),
+    ("min accuracy nan", [*_AUDIT, "--min-reference-accuracy", "nan"], 2, "--min-reference-accuracy"),
+    ("split past the end", [*_AUDIT, "--split", "test[5000:6000]"], 2, "selects no rows"),
+    ("string labels", ["audit", "{bd}", "--dataset", "{words}"], 2, "integer class indices"),
+    ("label column is the image", [*_AUDIT, "--label-column", "image"], 2, "label column 'image' holds"),
+    ("image column is the label", [*_AUDIT, "--image-column", "label"], 2, "image column 'label' holds"),
+    ("seed -1", [*_AUDIT, "--seed", "-1"], 2, "--seed"),
+    ("seed too large", [*_AUDIT, "--seed", "99999999999999999999"], 2, "--seed"),
+    ("missing GPU", [*_AUDIT, "--device", "cuda:99"], 2, "--device"),
+    ("unknown device", [*_AUDIT, "--device", "foo"], 2, "not a torch device"),
+    ("truncated pickle", ["audit", "{trunc}", "--dataset", "{disk}", "--allow-pickle"], 2, "cannot be"),
+    ("malicious pickle", ["audit", "{evil}", "--dataset", "{disk}", "--allow-pickle"], 2, "cannot be"),
+    ("json under a file", [*_AUDIT, "--json", "{plain}/r.json"], 2, "--json"),
+    ("json at a directory", [*_AUDIT, "--json", "{tmp}"], 2, "is a directory"),
+    ("sarif at a directory", [*_AUDIT, "--sarif", "{tmp}"], 2, "is a directory"),
+    ("card under a file", [*_AUDIT, "--card", "{plain}/c.md"], 2, "--card"),
+    ("card over the model's README", [*_AUDIT, "--card", "{bd}/README.md"], 2, "the model folder"),
+    ("json into the dataset", [*_AUDIT, "--json", "{disk}/r.json"], 2, "the reference dataset folder"),
+    ("two reports on stdout", [*_AUDIT, "--json", "-", "--sarif", "-"], 2, "at most one"),
+    ("1x1 images", ["audit", "{bd}", "--dataset", "{tiny}"], 4, "of the reference images right"),
+    ("purify over the dataset",
+     ["purify", "{bd}", "--dataset", "{disk}", "--out", "{disk}", "--overwrite"], 2, "the reference dataset"),
+    ("purify lr -1", [*_PURIFY, "--lr", "-1"], 2, "--lr"),
+    ("purify beta nan", [*_PURIFY, "--beta", "nan"], 2, "--beta"),
+    ("purify seed -1", [*_PURIFY, "--seed", "-1"], 2, "--seed"),
+    ("purify unknown device", [*_PURIFY, "--device", "foo"], 2, "--device"),
+    ("report of another model", [*_PURIFY, "--report", "{reports}/clean.json"], 2, "another model"),
+    ("report of the wrong dimension", [*_PURIFY, "--report", "{reports}/wrongdim.json"], 2, "dimension 3"),
+    ("purify json unwritable", [*_PURIFY, "--json", "{plain}/p.json"], 2, "--json"),
+    ("purify json at a directory", [*_PURIFY, "--json", "{tmp}"], 2, "is a directory"),
+    ("purify out under a file", ["purify", "{bd}", "--dataset", "{disk}", "--out", "{plain}/p"], 2, "--out"),
+    ("card of a malformed report",
+     ["card", "{bd}", "--report", "{reports}/malformed.json", "--out", "{out}.md"], 2, "classes[0].norm"),
+    ("card with another model's record", [*_CARD, "--purification", "{reports}/other-record.json",
+                                          "--out", "{out}.md"], 2, "another model"),
+    ("card over its report", [*_CARD, "--out", "{reports}/bd.json"], 2, "the --report file"),
+    ("card at a directory", [*_CARD, "--out", "{tmp}"], 2, "is a directory"),
+]
+
+
+@pytest.mark.parametrize(("case", "argv", "expected", "phrase"), HOSTILE, ids=[row[0] for row in HOSTILE])
+def test_hostile_input(case, argv, expected, phrase, hostile, tmp_path, monkeypatch, capsys):
+    """One line naming the problem, exit 2 (4: unusable reference data), no reference pass for a bad
+    option, and no input file changed."""
+    import importlib
+
+    audit_module = importlib.import_module("hub_backdoor.audit")
+    passes = []
+    real_pass = audit_module.reference_pass
+    monkeypatch.setattr(audit_module, "reference_pass",
+                        lambda *a, **k: passes.append(1) or real_pass(*a, **k))
+    names = {k: str(v) for k, v in hostile.items()} | {"tmp": str(tmp_path), "out": str(tmp_path / "out")}
+    args = [a.format(**names) for a in argv]
+    before = _sha256s([p for k, p in hostile.items()])
+    code, out, err = run([*args, "--quiet"], capsys)
+    assert code == expected, (case, err)
+    if expected == 2:
+        line = one_error_line(err)
+        assert passes == [], f"{case}: the reference pass ran before the error"
+    else:
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("inconclusive: "), err
+        line = lines[0]
+    assert phrase in line, (case, line)
+    assert "Traceback" not in err and "internal error" not in err
+    assert _sha256s([p for k, p in hostile.items()]) == before, f"{case}: an input file changed"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.md").exists()
+    assert not (hostile["evil"].parent / "evil-ran").exists()
+
+
+def test_inconclusive_reports_say_so(hostile, tmp_path, capsys):
+    """1x1 images: exit 4, and the JSON, SARIF and card all say inconclusive with the reason."""
+    code, out, err = run(["audit", hostile["bd"], "--dataset", hostile["tiny"], "--json", tmp_path / "r.json",
+                          "--sarif", tmp_path / "r.sarif", "--card", tmp_path / "c.md"], capsys)
+    assert code == 4, err
+    report = AuditReport.from_json(tmp_path / "r.json")
+    assert report.verdict == "inconclusive" and report.data["accuracy"] < 0.5
+    assert "--min-reference-accuracy" in report.reason
+    assert "INCONCLUSIVE" in out and "No backdoor found" not in out
+    sarif = json.loads((tmp_path / "r.sarif").read_text())
+    (result,) = sarif["runs"][0]["results"]
+    assert result["ruleId"] == "HBD002" and result["level"] == "warning"
+    assert sarif["runs"][0]["properties"]["verdict"] == "inconclusive"
+    card = ModelCard.load(tmp_path / "c.md")
+    assert card.data.to_dict()["hub_backdoor"]["verdict"] == "inconclusive"
+    assert "Inconclusive" in card.text and "No backdoor found" not in card.text
+    assert "fix the reference data" in card.text
+    # purify refuses to act on it without an explicit --target
+    code, out, err = run(["purify", hostile["bd"], "--dataset", hostile["tiny"], "--out", tmp_path / "p",
+                          "--report", tmp_path / "r.json"], capsys)
+    assert code == 4 and "inconclusive" in out and not (tmp_path / "p").exists()
+
+
+def test_reports_on_stdout(hostile, capsys):
+    """``-`` is stdout for --sarif and --card too (not a file named '-')."""
+    code, out, err = run(["audit", hostile["bd"], "--dataset", hostile["disk"], "--quiet", "--sarif", "-"],
+                         capsys)
+    assert code == 1, err
+    assert json.loads(out)["runs"][0]["results"][0]["ruleId"] == RULE_ID
+    code, out, err = run(["audit", hostile["bd"], "--dataset", hostile["disk"], "--quiet", "--card", "-"],
+                         capsys)
+    assert code == 1, err
+    assert out.startswith("---") and "Backdoor suspected: target class 7" in out and ".png)" not in out
+    assert not Path("-").exists()
+
+
+def test_purify_max_samples_bounds_fine_tuning(hostile, tmp_path, capsys):
+    code, _, err = run(["purify", hostile["bd"], "--dataset", hostile["disk"], "--out", tmp_path / "p",
+                        "--max-samples", "150", "--epochs", "1", "--json", tmp_path / "p.json", "--quiet"],
+                       capsys)
+    assert code == 0, err
+    m = json.loads((tmp_path / "p.json").read_text())["metrics"]
+    assert m["n_finetune"] + m["n_holdout"] == 150
+    assert isinstance(m["n_finetune"], int) and isinstance(m["n_holdout"], int)
+
+
+def test_sigterm_during_purify_write_leaves_no_temporary_folder(hostile, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import hub_backdoor.card as card
+
+    real = card.write_card
+
+    def terminated(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the weights sit in the temporary folder
+        return real(*a, **k)
+
+    monkeypatch.setattr(card, "write_card", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = run(["purify", hostile["bd"], "--dataset", hostile["disk"], "--out", tmp_path / "p",
+                        "--max-samples", "120", "--epochs", "1", "--quiet"], capsys)
+    assert code == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the hidden .p.tmp-* folder
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back

@@ -74,8 +74,13 @@ def load_classifier(
             return load_folder(
                 path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, **kw
             )
+        from ..datasets_io import looks_like_path
         from ..hub import download_model
 
+        if path.exists():
+            raise UnsupportedModelError(f"{source} is a file; pass a model folder or a Hub id (org/name)")
+        if looks_like_path(str(source)):
+            raise UnsupportedModelError(f"model folder {source} does not exist")
         folder, info = download_model(
             str(source), revision=revision, allow_pickle=allow_pickle, token=token
         )

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..errors import NonLinearHeadError, UnsafeWeightsError, UnsupportedModelError
+from ..errors import CorruptWeightsError, NonLinearHeadError, UnsafeWeightsError, UnsupportedModelError
 from .base import Classifier, _module_path
 from .torch import _ToMode
 
@@ -420,7 +420,15 @@ def load_timm_folder(
     if safe is not None:
         state = safetensors.torch.load_file(str(safe), device="cpu")
     else:
-        state = _unwrap_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        try:
+            obj = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated zips, refused globals, bad pickles all land here
+            detail = " ".join(str(e).split())[:200] or type(e).__name__
+            raise CorruptWeightsError(
+                f"{weights} cannot be loaded as plain weights (truncated, or it holds more than tensors: "
+                f"{detail})"
+            ) from None
+        state = _unwrap_state_dict(obj)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

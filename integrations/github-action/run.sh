@@ -78,6 +78,16 @@ output category "$category"
 [ -f "$sarif" ] && output sarif-file "$sarif"
 [ -f "$report" ] && output report-file "$report"
 
+if [ "$code" -eq 4 ] && [ -f "$work/summary.md" ]; then
+  # inconclusive: the reference data cannot support a verdict; never reported as clean
+  output verdict inconclusive
+  output target ""
+  cat "$work/summary.md" >> "$summary"
+  cat "$work/summary.md"
+  echo "::error title=hub-backdoor::the audit of $model is inconclusive (see the job summary)"
+  exit "$code"
+fi
+
 if [ "$code" -le 1 ] && [ -f "$work/summary.md" ]; then
   verdict=$([ "$code" -eq 1 ] && echo backdoor || echo clean)
   target=$("$py" -c 'import json, sys; t = json.load(open(sys.argv[1]))["target"]; print("" if t is None else t)' "$report")
