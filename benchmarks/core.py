@@ -44,6 +44,18 @@ def batches(perm: torch.Tensor, bs: int) -> list[torch.Tensor]:
     return [perm[i * bs : (i + 1) * bs if i < steps - 1 else len(perm)] for i in range(steps)]
 
 
+def shift_flip(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Each image of ``x (B, ch, H, W)`` shifted by up to ``pad`` pixels (zero padding) and
+    flipped left-right with probability 1/2 (seeded by ``g``)."""
+    B, _, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=g).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g).tolist()
+    flip = (torch.rand(B, generator=g) < 0.5).tolist()
+    out = torch.stack([xp[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
+    return torch.where(torch.tensor(flip, device=x.device)[:, None, None, None], out.flip(3), out)
+
+
 def n_steps(n: int, bs: int) -> int:
     return max(1, n // bs)
 
@@ -246,18 +258,29 @@ def finetune(
     resolve_every: int | None = None,
     stamp: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     freeze_norm: bool = False,
+    augment: bool = False,
+    sam_rho: float = 0.0,
+    norm_frozen: bool = False,
 ) -> Classifier:
     """Fine-tune ``clf`` in place on clean data with the loss of ``hub_backdoor.purify``
     (:func:`hub_backdoor.purification.purification_loss`: ``CE(f(x), y) + beta CE(head(h(x) +
     scale s_t), y) + distill KL(f_0(x) || f(x))``) and its optimiser: SGD momentum 0.9, wd 5e-4,
     one-cycle, BatchNorm in train mode unless ``freeze_norm``. ``beta = distill = 0`` is plain
     fine-tuning (FT). ``stamp``: adds a trigger to part of each batch, labels kept (NC unlearning).
+    ``augment``: random 2-pixel shifts and horizontal flips of each batch (a small clean set is
+    otherwise memorised). ``sam_rho``: sharpness-aware steps (FT-SAM: the gradient is taken at
+    the weights moved by ``rho`` along the normalised gradient). ``norm_frozen``: the affine
+    parameters of every normalisation layer (BatchNorm, LayerNorm, GroupNorm) stay as they are.
     """
     dev = X.device
     torch.manual_seed(seed)
     model = clf.model
     teacher = clf.copy().model.eval() if distill > 0 else None
     params = trainable_parameters(clf, train)
+    if norm_frozen:
+        norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
+        frozen_ids = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters()}
+        params = [p for p in params if id(p) not in frozen_ids]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -280,15 +303,35 @@ def finetune(
             xb, yb = X[idx], Y[idx]
             if stamp is not None:
                 xb = stamp(xb, g)
-            with autocast(dev):
-                t_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(xb)
-                loss, _, _ = purification_loss(clf, xb, yb, s, beta=beta if s_t is not None else 0.0,
-                                               teacher_logits=t_logits, distill=distill)
+            if augment:
+                xb = shift_flip(xb, g)
+
+            def batch_loss(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
+                with autocast(dev):
+                    t_logits = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = teacher(xb)
+                    loss, _, _ = purification_loss(clf, xb, yb, s, beta=beta if s_t is not None else 0.0,
+                                                   teacher_logits=t_logits, distill=distill)
+                return loss
+
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            batch_loss().backward()
+            if sam_rho > 0:  # SAM: the step uses the gradient at the worst nearby weights
+                grads = [p.grad for p in params]
+                norm = torch.sqrt(sum((g_ * g_).sum() for g_ in grads if g_ is not None)).clamp_min(1e-12)
+                moves = []
+                with torch.no_grad():
+                    for p, g_ in zip(params, grads):
+                        e = torch.zeros_like(p) if g_ is None else sam_rho * g_ / norm
+                        p.add_(e)
+                        moves.append(e)
+                opt.zero_grad(set_to_none=True)
+                batch_loss().backward()
+                with torch.no_grad():
+                    for p, e in zip(params, moves):
+                        p.sub_(e)
             opt.step()
             sched.step()
     for p in model.parameters():

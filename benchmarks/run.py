@@ -44,7 +44,10 @@ ALL_ATTACKS = list(ATTACKS)
 
 #: The main configuration of this project's purification: the library's purify defaults.
 OURS: dict[str, Any] = {**{k: v for k, v in PURIFY.items() if k != "min_steps"}, "epochs": None,
-                        "resolve_every": None, "freeze_norm": False}
+                        "resolve_every": None, "freeze_norm": False, "augment": False, "sam_rho": 0.0,
+                        "norm_frozen": False}
+#: study variants that run alone (:func:`benchmarks.core.finetune`), not in a stacked group
+ALONE_KEYS = ("freeze_norm", "resolve_every", "augment", "sam_rho", "norm_frozen")
 
 #: Purification study: variants of OURS, run with the true target (stage 2 alone).
 STUDY: dict[str, dict[str, Any]] = {
@@ -67,13 +70,18 @@ STUDY: dict[str, dict[str, Any]] = {
     # session 3, from a side study on the quick suite's models (DER 87.1 and 87.5 vs 85.7 there)
     "scale 3, distill 6": {"scale": 3.0, "distill": 6.0},
     "beta 20, distill 6": {"beta": 20.0, "distill": 6.0},
+    # for small clean sets: augmentation, sharpness-aware steps (FT-SAM), normalisation layers kept
+    "augment (shift + flip)": {"augment": True},
+    "SAM (rho 0.05)": {"sam_rho": 0.05},
+    "norm layers frozen": {"norm_frozen": True},
+    "augment, norm layers frozen": {"augment": True, "norm_frozen": True},
 }
 
 STANDARD_ARCHS = ("preact18-w8", "vit-e64d4", "mnv3-050", "hf-convnext")
 #: the standard suite's purification study (on its 10 % models): the paper's loss and the
 #: variants that move accuracy most on the quick suite
 STANDARD_STUDY = ["library default", "paper loss (scale 1, distill 0)", "head trained too", "beta 3",
-                  "scale 4", "lr 0.01"]
+                  "augment (shift + flip)", "SAM (rho 0.05)", "norm layers frozen", "augment, norm layers frozen"]
 
 SUITES: dict[str, dict[str, Any]] = {
     # the test's micro suite: 2 models, 1-2 epochs
@@ -121,7 +129,8 @@ SUITES: dict[str, dict[str, Any]] = {
         "two_target": ("badnets", "blend", 0.1), "n_clean": 1,
         "epochs": 1, "lr": 0.05, "bs": 128, "ft_epochs": 1, "nc_steps": 2, "nc_bs": 4, "ours_epochs": 2,
         "verify": {"n_images": 20, "steps": 6},
-        "study": ["library default", "paper loss (scale 1, distill 0)"], "study_rates": [0.1],
+        "study": ["library default", "paper loss (scale 1, distill 0)", "augment (shift + flip)",
+                  "SAM (rho 0.05)", "norm layers frozen"], "study_rates": [0.1],
         "clean_fraction": 0.05, "group": 1, "stacked": False, "stats": "standard-smoke",
     },
     # GPU full suite (Fashion-MNIST padded to 32x32; 20k-sample training subset to fit the budget)
@@ -526,7 +535,7 @@ class Runner:
             p = {**OURS, **STUDY[name]}
             if not STUDY[name]:
                 continue  # the library default: ours on the true target, copied below
-            if p["freeze_norm"] or p["resolve_every"]:
+            if any(p[k] for k in ALONE_KEYS):
                 alone.append(name)
             else:
                 jobs.append((("study", name), *ours(p, target)))
@@ -549,7 +558,8 @@ class Runner:
                     clf.copy(), self.Xc, self.Yc, epochs=p["epochs"] or cfg.get("ours_epochs"), lr=p["lr"],
                     bs=FT_BS, seed=0, train=p["train"], beta=p["beta"], scale=p["scale"],
                     distill=p["distill"], s_t=perturbations[target], target=target,
-                    resolve_every=p["resolve_every"], freeze_norm=p["freeze_norm"]))
+                    resolve_every=p["resolve_every"], freeze_norm=p["freeze_norm"], augment=p["augment"],
+                    sam_rho=p["sam_rho"], norm_frozen=p["norm_frozen"]))
         pruned, n = baselines.clp(clf.copy())
         rec["clp_pruned"] = n
         rec["metrics"]["clp"] = ev_model(pruned) if n >= 0 else None
