@@ -306,7 +306,7 @@ def finetune(
             if augment:
                 xb = shift_flip(xb, g)
 
-            def batch_loss(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
+            def batch_loss(xb: torch.Tensor = xb, yb: torch.Tensor = yb, s: torch.Tensor = s) -> torch.Tensor:
                 with autocast(dev):
                     t_logits = None
                     if teacher is not None:

@@ -206,7 +206,8 @@ def _alone(m: Member, X: torch.Tensor | None, Y: torch.Tensor | None, *, epochs:
            nesterov: bool) -> list[float]:
     x, y = (m.X, m.Y) if m.X is not None else (X, Y)
     if nesterov:  # the zoo's training
-        return core.train_model(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed, optimizer=m.optimizer)
+        return core.train_model(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed,
+                                optimizer=m.optimizer)
     if m.anchor is not None:
         from .baselines import fst_train
 

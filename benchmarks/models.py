@@ -102,7 +102,8 @@ def timm_arch(arch: str, num_classes: int, channels: int, size: int, seed: int, 
     return clf
 
 
-def hf_convnext(num_classes: int, channels: int, size: int, seed: int, hidden: tuple[int, ...] = (16, 32, 64, 128),
+def hf_convnext(num_classes: int, channels: int, size: int, seed: int,
+                hidden: tuple[int, ...] = (16, 32, 64, 128),
                 depths: tuple[int, ...] = (1, 1, 2, 1)) -> Classifier:
     """A transformers ``ConvNextForImageClassification`` built from a config (patch 2 for 32x32)."""
     from transformers import ConvNextConfig, ConvNextForImageClassification
@@ -139,8 +140,9 @@ ARCHS: dict[str, dict[str, Any]] = {
     "test-vit": {"factory": timm_arch, "kw": {"arch": "test_vit", "img_size": 16, "patch_size": 4},
                  "last": ["blocks.1", "norm", "head"]},
     # standard suite (CPU, 32x32 RGB Fashion-MNIST): four families, one adapter each at least
-    "vit-e64d4": {"factory": timm_arch, "kw": {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4,
-                                               "embed_dim": 64, "depth": 4, "num_heads": 2},
+    "vit-e64d4": {"factory": timm_arch,
+                  "kw": {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "embed_dim": 64,
+                         "depth": 4, "num_heads": 2},
                   "train": {"opt": "adamw", "lr": 0.002, "epochs": 5}, "last": ["blocks.3", "norm", "head"]},
     "mnv3-050": {"factory": timm_arch, "kw": {"arch": "mobilenetv3_small_050"}, "train": {"epochs": 6},
                  "last": ["blocks.5", "conv_head", "classifier"]},

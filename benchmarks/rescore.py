@@ -90,7 +90,8 @@ def working(z: dict[str, Any]) -> list[int]:
 def score_all(zs: list[dict[str, Any]], rules: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """rule -> model id -> scores (C,); rules whose input a model lacks are left out entirely."""
     fns: dict[str, Callable[[dict[str, Any]], np.ndarray]] = {
-        name: (lambda z, fn=fn: np.asarray(fn(stats.detection_input(z)), np.float64)) for name, fn in RULES.items()
+        name: (lambda z, fn=fn: np.asarray(fn(stats.detection_input(z)), np.float64))
+        for name, fn in RULES.items()
     } | CANDIDATES | BASELINES
     if rules:
         fns = {k: v for k, v in fns.items() if k in rules}
@@ -226,7 +227,8 @@ def markdown(det: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="standard")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (holds <suite>/ and <suite>.json)")
+    ap.add_argument("--out", type=Path, default=RESULTS,
+                    help="results folder (holds <suite>/ and <suite>.json)")
     ap.add_argument("--rules", nargs="*", default=None, help="only these rules (default: all)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)

@@ -81,7 +81,8 @@ STANDARD_ARCHS = ("preact18-w8", "vit-e64d4", "mnv3-050", "hf-convnext")
 #: the standard suite's purification study (on its 10 % models): the paper's loss and the
 #: variants that move accuracy most on the quick suite
 STANDARD_STUDY = ["library default", "paper loss (scale 1, distill 0)", "head trained too", "beta 3",
-                  "augment (shift + flip)", "SAM (rho 0.05)", "norm layers frozen", "augment, norm layers frozen"]
+                  "augment (shift + flip)", "SAM (rho 0.05)", "norm layers frozen",
+                  "augment, norm layers frozen"]
 
 SUITES: dict[str, dict[str, Any]] = {
     # the test's micro suite: 2 models, 1-2 epochs
@@ -623,7 +624,8 @@ class Runner:
                 if cached_only or (deadline is not None and time.perf_counter() - t0 > deadline):
                     missing.append(spec["id"])
                     continue
-                self.log(f"[{i + 1}/{len(specs)}] {spec['id']} ({'detection' if part == 'detect' else 'removal'})")
+                what = "detection" if part == "detect" else "removal"
+                self.log(f"[{i + 1}/{len(specs)}] {spec['id']} ({what})")
                 records.append(self.evaluate(spec, part))
         return {"suite": self.suite, "records": records, "seconds": time.perf_counter() - t0,
                 "counters": self.counters, "missing": missing}
@@ -818,7 +820,8 @@ def markdown(out: dict[str, Any]) -> str:
               "another class. FP: a clean model with any flag. *At 0 FP*: threshold set just above the "
               "highest score any clean model reached (in-sample, optimistic). *Top*: the target has the "
               "highest score.", "",
-              "| rule | TP (thr 2) | wrong class | FP on clean | TPR | FPR | TPR at 0 FP (thr) | top = target |",
+              "| rule | TP (thr 2) | wrong class | FP on clean | TPR | FPR | TPR at 0 FP (thr) "
+              "| top = target |",
               "|---|---|---|---|---|---|---|---|"]
         for name, d in s["detection"].items():
             mark = " (paper)" if name == "mad" else ""
@@ -923,8 +926,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if pending:
                 _spawn_workers([*_without(argv_l, "--phase"), "--phase", part],
                                min(args.workers, len(pending)))
-            phase_wall["detection (training, audits, every detection statistic)" if part == "detect"
-                       else "removal (every defense and the purification study)"] = time.perf_counter() - t_part
+            name = ("detection (training, audits, every detection statistic)" if part == "detect"
+                    else "removal (every defense and the purification study)")
+            phase_wall[name] = time.perf_counter() - t_part
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
         runner.run(shard=(i, n), deadline=args.deadline, phase=args.phase)

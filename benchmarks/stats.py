@@ -37,7 +37,8 @@ N_TAC = 256  # test images per trigger for the true TAC
 
 @torch.no_grad()
 def _embed(clf: Any, X: torch.Tensor, bs: int = 256) -> np.ndarray:
-    return np.concatenate([clf.forward(X[i : i + bs])[1].double().cpu().numpy() for i in range(0, len(X), bs)])
+    return np.concatenate([clf.forward(X[i : i + bs])[1].double().cpu().numpy()
+                           for i in range(0, len(X), bs)])
 
 
 def save(path: Path, *, spec: dict[str, Any], rec: dict[str, Any], clf: Any, X: torch.Tensor, Y: torch.Tensor,
@@ -99,7 +100,8 @@ def load_all(folder: Path) -> list[dict[str, Any]]:
 def detection_input(z: dict[str, Any]) -> DetectionInput:
     """What the library's rules see, rebuilt from stored statistics."""
     return DetectionInput(
-        norms=np.asarray(z["norms"], dtype=np.float64), perturbations=np.asarray(z["perturbations"], np.float64),
+        norms=np.asarray(z["norms"], dtype=np.float64),
+        perturbations=np.asarray(z["perturbations"], np.float64),
         h_std=np.asarray(z["h_std"], np.float64), nonneg_norms=np.asarray(z["nonneg_norms"], np.float64),
         quantile_norms=np.asarray(z["quantile_norms"], np.float64),
         input_bounds=None if "input_bounds" not in z else np.asarray(z["input_bounds"], np.float64))
