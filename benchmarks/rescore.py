@@ -66,12 +66,47 @@ def _nc(z: dict[str, Any]) -> np.ndarray:
     return anomaly_index(np.asarray(z["nc_l1"], np.float64))
 
 
+def _log_ratio(x: np.ndarray) -> np.ndarray:
+    """``log(median of the others / x_k)``: how much smaller x_k is than a typical class."""
+    from hub_backdoor.verification import bound_ratio_scores
+
+    return bound_ratio_scores(np.asarray(x, np.float64))
+
+
+def _nc_ratio(z: dict[str, Any]) -> np.ndarray:
+    return _log_ratio(z["nc_l1"])
+
+
+def _input_and_nc(z: dict[str, Any]) -> np.ndarray:
+    """The smaller of the two input-space log-ratios: both searches must find the cut short."""
+    return np.minimum(_log_ratio(z["input_bounds"]), _nc_ratio(z))
+
+
+def _input_or_nc(z: dict[str, Any]) -> np.ndarray:
+    return np.maximum(_log_ratio(z["input_bounds"]), _nc_ratio(z))
+
+
+def _input_plus_nc(z: dict[str, Any]) -> np.ndarray:
+    return _log_ratio(z["input_bounds"]) + _nc_ratio(z)
+
+
+def _input_plus_latent(z: dict[str, Any]) -> np.ndarray:
+    """Input-space ratio plus the latent QP's log-ratio of ||s_k|| (the paper's norm, scale-free)."""
+    return _log_ratio(z["input_bounds"]) + _log_ratio(z["norms"])
+
+
 #: Candidates studied on the stored statistics only (name -> fn(stats) -> scores (C,)), beside
 #: the library's rules; a candidate that wins moves into the library's registry.
 CANDIDATES: dict[str, Callable[[dict[str, Any]], np.ndarray]] = {
     "input-mean-log (50-90 %)": _input_mean_log,
     "input-ratio at 50 %": _input_ratio_at(0.5),
     "input-ratio at 70 %": _input_ratio_at(0.7),
+    "latent norm log-ratio": lambda z: _log_ratio(z["norms"]),
+    "input-ratio + latent log-ratio": _input_plus_latent,
+    "mask L1 log-ratio (NC's search)": _nc_ratio,
+    "min(input-ratio, mask log-ratio)": _input_and_nc,
+    "max(input-ratio, mask log-ratio)": _input_or_nc,
+    "input-ratio + mask log-ratio": _input_plus_nc,
 }
 BASELINES = {"neural cleanse (mask L1, MAD)": _nc}
 
@@ -163,8 +198,10 @@ def _cost(zs: list[dict[str, Any]], rule: str) -> float:
     for z in zs:
         rec = z["record"]
         t = rec.get("audit_timings", {}).get("audit", 0.0)
-        if rule.startswith("input"):
+        if "input" in rule:
             t += (rec.get("verification") or {}).get("seconds", 0.0)
+        if "mask" in rule:
+            t += rec["nc"]["seconds"]
         if rule.startswith("neural cleanse"):
             t = rec["nc"]["seconds"]
         vals.append(t)

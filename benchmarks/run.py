@@ -31,7 +31,7 @@ import torch
 from hub_backdoor.defaults import PURIFY
 from hub_backdoor.detection import DEFAULT_RULE, RULES, DetectionInput
 from hub_backdoor.purification import auto_epochs
-from hub_backdoor.verification import verify_input_space
+from hub_backdoor.verification import verify_input_space, verify_mask
 
 from . import baselines, core, group, stats
 from ._machine import cpu_name
@@ -90,7 +90,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "data": ("digits", {"size": 16}), "zoo": {"preact18-w8": (["badnets"], [0.1])},
         "epochs": 2, "lr": 0.05, "bs": 64, "ft_epochs": 2, "nc_steps": 4, "nc_bs": 4,
         "study": ["library default"], "clean_fraction": 0.05, "group": 2,
-        "verify": {"n_images": 20, "steps": 4}, "stats": "micro",
+        "verify": {"n_images": 20, "steps": 4}, "verify_mask": {"steps": 3, "batch": 4}, "stats": "micro",
     },
     # CPU quick suite (MNIST-5k at 16x16, tiny networks, 10 % poison)
     "quick": {
@@ -118,7 +118,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "zoo": {a: (ALL_ATTACKS, [0.05, 0.1]) for a in STANDARD_ARCHS},
         "two_target": ("badnets", "blend", 0.1), "n_clean": 12,
         "epochs": 4, "lr": 0.05, "bs": 128, "ft_epochs": 10, "nc_steps": 60, "nc_bs": 16,
-        "verify": {"n_images": 40, "steps": 20},
+        "verify": {"n_images": 40, "steps": 20}, "verify_mask": {"steps": 30, "batch": 16},
         "study": STANDARD_STUDY, "study_rates": [0.1],
         "clean_fraction": 0.05, "group": 1, "stacked": False, "stats": "standard",
     },
@@ -129,7 +129,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "zoo": {a: (["badnets"], [0.1]) for a in STANDARD_ARCHS},
         "two_target": ("badnets", "blend", 0.1), "n_clean": 1,
         "epochs": 1, "lr": 0.05, "bs": 128, "ft_epochs": 1, "nc_steps": 2, "nc_bs": 4, "ours_epochs": 2,
-        "verify": {"n_images": 20, "steps": 6},
+        "verify": {"n_images": 20, "steps": 6}, "verify_mask": {"steps": 3, "batch": 4},
         "study": ["library default", "paper loss (scale 1, distill 0)", "augment (shift + flip)",
                   "SAM (rho 0.05)", "norm layers frozen"], "study_rates": [0.1],
         "clean_fraction": 0.05, "group": 1, "stacked": False, "stats": "standard-smoke",
@@ -466,6 +466,13 @@ class Runner:
                 ver = verify_input_space(view, self.Xc, self.Yc, seed=0, **self.cfg["verify"])
             au.inp.input_bounds = ver.full_bounds(view.num_classes)
             rec["verification"] = {"bounds": ver.bounds.tolist(), "seconds": ver.seconds}
+        mask = None
+        if self.cfg.get("verify_mask"):
+            with self.timed(rec, "mask verification"):
+                mask = verify_mask(view, self.Xc, self.Yc, seed=0, **self.cfg["verify_mask"])
+            au.inp.mask_l1 = mask.full_l1(view.num_classes)
+            rec["mask_verification"] = {"l1": mask.mask_l1.tolist(), "flip": mask.flip.tolist(),
+                                        "seconds": mask.seconds}
         rec["detection"] = detections(au.inp)
         rev = self._load_nc(spec)
         if rev is None:  # not reversed with its group beforehand (reverse_pending)
@@ -478,7 +485,7 @@ class Runner:
             pairs = [(self.Xte[torch.as_tensor(self.data.y_test != t, device=self.dev)], x)
                      for (x, _), (_, t) in zip(trig, planted(spec))]
             stats.save(self.out / self.cfg["stats"] / f"{spec['id']}.npz", spec=spec, rec=rec, clf=view,
-                       X=self.Xc, Y=self.Yc, audit=au, verification=ver, tac_pairs=pairs)
+                       X=self.Xc, Y=self.Yc, audit=au, verification=ver, mask=mask, tac_pairs=pairs)
         rec["eval_seconds"] = time.perf_counter() - t_model
         _write_json(folder / "detect.json", rec)
         self.counters["evaluated"] += 1
@@ -580,15 +587,21 @@ class Runner:
 
     def detect_hash(self, train_hash: str) -> str:
         cfg = self.cfg
-        return _hash({"v": EVAL_VERSION, "train": train_hash, "verify": cfg.get("verify"),
-                      "nc": [cfg["nc_steps"], cfg["nc_bs"]], "clean": self.clean_idx.tolist()[:50],
-                      "dev": self.dev.type, "stats": cfg.get("stats")})
+        return _hash({"base": self.base_hash(train_hash), "verify": cfg.get("verify"),
+                      "mask": cfg.get("verify_mask"), "stats": cfg.get("stats")})
+
+    def base_hash(self, train_hash: str) -> str:
+        """What the removal part depends on: the model, the clean set, NC's reverse engineering
+        (not the input-space verifications: re-running those keeps every finished removal)."""
+        cfg = self.cfg
+        return _hash({"v": EVAL_VERSION, "train": train_hash, "nc": [cfg["nc_steps"], cfg["nc_bs"]],
+                      "clean": self.clean_idx.tolist()[:50], "dev": self.dev.type})
 
     def eval_hash(self, train_hash: str) -> str:
         cfg = self.cfg
         study = {name: STUDY[name] for name in cfg["study"]} | {"rates": cfg.get("study_rates"),
                                                                 "models": cfg.get("study_models")}
-        return _hash({"v": EVAL_VERSION, "detect": self.detect_hash(train_hash), "ours": OURS, "study": study,
+        return _hash({"v": EVAL_VERSION, "detect": self.base_hash(train_hash), "ours": OURS, "study": study,
                       "ft": cfg["ft_epochs"], "nc": [cfg["nc_steps"], cfg["nc_bs"]],
                       "clean": self.clean_idx.tolist()[:50], "dev": self.dev.type})
 

@@ -13,6 +13,7 @@ One compressed ``.npz`` per model (``benchmarks/results/<suite>/<model id>.npz``
 * ``emb (m, d)`` float16 and ``emb_labels (m,)``: a stratified sample of reference embeddings;
 * ``perturbations (C, d)``, ``norms``, ``nonneg_norms``, ``quantile_norms`` (C,): the latent QPs;
 * ``input_bounds (C,)``, ``flip_curve (C, T)``, ``eps (T,)``: the input-space verification (when run);
+* ``mask_l1 (C,)``, ``mask_flip (C,)``: the mask verification (when run);
 * ``tac (T_k, d)``: for backdoored models, the true latent TAC ``mean h(x') - h(x)`` per trigger
   on test images (not of its target); ``nc_l1 (C,)``: Neural Cleanse's mask norms.
 """
@@ -42,7 +43,8 @@ def _embed(clf: Any, X: torch.Tensor, bs: int = 256) -> np.ndarray:
 
 
 def save(path: Path, *, spec: dict[str, Any], rec: dict[str, Any], clf: Any, X: torch.Tensor, Y: torch.Tensor,
-         audit: Any, verification: Any, tac_pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+         audit: Any, verification: Any, mask: Any,
+         tac_pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Write one model's statistics (atomically: a half-written file never replaces a good one).
 
     ``tac_pairs``: per planted trigger ``(clean images, the same images triggered)``."""
@@ -73,6 +75,8 @@ def save(path: Path, *, spec: dict[str, Any], rec: dict[str, Any], clf: Any, X: 
     if verification is not None:
         arrays |= {"input_bounds": verification.full_bounds(C), "eps": verification.eps,
                    "flip_curve": verification.flip_curve.astype(np.float16)}
+    if mask is not None:
+        arrays |= {"mask_l1": mask.full_l1(C), "mask_flip": mask.flip.astype(np.float32)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
     os.close(fd)
@@ -104,4 +108,5 @@ def detection_input(z: dict[str, Any]) -> DetectionInput:
         perturbations=np.asarray(z["perturbations"], np.float64),
         h_std=np.asarray(z["h_std"], np.float64), nonneg_norms=np.asarray(z["nonneg_norms"], np.float64),
         quantile_norms=np.asarray(z["quantile_norms"], np.float64),
-        input_bounds=None if "input_bounds" not in z else np.asarray(z["input_bounds"], np.float64))
+        input_bounds=None if "input_bounds" not in z else np.asarray(z["input_bounds"], np.float64),
+        mask_l1=None if "mask_l1" not in z else np.asarray(z["mask_l1"], np.float64))

@@ -11,10 +11,10 @@ import torch
 
 from .adapters import Classifier, load_classifier
 from .data import ReferenceData, StreamingReference, reference_data
-from .detection import DEFAULT_RULE, NEEDS_NONNEG, DetectionInput, detect
+from .detection import AUDIT_RULES, DEFAULT_RULE, REGISTRY, DetectionInput, detect
 from .distributed import reconstruct_distributed, resolve
 from .embeddings import ReferencePass, reference_pass
-from .errors import InfeasibleError
+from .errors import InfeasibleError, OptionError
 from .reconstruction import Reconstruction, dimension_reason
 from .report import AuditReport, ClassRow, library_versions
 from .validation import (
@@ -23,6 +23,13 @@ from .validation import (
     default_min_accuracy,
     head_fingerprint,
     reference_gate,
+)
+from .verification import (
+    InputVerification,
+    MaskVerification,
+    reference_inputs,
+    verify_input_space,
+    verify_mask,
 )
 
 
@@ -35,7 +42,7 @@ def audit(
     label_column: str | None = None,
     max_samples: int | None = None,
     seed: int = 0,
-    threshold: float = 2.0,
+    threshold: float | None = None,
     rule: str = DEFAULT_RULE,
     margin: float = 0.0,
     solver: str = "daqp",
@@ -46,6 +53,7 @@ def audit(
     accelerator: Any = None,
     min_reference_accuracy: float | None = None,
     min_class_samples: int = MIN_CLASS_SAMPLES,
+    verify_images: int = 40,
     **load_kw: Any,
 ) -> AuditReport:
     """Audit a classifier for a single-target backdoor.
@@ -61,8 +69,13 @@ def audit(
         max_samples: use a seeded random subset of at most this many samples (a stream: its
             first ``max_samples`` examples).
         seed: seeds the subset and torch; recorded in the report.
-        threshold: anomaly index above which a class is flagged.
-        rule: detection rule name (see ``hub_backdoor.detection.RULES``).
+        threshold: score above which a class is flagged (default: the rule's own, see
+            ``hub_backdoor.detection.REGISTRY``).
+        rule: detection rule name (one of ``hub_backdoor.detection.AUDIT_RULES``). Rules that
+            need the input-space verification (``needs={"input"}``) also run
+            :func:`hub_backdoor.verification.verify_input_space` on a stratified sample of the
+            reference data (``verify_images`` images).
+        verify_images: reference images of the input-space verification.
         margin: logit margin m of the QP (0 in the paper).
         solver: ``"daqp"`` (fast) or ``"cvxpy"`` (reference).
         soft_margin: solve the soft-margin QP with this penalty when Theorem 1 fails (else error).
@@ -88,6 +101,12 @@ def audit(
             unusable models and data.
     """
     t_start = time.perf_counter()
+    if rule not in AUDIT_RULES:
+        raise OptionError(f"--rule / rule={rule!r} is not a rule the audit computes; choose one of "
+                          f"{', '.join(AUDIT_RULES)}")
+    if threshold is None:
+        threshold = REGISTRY[rule].threshold
+    needs = REGISTRY[rule].needs
     check_audit_options(
         threshold=threshold, soft_margin=soft_margin, margin=margin, seed=seed, max_samples=max_samples,
         batch_size=batch_size, device=device, min_reference_accuracy=min_reference_accuracy,
@@ -108,17 +127,27 @@ def audit(
     qp = dict(margin=margin, solver=solver, soft_margin=soft_margin, progress=progress and dist.is_main)
     rec = reconstruct_distributed(W, b, ref.state, dist, **qp)
     nonneg = (
-        reconstruct_distributed(W, b, ref.state, dist, nonneg=True, **qp) if rule in NEEDS_NONNEG else None
+        reconstruct_distributed(W, b, ref.state, dist, nonneg=True, **qp) if "nonneg" in needs else None
     )
 
     def finish() -> AuditReport | None:
         if not dist.is_main:  # detection and the report happen on the main process only
             return None
+        ver = mask = None
+        if needs & {"input", "mask"}:  # the model runs again: a bounded sample, on the main process
+            x, y = reference_inputs(data, transform or clf.preprocess, n_images=verify_images, seed=seed,
+                                    device=clf.device)
+            if "input" in needs:
+                ver = verify_input_space(clf, x, y, seed=seed, progress=progress)
+            if "mask" in needs:
+                mask = verify_mask(clf, x, y, seed=seed, progress=progress)
         t0 = time.perf_counter()
         det = detect(
             DetectionInput(
                 norms=rec.norms, perturbations=rec.perturbations, h_std=ref.h_std,
                 nonneg_norms=None if nonneg is None else nonneg.norms,
+                input_bounds=None if ver is None else ver.full_bounds(clf.num_classes),
+                mask_l1=None if mask is None else mask.full_l1(clf.num_classes),
             ),
             rule=rule,
             threshold=threshold,
@@ -129,7 +158,7 @@ def audit(
             min_class_samples=min_class_samples,
         )
         return build_report(
-            clf, ref, rec, det, data=data, seed=seed, reason=reason,
+            clf, ref, rec, det, data=data, seed=seed, reason=reason, verification=ver, mask=mask,
             params={
                 "rule": rule, "threshold": threshold, "margin": margin, "solver": solver,
                 "soft_margin": soft_margin, "max_samples": max_samples, "batch_size": batch_size,
@@ -144,6 +173,8 @@ def audit(
             timings={
                 "reference_pass": ref.seconds,
                 "qp": rec.seconds + (nonneg.seconds if nonneg is not None else 0.0),
+                **({"input_verification": ver.seconds} if ver is not None else {}),
+                **({"mask_verification": mask.seconds} if mask is not None else {}),
                 "detection": t_detect,
                 "total": time.perf_counter() - t_start,
             },
@@ -169,6 +200,8 @@ def build_report(
     params: dict[str, Any],
     timings: dict[str, float],
     reason: str | None = None,
+    verification: InputVerification | None = None,
+    mask: MaskVerification | None = None,
 ) -> AuditReport:
     """The report of one audit; ``reason`` (from :func:`~hub_backdoor.validation.reference_gate`)
     makes the verdict ``"inconclusive"`` whatever was flagged."""

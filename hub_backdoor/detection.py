@@ -29,6 +29,8 @@ class DetectionInput:
         input_bounds: ``(C,)`` the input-space verification's smallest universal L2 change that
             sends most reference images to k (:mod:`hub_backdoor.verification`; ``nan`` for a
             class not verified; None when not run).
+        mask_l1: ``(C,)`` the mask verification's smallest stamped mask that sends the reference
+            images to k (:func:`hub_backdoor.verification.verify_mask`; None when not run).
     """
 
     norms: np.ndarray
@@ -37,6 +39,7 @@ class DetectionInput:
     nonneg_norms: np.ndarray | None = None
     quantile_norms: np.ndarray | None = None
     input_bounds: np.ndarray | None = None
+    mask_l1: np.ndarray | None = None
 
 
 @dataclass
@@ -155,44 +158,92 @@ def _input_ratio(inp: DetectionInput) -> np.ndarray:
     return bound_ratio_scores(inp.input_bounds)
 
 
-#: Detection rules: name -> fn(DetectionInput) -> scores (C,).
-#:   "mad"         the paper (arXiv v1): MAD anomaly index of ||s_k||
-#:   "mad-nonneg"  MAD anomaly index of ||s_k|| with s >= 0 (a trigger switches features on)
-#:   "dormant"     MAD anomaly index (high side) of the dormant share of s_k
-#:   "agree"       both "mad-nonneg" and "dormant" flag the class (method.md: 6/6 found, 0/3
-#:                 clean models flagged on digits, where "mad" flagged 2 of 3 clean models)
-RULES: dict[str, Callable[[DetectionInput], np.ndarray]] = {
-    "mad": _mad,
-    "mad-nonneg": _mad_nonneg,
-    "dormant": _dormant,
-    "agree": _agree,
+def _mask_ratio(inp: DetectionInput) -> np.ndarray:
+    if inp.mask_l1 is None:
+        raise ValueError("rule 'mask-ratio' needs the mask verification (mask_l1)")
+    from .verification import bound_ratio_scores
+
+    return bound_ratio_scores(inp.mask_l1)
+
+
+def _mask_input(inp: DetectionInput) -> np.ndarray:
+    return _mask_ratio(inp) + _input_ratio(inp)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A detection rule: ``fn(DetectionInput) -> scores (C,)`` (larger = more suspicious).
+
+    Attributes:
+        needs: what the rule reads beyond the paper's QP: ``"nonneg"`` (the ``s >= 0`` QP),
+            ``"quantile"`` (per-sample logits; the benchmarks only) or ``"input"`` (the
+            input-space verification, which runs the model again).
+        threshold: the default threshold on its score.
+        summary: one line for the CLI's help and the docs.
+    """
+
+    name: str
+    fn: Callable[[DetectionInput], np.ndarray]
+    needs: frozenset[str] = frozenset()
+    threshold: float = 2.0
+    summary: str = ""
+
+
+#: What :func:`hub_backdoor.audit` computes when the chosen rule needs it.
+AUDIT_COMPUTES = frozenset({"nonneg", "input", "mask"})
+
+_RULES = [
+    Rule("mad", _mad, summary="the paper (arXiv v1): MAD anomaly index of ||s_k||"),
+    Rule("mad-nonneg", _mad_nonneg, frozenset({"nonneg"}),
+         summary="MAD anomaly index of ||s_k|| with s >= 0 (a trigger switches features on)"),
+    Rule("dormant", _dormant, summary="MAD index (high side) of the share of s_k on dimensions clean data "
+         "barely uses"),
+    Rule("agree", _agree, frozenset({"nonneg"}), summary="both 'mad-nonneg' and 'dormant' flag the class"),
     # candidates of the benchmark's detection study (docs/benchmarks.md)
-    "mad-log": _mad_log,  # MAD on log ||s_k|| (norms are positive and skewed)
-    "mad-loo": _mad_loo,  # leave-one-out MAD: the outlier does not inflate its own yardstick
-    "min-gap": _min_gap,  # extreme-value test on the smallest norm only
-    "mad-quantile": _mad_quantile,  # 95 % quantile instead of the max in the collapse
-    "agree-mad": _agree_mad,  # "mad" and "dormant" flag the same class
-    "agree-loo": _agree_loo,  # "mad-loo" and "dormant" flag the same class
-    # input space: log(median bound of the other classes / bound of k); needs the verification
-    "input-ratio": _input_ratio,
-}
+    Rule("mad-log", _mad_log, summary="MAD on log ||s_k|| (norms are positive and skewed)"),
+    Rule("mad-loo", _mad_loo, summary="leave-one-out MAD: the outlier does not inflate its own yardstick"),
+    Rule("min-gap", _min_gap, summary="extreme-value test on the smallest norm only"),
+    Rule("mad-quantile", _mad_quantile, frozenset({"quantile"}),
+         summary="95 % quantile instead of the max in the collapse (benchmarks only)"),
+    Rule("agree-mad", _agree_mad, summary="'mad' and 'dormant' flag the same class"),
+    Rule("agree-loo", _agree_loo, summary="'mad-loo' and 'dormant' flag the same class"),
+    Rule("input-ratio", _input_ratio, frozenset({"input"}), threshold=2.0,
+         summary="input space: log(median bound of the other classes / bound of k), the bound being the "
+         "smallest universal input change that sends 90 % of the reference images to k"),
+    Rule("mask-ratio", _mask_ratio, frozenset({"mask"}), threshold=2.0,
+         summary="input space: log(median mask of the other classes / mask of k), the mask being the "
+         "smallest stamped patch or blend (Neural Cleanse's objective) that sends the images to k"),
+    Rule("mask+input", _mask_input, frozenset({"mask", "input"}), threshold=2.0,
+         summary="the sum of the 'mask-ratio' and 'input-ratio' scores: a short cut in both searches"),
+]
 
-#: Each rule's default threshold on its score (anomaly indices: 2, as Neural Cleanse).
-RULE_THRESHOLDS: dict[str, float] = {name: 2.0 for name in RULES}
+#: The rule registry: name -> :class:`Rule`.
+REGISTRY: dict[str, Rule] = {r.name: r for r in _RULES}
 
-#: Rules that need the input-space verification (they run the model again).
-NEEDS_INPUT = frozenset({"input-ratio"})
+#: name -> fn(DetectionInput) -> scores (C,), for every registered rule.
+RULES: dict[str, Callable[[DetectionInput], np.ndarray]] = {n: r.fn for n, r in REGISTRY.items()}
+
+#: Each rule's default threshold on its score.
+RULE_THRESHOLDS: dict[str, float] = {n: r.threshold for n, r in REGISTRY.items()}
+
+#: Rules :func:`hub_backdoor.audit` can compute (the CLI offers exactly these).
+AUDIT_RULES: tuple[str, ...] = tuple(n for n, r in REGISTRY.items() if r.needs <= AUDIT_COMPUTES)
+
+#: Rules that run the model again (an input-space verification).
+NEEDS_INPUT = frozenset(n for n, r in REGISTRY.items() if r.needs & {"input", "mask"})
 
 #: Rules that need the extra s >= 0 reconstruction.
-NEEDS_NONNEG = frozenset({"mad-nonneg", "agree"})
+NEEDS_NONNEG = frozenset(n for n, r in REGISTRY.items() if "nonneg" in r.needs)
 
 DEFAULT_RULE = "agree"
 
 
-def detect(inp: DetectionInput, *, rule: str = DEFAULT_RULE, threshold: float = 2.0) -> Detection:
-    """Score every class with ``rule`` and flag those above ``threshold``."""
+def detect(inp: DetectionInput, *, rule: str = DEFAULT_RULE, threshold: float | None = None) -> Detection:
+    """Score every class with ``rule`` and flag those above ``threshold`` (default: the rule's)."""
     if rule not in RULES:
         raise ValueError(f"unknown detection rule {rule!r}; choose one of {sorted(RULES)}")
+    if threshold is None:
+        threshold = RULE_THRESHOLDS[rule]
     scores = np.asarray(RULES[rule](inp), dtype=np.float64)
     order = np.argsort(-scores, kind="stable")
     flagged = [int(k) for k in order if scores[k] > threshold]

@@ -28,7 +28,10 @@ import torch.nn.functional as F
 
 from .adapters.base import Classifier
 
-__all__ = ["InputVerification", "bound_ratio_scores", "reference_inputs", "verify_input_space"]
+__all__ = [
+    "InputVerification", "MaskVerification", "bound_ratio_scores", "reference_inputs", "verify_input_space",
+    "verify_mask",
+]
 
 
 @dataclass
@@ -187,6 +190,112 @@ def bound_ratio_scores(bounds: np.ndarray) -> np.ndarray:
         if len(rest):
             out[k] = math.log(float(np.median(rest)) / max(b[k], 1e-12))
     return out
+
+
+@dataclass
+class MaskVerification:
+    """Per-class smallest stamped mask (Neural Cleanse's objective, batched over classes).
+
+    Attributes:
+        classes: the K classes searched.
+        mask_l1: ``(K,)`` L1 norm of the mask (pixels, 0..H*W) that sends the images to k.
+        flip: ``(K,)`` share of the non-k images the final stamp sends to k.
+        steps, batch: the search's size; seconds: wall time.
+    """
+
+    classes: list[int]
+    mask_l1: np.ndarray
+    flip: np.ndarray
+    steps: int
+    batch: int
+    seconds: float
+
+    def full_l1(self, num_classes: int) -> np.ndarray:
+        """``(C,)`` mask norms with ``nan`` for classes that were not searched."""
+        out = np.full(num_classes, np.nan)
+        out[self.classes] = self.mask_l1
+        return out
+
+
+def verify_mask(
+    clf: Classifier,
+    x: torch.Tensor,
+    y: torch.Tensor | np.ndarray,
+    *,
+    classes: list[int] | None = None,
+    steps: int = 30,
+    batch: int = 16,
+    lr: float = 0.1,
+    l1_weight: float = 2.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> MaskVerification:
+    """Per class, the smallest mask m and pattern p such that ``(1 - m) x + m p`` sends the
+    reference images to k: ``min CE(f(stamp(x)), k) + l1_weight * |m|_1 / (H W)`` by Adam from
+    an empty mask (Neural Cleanse's objective; all classes in one batch, ``K * batch`` images a
+    step). A planted patch or blend needs a far smaller mask than any natural class.
+
+    ``x (N, channels, H, W)`` model inputs and ``y (N,)`` labels; the pattern stays within the
+    per-channel range of ``x``. Each step draws ``batch`` images (seeded) for every class.
+    """
+    t0 = time.perf_counter()
+    y_t = torch.as_tensor(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
+    C = clf.num_classes
+    ks = list(range(C)) if classes is None else [int(k) for k in classes]
+    K, (ch, H, W) = len(ks), x.shape[1:]
+    dev = x.device
+    lo = x.detach().amin(dim=(0, 2, 3)).view(1, ch, 1, 1)
+    hi = x.detach().amax(dim=(0, 2, 3)).view(1, ch, 1, 1)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    m_raw = torch.zeros(K, 1, H, W, device=dev, requires_grad=True)
+    p_raw = (torch.randn(K, ch, H, W, generator=g) * 0.1).to(dev).requires_grad_(True)
+    opt = torch.optim.Adam([m_raw, p_raw], lr=lr, betas=(0.5, 0.9))
+    kt = torch.as_tensor(ks)
+    # per class, the images not of that class (a stamp that "sends" k's own images proves nothing)
+    pools = [torch.nonzero(y_t != k).flatten() for k in ks]
+    model = clf.model
+    was_training = model.training
+    model.eval()
+    grads = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    labels = kt.to(dev).repeat_interleave(batch)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="mask verification", unit="step", leave=False)
+
+    def stamped(idx: torch.Tensor) -> torch.Tensor:
+        m = torch.sigmoid(m_raw)[:, None]
+        pat = (lo + (hi - lo) * (torch.tanh(p_raw) + 1) / 2)[:, None]
+        xb = x[idx.to(dev)].view(K, batch, ch, H, W)
+        return ((1 - m) * xb + m * pat).reshape(K * batch, ch, H, W)
+
+    try:
+        for _ in range(steps):
+            idx = torch.stack([pool[torch.randint(0, len(pool), (batch,), generator=g)] for pool in pools])
+            logits = clf.forward(stamped(idx))[0].float()
+            ce = F.cross_entropy(logits, labels, reduction="none").view(K, batch).mean(1)
+            l1 = torch.sigmoid(m_raw).flatten(1).sum(1)
+            loss = (ce + l1_weight / (H * W) * l1).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if bar is not None:
+                bar.update(1)
+        with torch.no_grad():  # the final stamp on a fixed draw: how much it flips
+            idx = torch.stack([pool[torch.randint(0, len(pool), (batch,), generator=g)] for pool in pools])
+            hits = (clf.forward(stamped(idx))[0].argmax(1) == labels).float().view(K, batch).mean(1)
+            l1 = torch.sigmoid(m_raw).flatten(1).sum(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        for p, g_ in zip(model.parameters(), grads):
+            p.requires_grad_(g_)
+        model.train(was_training)
+    return MaskVerification(classes=ks, mask_l1=l1.double().cpu().numpy(), flip=hits.cpu().numpy(),
+                            steps=steps, batch=batch, seconds=time.perf_counter() - t0)
 
 
 def reference_inputs(
