@@ -9,6 +9,7 @@ Exit codes (README "Exit codes"):
   3  internal error (a bug; rerun with ``--debug`` for the traceback)
   4  audit / purify: inconclusive, the reference data cannot support a verdict (the model's accuracy
      on it is below the floor, or classes lack images); the message says what to fix
+  5  the Hub or the network failed in a way that may pass on a retry (HTTP 5xx or 429, no connection)
 """
 
 from __future__ import annotations
@@ -1178,7 +1179,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         ui.error(_one_line(str(e)))
-        return EXIT_USAGE
+        return int(e.exit_code)
     except KeyboardInterrupt:
         ui.error("interrupted")
         return 130
