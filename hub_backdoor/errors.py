@@ -1,13 +1,41 @@
 """Exceptions raised by hub_backdoor.
 
 Every error a user can cause derives from :class:`HubBackdoorError`; its message is one line that
-names the problem and, where there is one, what to do next. The CLI maps these to exit code 2
-(bad input); anything else is an internal error (exit code 3). :class:`ExitCode` lists every code.
+names the problem and, where there is one, what to do next. Each class carries the exit code the CLI
+returns for it (:attr:`HubBackdoorError.exit_code`: 2, bad input, for most; 5 for a Hub or network
+failure that may pass on a retry); anything else is an internal error (exit code 3). :class:`ExitCode`
+is the one table of codes; Hub errors (:class:`HubError`) also carry ``status``, ``repo_id`` and
+``transient``, and chain the huggingface_hub exception they come from (``__cause__``).
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
+
+__all__ = [
+    "ChannelMismatchError",
+    "ColumnError",
+    "CorruptWeightsError",
+    "DatasetError",
+    "EmptyDatasetError",
+    "ExitCode",
+    "HubBackdoorError",
+    "HubError",
+    "HubUnavailableError",
+    "InfeasibleError",
+    "LabelRangeError",
+    "NonFiniteLogitsError",
+    "NonLinearHeadError",
+    "OneClassDatasetError",
+    "OptionError",
+    "OutputPathError",
+    "RepoNotFoundError",
+    "ReportError",
+    "RevisionNotFoundError",
+    "SolverError",
+    "UnsafeWeightsError",
+    "UnsupportedModelError",
+]
 
 
 class ExitCode(IntEnum):
@@ -18,12 +46,14 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad input or usage: the message says what to fix
     INTERNAL = 3  # a bug
     INCONCLUSIVE = 4  # the reference data cannot support a verdict (accuracy too low, classes missing)
+    TRANSIENT = 5  # the Hub or the network failed in a way a retry may fix (5xx, 429, no connection)
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT, the shell's convention)
 
 
 class HubBackdoorError(Exception):
     """Base class: a problem with the input (model, data or options), not a bug."""
 
-    exit_code = 2
+    exit_code: ExitCode = ExitCode.USAGE
 
 
 class UnsupportedModelError(HubBackdoorError):
@@ -78,11 +108,33 @@ class ReportError(HubBackdoorError):
     """A saved report cannot be read (wrong schema version, missing fields)."""
 
 
-class RepoNotFoundError(HubBackdoorError):
+class HubError(HubBackdoorError):
+    """A Hub request failed. ``status`` is the HTTP status (``None``: no answer), ``repo_id`` the repo
+    asked for; ``transient`` says whether the same request may succeed later (exit code 5 then)."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, repo_id: str | None = None, transient: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.repo_id = repo_id
+        self.transient = transient
+        if transient:  # an instance attribute: the same class covers a 4xx and a 5xx answer
+            self.exit_code = ExitCode.TRANSIENT
+
+
+class HubUnavailableError(HubError):
+    """The Hub could not be reached or answered 5xx, 408, 409, 412, 425 or 429: try again later."""
+
+    def __init__(self, message: str, *, status: int | None = None, repo_id: str | None = None) -> None:
+        super().__init__(message, status=status, repo_id=repo_id, transient=True)
+
+
+class RepoNotFoundError(HubError):
     """The Hub repo does not exist, or is private/gated and the token gives no access."""
 
 
-class RevisionNotFoundError(HubBackdoorError):
+class RevisionNotFoundError(HubError):
     """The repo exists but the branch, tag, pull request ref or commit sha does not."""
 
 

@@ -32,14 +32,23 @@ from huggingface_hub.errors import RevisionNotFoundError as HfRevisionNotFoundEr
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from .errors import HubBackdoorError, RepoNotFoundError, RevisionNotFoundError, UnsafeWeightsError
+from .errors import (
+    HubBackdoorError,
+    HubError,
+    HubUnavailableError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    UnsafeWeightsError,
+)
 
 __all__ = [
     "MODEL_FILE_PATTERNS",
     "PICKLE_SUFFIXES",
+    "TRANSIENT_STATUS",
     "card_data",
     "download_model",
     "parse_repo_ref",
+    "check_repo_id",
     "push_folder",
 ]
 
@@ -102,7 +111,7 @@ def download_model(
     """
     repo_id, ref_revision = parse_repo_ref(source)
     asked = revision if revision is not None else ref_revision
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     api = HfApi(token=token)
     try:
         info = api.model_info(repo_id, revision=asked, token=token)
@@ -162,7 +171,7 @@ def push_folder(
     All files go in a single ``create_commit`` call, so the push is atomic: either every file lands
     or none does. (``upload_folder`` may split a folder into several commits.)
     """
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     folder = Path(folder)
     if not folder.is_dir():
         raise HubBackdoorError(f"cannot push {folder}: not a folder")
@@ -209,7 +218,7 @@ def card_data(
 
     A card without YAML front matter gives ``{}``.
     """
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     try:
         path = hf_hub_download(repo_id, "README.md", revision=revision, repo_type=repo_type, token=token)
     except EntryNotFoundError as exc:
@@ -229,7 +238,8 @@ def card_data(
 # -- errors -----------------------------------------------------------------------------------
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
+    """Raise :class:`HubBackdoorError` unless ``repo_id`` is a valid ``org/name``."""
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
@@ -253,6 +263,11 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+#: HTTP answers after which the same request may succeed (besides 5xx): timeout, conflict, precondition
+#: failed (a concurrent commit), too early, too many requests.
+TRANSIENT_STATUS = frozenset({408, 409, 412, 425, 429})
+
+
 def _raise_hub_error(
     exc: BaseException,
     *,
@@ -261,7 +276,8 @@ def _raise_hub_error(
     repo_type: str = "model",
     writing: bool = False,
 ) -> NoReturn:
-    """Re-raise a huggingface_hub / transport error as a one-line HubBackdoorError."""
+    """Re-raise a huggingface_hub / transport error as a one-line :class:`HubError` (``from exc``:
+    the Hub's own error stays reachable as ``__cause__``)."""
     endpoint = hf_constants.ENDPOINT
     kind = f"{repo_type} repo"
     if isinstance(exc, HubBackdoorError):
@@ -269,35 +285,60 @@ def _raise_hub_error(
     if isinstance(exc, GatedRepoError):
         raise RepoNotFoundError(
             f"{kind} '{repo_id}' on {endpoint} is gated: accept its conditions on the repo page, then log in "
-            "(hf auth login) or set HF_TOKEN"
-        ) from None
+            "(hf auth login) or set HF_TOKEN",
+            status=_status(exc), repo_id=repo_id,
+        ) from exc
     if isinstance(exc, RepositoryNotFoundError):
         raise RepoNotFoundError(
-            f"{kind} '{repo_id}' not found on {endpoint} (check the id, or log in for a private repo)"
-        ) from None
+            f"{kind} '{repo_id}' not found on {endpoint} (check the id, or log in for a private repo)",
+            status=_status(exc), repo_id=repo_id,
+        ) from exc
     if isinstance(exc, HfRevisionNotFoundError):
         raise RevisionNotFoundError(
             f"revision '{revision or 'main'}' not found in {kind} '{repo_id}' on {endpoint} "
-            "(check the branch, tag, refs/pr/N or commit sha)"
-        ) from None
+            "(check the branch, tag, refs/pr/N or commit sha)",
+            status=_status(exc), repo_id=repo_id,
+        ) from exc
     if isinstance(exc, HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403) and writing:
-            raise HubBackdoorError(
-                f"no write access to {kind} '{repo_id}' on {endpoint}: log in with a write token "
-                "(hf auth login) or set HF_TOKEN, or open a pull request instead"
-            ) from None
-        if status == 412:
-            raise HubBackdoorError(
-                f"{kind} '{repo_id}' changed while pushing (HTTP 412); run the command again"
-            ) from None
-        message = (exc.server_message or str(exc).splitlines()[0]).splitlines()[0]
-        raise HubBackdoorError(
-            f"Hub request for {kind} '{repo_id}' failed (HTTP {status}): {message}"
-        ) from None
+        _raise_http_error(exc, kind=kind, repo_id=repo_id, endpoint=endpoint, writing=writing)
     if isinstance(exc, _transport_errors()):
-        raise HubBackdoorError(
+        raise HubUnavailableError(
             f"cannot reach {endpoint} for {kind} '{repo_id}' ({type(exc).__name__}); check the network, "
-            "HF_ENDPOINT and HF_HUB_OFFLINE"
-        ) from None
+            "HF_ENDPOINT and HF_HUB_OFFLINE",
+            repo_id=repo_id,
+        ) from exc
     raise exc
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _raise_http_error(
+    exc: HfHubHTTPError, *, kind: str, repo_id: str, endpoint: str, writing: bool
+) -> NoReturn:
+    """An HTTP answer other than "no such repo/revision": no access, a concurrent change, or a failure."""
+    status = _status(exc)
+    if status in (401, 403) and writing:
+        raise HubError(
+            f"no write access to {kind} '{repo_id}' on {endpoint}: log in with a write token "
+            "(hf auth login) or set HF_TOKEN, or open a pull request instead",
+            status=status, repo_id=repo_id,
+        ) from exc
+    if status == 412:
+        raise HubUnavailableError(
+            f"{kind} '{repo_id}' changed while pushing (HTTP 412); run the command again",
+            status=status, repo_id=repo_id,
+        ) from exc
+    message = (exc.server_message or str(exc).splitlines()[0]).splitlines()[0]
+    transient = status is None or status >= 500 or status in TRANSIENT_STATUS
+    error = HubUnavailableError if transient else HubError
+    raise error(
+        f"Hub request for {kind} '{repo_id}' failed (HTTP {status}): {message}",
+        status=status,
+        repo_id=repo_id,
+    ) from exc
+
+
+_check_repo_id = check_repo_id  # the earlier private name

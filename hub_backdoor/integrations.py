@@ -18,15 +18,15 @@ import json
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import HubBackdoorError
+from .errors import ExitCode, HubBackdoorError, OptionError
 
 __all__ = [
     "CONFIG_KEYS",
+    "audit_folder",
     "hf_main",
     "pre_commit_main",
     "read_config",
@@ -34,9 +34,13 @@ __all__ = [
     "summary_markdown",
 ]
 
-EXIT_OK, EXIT_BACKDOOR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INCONCLUSIVE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_BACKDOOR, EXIT_USAGE = int(ExitCode.OK), int(ExitCode.BACKDOOR), int(ExitCode.USAGE)
+EXIT_INTERNAL, EXIT_INCONCLUSIVE = int(ExitCode.INTERNAL), int(ExitCode.INCONCLUSIVE)
 #: Exit codes of ``hub-backdoor audit`` that come with a report.
 REPORT_CODES = (EXIT_OK, EXIT_BACKDOOR, EXIT_INCONCLUSIVE)
+#: Options of the hook that go to :func:`hub_backdoor.audit` (the others load the model or the data).
+_AUDIT_KEYS = ("threshold", "rule", "max-samples", "seed", "batch-size", "image-column", "label-column",
+               "soft-margin", "device")
 
 #: Files whose change makes the pre-commit hook audit their model folder.
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
@@ -309,11 +313,53 @@ def _display(folder: Path) -> str:
     return rel if not rel.startswith("..") else str(folder)
 
 
-def pre_commit_main(argv: Sequence[str] | None = None) -> int:
-    """The pre-commit hook; returns 0 (clean or nothing to audit), 1 (backdoor) or 2/3 (error)."""
-    from . import cli
-    from .report import AuditReport
+def audit_folder(folder: str | os.PathLike, options: dict[str, Any]) -> tuple[int, Any]:
+    """Audit one model folder with hook / config options (:data:`CONFIG_KEYS`); returns the exit code
+    (:class:`~hub_backdoor.errors.ExitCode`) and the report, or ``None`` when the audit could not run
+    (the error is printed on stderr as ``error: ...``, as the command line does)."""
+    from .audit import audit
+    from .datasets_io import load_reference_dataset
+    from .detection import RULES
+    from .loading import load_model
 
+    kw = {k.replace("-", "_"): options[k] for k in _AUDIT_KEYS if options.get(k) is not None}
+    try:
+        if kw.get("rule") is not None and kw["rule"] not in RULES:
+            raise OptionError(f"--rule {kw['rule']}: unknown rule; choose one of {', '.join(sorted(RULES))}")
+        model = load_model(
+            str(folder),
+            allow_pickle=bool(options.get("allow-pickle")),
+            trust_remote_code=bool(options.get("trust-remote-code")),
+        )
+        data = load_reference_dataset(
+            options.get("dataset"), split=options.get("split"), card_metadata=model.card_metadata,
+            model_label=model.label,
+        )
+        report = audit(model.clf, data.dataset, progress=False, **kw)
+    except HubBackdoorError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return int(e.exit_code), None
+    except Exception as e:  # a bug: say so in one line, as the command line does
+        print(f"error: internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]}", file=sys.stderr)
+        return EXIT_INTERNAL, None
+    report.data["source"] = {
+        "name": data.name, "kind": data.kind, "split": data.split, "revision": data.revision,
+    }
+    code = ExitCode.INCONCLUSIVE if report.inconclusive else (
+        ExitCode.BACKDOOR if report.backdoor_found else ExitCode.OK
+    )
+    return int(code), report
+
+
+def _print_table(report: Any) -> None:
+    from .cli.ui import UI, print_table
+
+    print_table(report, UI())
+
+
+def pre_commit_main(argv: Sequence[str] | None = None) -> int:
+    """The pre-commit hook; returns 0 (clean or nothing to audit), 1 (backdoor) or 2/3/4/5 (error,
+    inconclusive, Hub failure: :class:`~hub_backdoor.errors.ExitCode`)."""
     args = _hook_parser().parse_args(argv)
     try:
         config = read_config(args.config)
@@ -342,34 +388,26 @@ def pre_commit_main(argv: Sequence[str] | None = None) -> int:
     if not folders:
         return EXIT_OK
     codes = []
-    ui = cli.UI(quiet=args.quiet)
     for folder in folders:
         shown = _display(folder)
-        with tempfile.TemporaryDirectory(prefix="hub-backdoor-hook-") as tmp:
-            report_path = Path(tmp) / "report.json"
-            code = cli.main(
-                ["audit", str(folder), *audit_options(options), "--quiet", "--json", str(report_path)]
+        code, report = audit_folder(folder, options)
+        codes.append(code)
+        if report is None:
+            print(f"hub-backdoor: could not audit {shown} (exit {code}; see the error above)", flush=True)
+            continue
+        report.model["name"] = shown
+        if not args.quiet:
+            _print_table(report)
+        if report.inconclusive:
+            print(f"hub-backdoor: the audit of {shown} is inconclusive ({report.reason}); blocked")
+        elif report.backdoor_found:
+            print(
+                f"hub-backdoor: BACKDOOR suspected in {shown} (target class {report.target}); "
+                "blocked. Purify it (hub-backdoor purify) or retrain it on data you trust.",
+                flush=True,
             )
-            codes.append(code)
-            if code in REPORT_CODES and report_path.is_file():
-                report = AuditReport.from_json(report_path)
-                report.model["name"] = shown
-                cli.print_table(report, ui)
-                if report.inconclusive:
-                    print(
-                        f"hub-backdoor: the audit of {shown} is inconclusive ({report.reason}); blocked",
-                        flush=True,
-                    )
-                elif report.backdoor_found:
-                    print(
-                        f"hub-backdoor: BACKDOOR suspected in {shown} (target class {report.target}); "
-                        "blocked. Purify it (hub-backdoor purify) or retrain it on data you trust.",
-                        flush=True,
-                    )
-                else:
-                    print(f"hub-backdoor: no backdoor found in {shown}", flush=True)
-            else:
-                print(f"hub-backdoor: could not audit {shown} (exit {code}; see the error above)", flush=True)
+        else:
+            print(f"hub-backdoor: no backdoor found in {shown}", flush=True)
     errors = [c for c in codes if c not in (EXIT_OK, EXIT_BACKDOOR)]
     if errors:
         return max(errors)

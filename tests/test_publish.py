@@ -38,10 +38,9 @@ def test_names_match_the_command_line():
     assert publish.PURIFICATION_FILE == cli.PURIFICATION_FILE
     assert publish.PURIFICATION_SCHEMA_VERSION == cli.PURIFICATION_SCHEMA_VERSION
     assert publish.CARRIED_METADATA == cli.CARRIED_METADATA
-    for kind in ("timm", "transformers"):
-        assert publish.load_hint(kind, "org/m", revision="refs/pr/N") == cli._load_hint(
-            kind, "org/m", revision="refs/pr/N"
-        )
+    assert publish.load_hint("timm", "org/m", revision="refs/pr/N") == (
+        '`timm.create_model("hf-hub:org/m@refs/pr/N", pretrained=True)`'
+    )
 
 
 def test_open_purification_pr(local_hub, models, tmp_path):

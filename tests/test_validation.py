@@ -34,8 +34,8 @@ NAN = float("nan")
 
 
 def test_exit_codes_keep_their_values():
-    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4]
-    assert ExitCode.INCONCLUSIVE == 4
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 5, 130]
+    assert (ExitCode.INCONCLUSIVE, ExitCode.TRANSIENT, ExitCode.INTERRUPTED) == (4, 5, 130)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ transformers (``save_pretrained``), or a Hub id (``org/name`` or ``org/name@revi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Classifier, HookedLinearClassifier, find_linear_heads
+from .folder import load_folder
 from .torch import TorchClassifier
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "adapt",
     "find_linear_heads",
     "load_classifier",
+    "load_folder",
 ]
 
 
@@ -69,54 +70,16 @@ def load_classifier(
     if isinstance(source, nn.Module):
         return adapt(source, **kw)
     if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if path.is_dir():
-            return load_folder(
-                path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, **kw
-            )
-        from ..datasets_io import looks_like_path
-        from ..hub import download_model
+        from ..loading import load_model
 
-        if path.exists():
-            raise UnsupportedModelError(f"{source} is a file; pass a model folder or a Hub id (org/name)")
-        if looks_like_path(str(source)):
-            raise UnsupportedModelError(f"model folder {source} does not exist")
-        folder, info = download_model(
-            str(source), revision=revision, allow_pickle=allow_pickle, token=token
-        )
-        clf = load_folder(
-            folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, **kw
-        )
-        clf.source = {**clf.source, **info}
-        clf.name = info.get("repo_id", clf.name)
-        return clf
+        return load_model(
+            str(source),
+            revision=revision,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            token=token,
+            **kw,
+        ).clf
     raise UnsupportedModelError(
         f"cannot load a classifier from a {type(source).__name__}; pass a model, a folder or a Hub id"
-    )
-
-
-def load_folder(
-    path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False, **kw: Any
-) -> Classifier:
-    """Load a timm (``save_for_hf``) or transformers (``save_pretrained``) folder."""
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise UnsupportedModelError(f"{path} has no config.json; not a timm or transformers model folder")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UnsupportedModelError(f"{cfg_file} is not valid JSON ({e.msg})") from None
-    if "architecture" in cfg and "model_type" not in cfg:
-        from .timm import load_timm_folder
-
-        return load_timm_folder(path, allow_pickle=allow_pickle, **kw)
-    if "model_type" in cfg or "architectures" in cfg:
-        from .transformers import load_transformers_folder
-
-        return load_transformers_folder(
-            path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, **kw
-        )
-    raise UnsupportedModelError(
-        f"{cfg_file} names neither a timm 'architecture' nor a transformers 'model_type'"
     )

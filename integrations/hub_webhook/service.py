@@ -328,34 +328,12 @@ class Auditor:
 
     def load(self, job: Job) -> Revision:
         """Download ``job.repo@job.sha`` (safetensors only), its card and its reference data."""
-        from hub_backdoor.adapters import load_folder
-        from hub_backdoor.card import split_card
         from hub_backdoor.datasets_io import load_reference_dataset
-        from hub_backdoor.errors import CorruptWeightsError, UnsupportedModelError
-        from hub_backdoor.hub import download_model
+        from hub_backdoor.loading import load_model
 
-        label = f"{job.repo}@{job.sha}"
-        folder, info = download_model(job.repo, revision=job.sha)
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            config = None  # load_folder says what is wrong with it
-        if isinstance(config, dict) and config.get("auto_map"):
-            raise UnsupportedModelError(
-                f"{label} needs its own model code (auto_map in config.json), which this service never runs"
-            )
-        try:
-            clf = load_folder(folder)
-        except Exception as e:
-            if type(e).__name__ == "SafetensorError":  # a damaged upload: trying again will not help
-                raise CorruptWeightsError(f"the safetensors weights of {label} are corrupted ({e})") from None
-            raise
-        clf.source = {**clf.source, **info}
-        clf.name = job.repo
-        readme = folder / "README.md"
-        meta, body = ({}, "")
-        if readme.is_file():
-            meta, body = split_card(readme.read_text(encoding="utf-8", errors="replace"))
+        # safetensors only, never the repo's own code (refused); pinned to the pushed commit
+        model = load_model(job.repo, revision=job.sha)
+        clf, meta, body, label = model.clf, model.card_metadata, model.card_body, model.label
         data = load_reference_dataset(
             self.config.dataset_for(job.repo), split=self.config.split, card_metadata=meta, model_label=label
         )

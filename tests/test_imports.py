@@ -1,0 +1,142 @@
+"""Every module of hub_backdoor imports alone, and no two modules import each other (directly or
+through others), counting imports inside functions too."""
+
+from __future__ import annotations
+
+import ast
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hub_backdoor
+
+ROOT = Path(hub_backdoor.__file__).resolve().parent.parent
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the package (``__main__`` modules too), by dotted name."""
+    found = {"hub_backdoor": Path(hub_backdoor.__file__)}
+    for info in pkgutil.walk_packages(hub_backdoor.__path__, prefix="hub_backdoor."):
+        spec = info.module_finder.find_spec(info.name)  # type: ignore[union-attr]
+        assert spec is not None and spec.origin is not None
+        found[info.name] = Path(spec.origin)
+    return found
+
+
+def _targets(module: str, is_package: bool, node: ast.Import | ast.ImportFrom, known: set[str]) -> list[str]:
+    """The package modules an import statement names (``from . import x``: the submodule ``x``)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    if node.level:
+        base = base[: len(base) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    return [f"{target}.{a.name}" if f"{target}.{a.name}" in known else target for a in node.names]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports anywhere in its source. An import of a module's own
+    parent package is left out: Python imports the parents first anyway, so it cannot close a cycle."""
+    modules = _modules()
+    known = set(modules)
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            for target in _targets(name, path.name == "__init__.py", node, known):
+                while target not in known and "." in target:
+                    target = target.rsplit(".", 1)[0]
+                if target in known and target != name and not name.startswith(target + "."):
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_walk_sees_the_command_modules():
+    graph = import_graph()
+    for name in ("hub_backdoor.cli.audit", "hub_backdoor.cli.purify", "hub_backdoor.cli.card",
+                 "hub_backdoor.cli.demo", "hub_backdoor.loading", "hub_backdoor.publish"):
+        assert name in graph
+    assert "hub_backdoor.demo" in graph["hub_backdoor.cli.demo"]  # function-level imports count
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycle():
+    assert cycles(import_graph()) == []
+
+
+def test_nothing_in_the_package_runs_the_command_line_by_argv():
+    # the demo and the integrations call library functions; only the cli package (and the hf alias,
+    # which is the command line under another name) may call cli.main
+    graph = import_graph()
+    allowed = {"hub_backdoor.integrations"}
+    callers = [
+        name for name, edges in graph.items()
+        if not name.startswith("hub_backdoor.cli") and name not in allowed and "hub_backdoor.cli" in edges
+    ]
+    assert callers == []
+
+
+@pytest.mark.parametrize(
+    "module",
+    sorted(m for m in _modules() if m.startswith("hub_backdoor.cli") and not m.endswith("__main__"))
+    + ["hub_backdoor.loading", "hub_backdoor.publish", "hub_backdoor.demo", "hub_backdoor.integrations"],
+)
+def test_module_imports_alone(module):
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_python_m_cli_runs_the_command_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "hub_backdoor.cli", "--version"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.startswith("hub-backdoor "), done.stderr[-2000:]
