@@ -126,7 +126,8 @@ def check_audit_options(
     min_class_samples: Any = MIN_CLASS_SAMPLES,
 ) -> None:
     """The options of :func:`hub_backdoor.audit` (and ``hub-backdoor audit``)."""
-    check_number(threshold, "threshold", gt=0)
+    if threshold is not None:  # None: the rule's own threshold
+        check_number(threshold, "threshold", gt=0)
     if soft_margin is not None:
         check_number(soft_margin, "soft_margin", gt=0)
     check_number(margin, "margin", ge=0)

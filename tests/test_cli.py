@@ -22,6 +22,7 @@ from PIL import Image
 from hub_backdoor import cli, zoo
 from hub_backdoor.datasets_io import load_reference_dataset
 from hub_backdoor.demo import model_readme, train_model
+from hub_backdoor.detection import AUDIT_RULES, REGISTRY
 from hub_backdoor.hub import push_folder
 from hub_backdoor.report import AuditReport, current_umask
 from hub_backdoor.sarif import RULE_ID, SARIF_VERSION
@@ -873,3 +874,31 @@ def test_sigterm_during_purify_write_leaves_no_temporary_folder(hostile, tmp_pat
     assert code == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []  # neither the output nor the hidden .p.tmp-* folder
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+
+
+@pytest.fixture(scope="module")
+def backdoored_folder(timm_backdoored, work) -> Path:
+    return _save(timm_backdoored, work / "timm-backdoored-folder")
+
+
+@pytest.mark.parametrize("rule", list(AUDIT_RULES))
+def test_every_offered_rule_runs_end_to_end(rule, backdoored_folder, disk_dataset, tmp_path, capsys):
+    # the CLI offers exactly the rules audit() computes; each gives a verdict, none an internal error
+    from hub_backdoor.cli.options import detection_options
+
+    (offered,) = [a.choices for a in detection_options()._actions if "--rule" in a.option_strings]
+    assert list(offered) == list(AUDIT_RULES)
+    code, out, err = run(["audit", backdoored_folder, "--dataset", disk_dataset, "--split", "test",
+                          "--rule", rule, "--quiet", "--json", tmp_path / "r.json"], capsys)
+    assert code in (0, 1), err
+    report = AuditReport.from_json(tmp_path / "r.json")
+    assert report.params["rule"] == rule and report.params["threshold"] == REGISTRY[rule].threshold
+    assert (code == 1) == (report.verdict == "backdoor")
+    if REGISTRY[rule].needs & {"input", "mask"}:  # the input-space stage ran and was timed
+        assert any(k.endswith("_verification") for k in report.timings)
+
+
+def test_rule_the_audit_cannot_compute_is_refused(backdoored_folder, disk_dataset, capsys):
+    argv = ["audit", backdoored_folder, "--dataset", disk_dataset, "--rule", "mad-quantile"]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "invalid choice" in err

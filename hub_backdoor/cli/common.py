@@ -121,7 +121,10 @@ def reproduce(
     ):
         if value is not None:
             parts += [flag, str(value)]
-    parts += ["--seed", str(args.seed), "--rule", args.rule, "--threshold", str(args.threshold), *extra]
+    parts += ["--seed", str(args.seed), "--rule", args.rule]
+    if args.threshold is not None:  # None: the rule's own, recorded in the report
+        parts += ["--threshold", str(args.threshold)]
+    parts += list(extra)
     return " ".join(shlex.quote(p) for p in parts)
 
 

@@ -112,22 +112,23 @@ def data_options() -> argparse.ArgumentParser:
 
 def detection_options() -> argparse.ArgumentParser:
     """Threshold, rule (the library's registry, read at run time), soft margin, inconclusive floors."""
-    from ..detection import DEFAULT_RULE, RULES
+    from ..detection import AUDIT_RULES, DEFAULT_RULE, REGISTRY
 
     detect = argparse.ArgumentParser(add_help=False)
     g = detect.add_argument_group("detection")
     g.add_argument(
         "--threshold",
         type=float,
-        default=2.0,
-        help="flag classes whose anomaly index exceeds this (default 2.0)",
+        default=None,
+        help=f"flag classes whose score exceeds this (default: the rule's own; {DEFAULT_RULE}: "
+        f"{REGISTRY[DEFAULT_RULE].threshold:g})",
     )
     g.add_argument(
         "--rule",
-        choices=sorted(RULES),
+        choices=list(AUDIT_RULES),  # only what audit() computes
         default=DEFAULT_RULE,
         metavar="RULE",
-        help=f"detection rule: {', '.join(sorted(RULES))} (default {DEFAULT_RULE}; see the README)",
+        help=f"detection rule: {', '.join(AUDIT_RULES)} (default {DEFAULT_RULE}; see the README)",
     )
     g.add_argument(
         "--soft-margin",
