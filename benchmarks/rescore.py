@@ -227,6 +227,24 @@ def detection_table(zs: list[dict[str, Any]], rules: list[str] | None = None) ->
                                             "asr": z["record"].get("asr_by_trigger") or []} for z in zs}}
 
 
+CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "hub_backdoor" / "calibration"
+
+
+def write_calibration(zs: list[dict[str, Any]], path: Path, *, suite: str) -> None:
+    """Each clean model's highest class score, per library rule (:mod:`hub_backdoor.calibration`)."""
+    clean = [z for z in zs if not z["spec"].get("targets")]
+    scores = score_all(clean, [n for n in RULES])
+    out = {"source": f"benchmarks {suite} zoo: {len(clean)} clean models of "
+                     f"{len({family(z['spec']) for z in clean})} families",
+           "rules": {name: {"clean_max": sorted(float(np.max(v)) for v in sc.values()),
+                            "families": sorted({family(z["spec"]) for z in clean})}
+                     for name, sc in scores.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def _f(x: float) -> str:
     return "–" if x is None or not np.isfinite(x) else f"{x:.2f}"
 
@@ -268,6 +286,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="results folder (holds <suite>/ and <suite>.json)")
     ap.add_argument("--rules", nargs="*", default=None, help="only these rules (default: all)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--write-calibration", action="store_true",
+                    help="also write the clean models' highest scores per library rule to "
+                         "hub_backdoor/calibration/<suite>.json (the audit's p-values)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     zs = stats.load_all(args.out / args.suite)
@@ -283,6 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["summary"]["detection_standard"] = det
         js.write_text(json.dumps(out, indent=1, default=float))
         (args.out / f"{args.suite}.md").write_text(run_markdown(out))
+    if args.write_calibration:
+        write_calibration(zs, CALIBRATION_DIR / f"{args.suite}.json", suite=args.suite)
     if not args.quiet:
         print(markdown(det))
         print(f"rescored {len(zs)} models in {det['rescore_seconds']:.1f} s")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .adapters import Classifier, load_classifier
+from .calibration import load_calibration
 from .data import ReferenceData, StreamingReference, reference_data
 from .detection import AUDIT_RULES, DEFAULT_RULE, REGISTRY, DetectionInput, detect
 from .distributed import reconstruct_distributed, resolve
@@ -206,6 +207,15 @@ def build_report(
     """The report of one audit; ``reason`` (from :func:`~hub_backdoor.validation.reference_gate`)
     makes the verdict ``"inconclusive"`` whatever was flagged."""
     names = data.class_names or getattr(clf, "class_names", None) or [str(k) for k in range(clf.num_classes)]
+    C = clf.num_classes
+    cal = load_calibration(det.rule)
+    pv = None if cal is None else cal.p_values(det.scores)
+    bounds = None if verification is None else verification.full_bounds(C)
+    l1 = None if mask is None else mask.full_l1(C)
+
+    def opt(a: np.ndarray | None, k: int) -> float | None:
+        return None if a is None or not np.isfinite(a[k]) else float(a[k])
+
     rows = [
         ClassRow(
             index=k,
@@ -214,9 +224,13 @@ def build_report(
             anomaly_index=float(det.scores[k]),
             flagged=k in det.flagged,
             n_reference=int(ref.state.counts[k]),
+            p_value=opt(pv, k),
+            input_bound=opt(bounds, k),
+            mask_l1=opt(l1, k),
         )
-        for k in range(clf.num_classes)
+        for k in range(C)
     ]
+    evidence = _evidence(det.rule, timings, verification, mask, cal)
     notes = list(rec.notes)
     missing = [k for k in range(clf.num_classes) if ref.state.counts[k] == 0]
     if missing:
@@ -237,6 +251,7 @@ def build_report(
     return AuditReport(
         verdict=verdict,
         reason=reason,
+        evidence=evidence,
         target=target,
         flagged=list(det.flagged),
         classes=rows,
@@ -258,3 +273,26 @@ def build_report(
         target_perturbation=None if target is None else rec.perturbations[target].tolist(),
         perturbations=np.asarray(rec.perturbations),
     )
+
+
+def _evidence(rule: str, timings: dict[str, float], verification: InputVerification | None,
+              mask: MaskVerification | None, cal: Any) -> dict[str, Any]:
+    """What the verdict rests on, stage by stage, with each stage's cost in seconds."""
+    stages: list[dict[str, Any]] = [
+        {"stage": "latent reconstruction", "what": "the smallest change s_k of the penultimate embedding "
+         "that sends every reference image to class k (one QP per class)",
+         "seconds": float(timings.get("reference_pass", 0.0) + timings.get("qp", 0.0))},
+    ]
+    if mask is not None:
+        stages.append({"stage": "mask verification", "what": "per class, the smallest stamped mask "
+                       "(patch or blend) that sends the reference images to k", "seconds": mask.seconds,
+                       "steps": mask.steps, "images_per_step": mask.batch})
+    if verification is not None:
+        stages.append({"stage": "additive verification", "what": "per class, the smallest universal L2 "
+                       f"input change that sends {verification.flip:.0%} of the reference images to k",
+                       "seconds": verification.seconds, "images": verification.n_images})
+    return {
+        "rule": rule, "summary": REGISTRY[rule].summary, "stages": stages,
+        "calibration": None if cal is None else {"source": cal.source, "n_clean_models": cal.n,
+                                                 "families": list(cal.families)},
+    }

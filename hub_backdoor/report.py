@@ -1,11 +1,14 @@
 """The audit report: a versioned, JSON-serialisable record of one audit.
 
-Schema (``schema_version`` "2"; documented in README "JSON report"; "1" reports still load):
+Schema (``schema_version`` "3"; documented in README "JSON report"; "1" and "2" reports still load):
   verdict            "backdoor" | "clean" | "inconclusive" (the reference data cannot support a verdict)
   reason             why the verdict is inconclusive (what to fix), else null
   target             flagged class with the largest anomaly index, or null
   flagged            all flagged classes, most anomalous first
-  classes            per class: index, name, norm, anomaly_index, flagged, n_reference
+  classes            per class: index, name, norm, anomaly_index (the rule's score, larger = more
+                     suspicious), flagged, n_reference, p_value (against clean calibration models,
+                     or null), input_bound and mask_l1 (input-space evidence, or null)
+  evidence           rule, its summary, stages (what ran and its seconds), calibration
   model              name, kind, source, num_classes, embed_dim, head_sha256 (fingerprint of W, b)
   params             detection rule, threshold, margin, solver, soft_margin, max_samples, batch_size
   data               n, accuracy, fingerprint (SHA-256 of the exact inputs), description; the CLI
@@ -31,9 +34,9 @@ import numpy as np
 
 from .errors import ReportError
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 #: Versions :meth:`AuditReport.from_dict` reads ("1": no inconclusive verdict, no head fingerprint).
-READABLE_VERSIONS = ("1", "2")
+READABLE_VERSIONS = ("1", "2", "3")
 Verdict = Literal["backdoor", "clean", "inconclusive"]
 VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
 
@@ -64,6 +67,12 @@ class ClassRow:
     anomaly_index: float
     flagged: bool
     n_reference: int
+    #: conformal p-value of the score against the clean calibration models (None: no calibration)
+    p_value: float | None = None
+    #: input-space evidence, when the rule ran it: the smallest universal L2 input change that
+    #: sends 90 % of the images to this class, and the smallest stamped mask (pixels) that does
+    input_bound: float | None = None
+    mask_l1: float | None = None
 
 
 @dataclass
@@ -84,6 +93,8 @@ class AuditReport:
     notes: list[str] = field(default_factory=list)
     target_perturbation: list[float] | None = None
     reason: str | None = None
+    #: what the verdict rests on: the rule, its stages with their cost, the calibration
+    evidence: dict[str, Any] = field(default_factory=dict)
     schema_version: str = SCHEMA_VERSION
     #: in-memory only: the full (C, d) perturbation matrix of this audit
     perturbations: np.ndarray | None = field(default=None, repr=False, compare=False)

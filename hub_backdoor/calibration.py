@@ -1,0 +1,83 @@
+"""Calibrated per-class p-values: a rule's score against clean reference models.
+
+A score alone ("log-ratio 1.4") means little to a reader. What it means is how often a *clean*
+model reaches it. The benchmark's standard zoo holds clean models of several families (plain
+torch, timm ViT and MobileNetV3, a transformers ConvNeXt fine-tuned from a shared backbone); for
+each rule, the highest class score of each clean model is shipped in ``calibration/<name>.json``
+(written by ``python -m benchmarks.rescore --write-calibration``). The conformal p-value of a
+class score s is
+
+    p = (1 + #{clean models whose highest score >= s}) / (n + 1),
+
+the chance that a clean model of the calibration zoo has a class at least this extreme. It is
+valid for a new model to the extent that the zoo's clean models are exchangeable with it; the
+benchmark checks that it holds on a family the calibration never saw (leave-one-family-out).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Calibration", "load_calibration", "p_values"]
+
+_DIR = Path(__file__).resolve().parent / "calibration"
+DEFAULT = "standard"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The clean-model null of one rule.
+
+    Attributes:
+        rule: the detection rule.
+        clean_max: each clean calibration model's highest class score, sorted.
+        families: the model families the clean models come from.
+        source: where the numbers come from (the zoo and its data).
+    """
+
+    rule: str
+    clean_max: tuple[float, ...]
+    families: tuple[str, ...]
+    source: str
+
+    @property
+    def n(self) -> int:
+        return len(self.clean_max)
+
+    def p_values(self, scores: np.ndarray) -> np.ndarray:
+        """``(C,)`` conformal p-values of ``scores (C,)`` (``nan`` scores give ``nan``)."""
+        null = np.asarray(self.clean_max, dtype=np.float64)
+        s = np.asarray(scores, dtype=np.float64)
+        out = np.full(s.shape, np.nan)
+        ok = np.isfinite(s) | np.isneginf(s)
+        out[ok] = (1 + (null[None, :] >= s[ok, None]).sum(1)) / (len(null) + 1)
+        return out
+
+
+@lru_cache(maxsize=8)
+def _read(name: str) -> dict:
+    path = _DIR / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def load_calibration(rule: str, name: str = DEFAULT) -> Calibration | None:
+    """The shipped calibration of ``rule`` (None when the rule has none)."""
+    d = _read(name).get("rules", {}).get(rule)
+    if not d:
+        return None
+    return Calibration(rule=rule, clean_max=tuple(sorted(float(v) for v in d["clean_max"])),
+                       families=tuple(d.get("families", ())), source=str(_read(name).get("source", name)))
+
+
+def p_values(rule: str, scores: np.ndarray, name: str = DEFAULT) -> np.ndarray | None:
+    """Per-class conformal p-values of ``scores`` under ``rule``'s calibration, or None."""
+    cal = load_calibration(rule, name)
+    return None if cal is None else cal.p_values(scores)
