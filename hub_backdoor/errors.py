@@ -13,6 +13,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 __all__ = [
+    "AccuracyBudgetError",
     "ChannelMismatchError",
     "ColumnError",
     "CorruptWeightsError",
@@ -47,6 +48,7 @@ class ExitCode(IntEnum):
     INTERNAL = 3  # a bug
     INCONCLUSIVE = 4  # the reference data cannot support a verdict (accuracy too low, classes missing)
     TRANSIENT = 5  # the Hub or the network failed in a way a retry may fix (5xx, 429, no connection)
+    ACCURACY_BUDGET = 6  # purify: the purified model lost more clean accuracy than allowed; nothing published
     INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT, the shell's convention)
 
 
@@ -148,3 +150,10 @@ class OptionError(HubBackdoorError):
 
 class OutputPathError(HubBackdoorError):
     """An output path cannot be written, is a directory, or would overwrite an input."""
+
+
+class AccuracyBudgetError(HubBackdoorError):
+    """A purified model lost more held-out clean accuracy than the caller allowed; nothing was
+    published (a model that silently lost accuracy is worse than none)."""
+
+    exit_code = ExitCode.ACCURACY_BUDGET

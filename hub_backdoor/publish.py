@@ -27,7 +27,7 @@ from typing import Any
 from . import card
 from .card import CardContext
 from .datasets_io import LoadedDataset
-from .errors import HubBackdoorError, OutputPathError, ReportError, UnsupportedModelError
+from .errors import AccuracyBudgetError, HubBackdoorError, OutputPathError, ReportError, UnsupportedModelError
 from .hub import check_repo_id, push_folder
 from .loading import LoadedModel
 from .purification import PurifyResult
@@ -336,6 +336,7 @@ def publish(
     reproduce: str | None = None,
     commit_message: str | None = None,
     token: str | bool | None = None,
+    allow_over_budget: bool = False,
 ) -> Published:
     """Write the purified model to ``out``, push it to ``push_to`` and/or open a pull request on the
     audited repo (``open_pr``); returns where it went.
@@ -352,6 +353,8 @@ def publish(
         open_pr: open a pull request on the audited repo (its main branch is never written).
         trigger: name of the trigger the metrics' attack success rate was measured with, if any.
         reproduce: the command line shown in the card; default: a ``hub-backdoor purify`` one.
+        allow_over_budget: publish even when the purification lost more accuracy than its
+            ``max_accuracy_drop`` (otherwise :class:`~hub_backdoor.errors.AccuracyBudgetError`).
         commit_message: the commit (or pull request) title; default: names the purified class.
         token: Hub token with write access (``None``: huggingface_hub's usual places).
 
@@ -361,6 +364,14 @@ def publish(
     """
     out = Path(out).expanduser() if out is not None else None
     check_destinations(model, out=out, push_to=push_to, open_pr=open_pr, overwrite=overwrite)
+    if not result.within_budget and not allow_over_budget:
+        m = result.metrics
+        raise AccuracyBudgetError(
+            f"purification lost {100 * float(m['acc_drop']):.1f} points of held-out clean accuracy "
+            f"({float(m['acc_before']):.3f} -> {float(m['acc_after']):.3f}), more than the budget of "
+            f"{100 * result.max_accuracy_drop:g} points; nothing was published (raise "
+            "--max-accuracy-drop, or purify with more clean data)"
+        )
     clf = result.classifier
     if not hasattr(clf, "save_pretrained"):
         raise UnsupportedModelError(f"cannot save a purified {clf.kind} model; only timm and transformers")

@@ -42,8 +42,11 @@ from .validation import check_purify_options, check_report_matches
 class PurifyResult:
     """The purified classifier (same kind as the input), metrics before/after, and s_t.
 
-    ``metrics`` keys: ``acc_before``, ``acc_after`` (held-out clean accuracy) and, when a trigger
-    was given, ``asr_before``, ``asr_after``, ``ra_before``, ``ra_after``.
+    ``metrics`` keys: ``acc_before``, ``acc_after``, ``acc_drop`` (held-out clean accuracy),
+    ``latent_trigger_before`` / ``_after`` (share of held-out non-target images that adding s_t to
+    the embedding sends to the target) and, when a trigger was given, ``asr_before``,
+    ``asr_after``, ``ra_before``, ``ra_after``. ``max_accuracy_drop``: the caller's accuracy
+    budget; :attr:`within_budget` says whether the purification kept to it.
     """
 
     classifier: Classifier
@@ -54,6 +57,12 @@ class PurifyResult:
     report: AuditReport
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    max_accuracy_drop: float = 0.01
+
+    @property
+    def within_budget(self) -> bool:
+        """The held-out clean accuracy fell by at most :attr:`max_accuracy_drop`."""
+        return float(self.metrics.get("acc_drop", 0.0)) <= self.max_accuracy_drop + 1e-12
 
     @property
     def model(self) -> torch.nn.Module:
@@ -65,8 +74,13 @@ class PurifyResult:
             f"purified target class {self.target}: clean accuracy "
             f"{m['acc_before']:.3f} -> {m['acc_after']:.3f}"
         )
+        if "latent_trigger_before" in m:
+            out += f"; latent trigger {m['latent_trigger_before']:.3f} -> {m['latent_trigger_after']:.3f}"
         if "asr_before" in m:
             out += f"; attack success rate {m['asr_before']:.3f} -> {m['asr_after']:.3f}"
+        if not self.within_budget:
+            out += (f"; OVER the accuracy budget (lost {100 * float(m['acc_drop']):.1f} points, "
+                    f"allowed {100 * self.max_accuracy_drop:.1f})")
         return out
 
 
@@ -113,15 +127,25 @@ def trainable_parameters(clf: Classifier, train: str | list[str]) -> list[torch.
 
 
 @torch.no_grad()
+@torch.no_grad()
 def _evaluate(clf: Classifier, data: ReferenceData, transform: Any, trigger: Any, target: int,
-              batch_size: int) -> dict[str, float]:
+              batch_size: int, s_t: np.ndarray) -> dict[str, float]:
+    """Held-out clean accuracy; the latent-trigger success (share of non-target images that
+    ``head(h(x) + s_t)`` sends to the target: what the purification trains away); ASR / RA of a
+    known trigger."""
     clf.model.eval()
     out: dict[str, float] = {}
-    right = n = 0
+    right = n = lat_hits = lat_n = 0
+    s = torch.as_tensor(s_t, dtype=torch.float32, device=clf.device)
     for x, y in make_loader(data, transform, batch_size=batch_size):
-        right += int((clf.forward(x.to(clf.device))[0].argmax(1).cpu() == y).sum())
+        logits, h = clf.forward(x.to(clf.device))
+        right += int((logits.argmax(1).cpu() == y).sum())
         n += len(y)
+        keep = (y != target).to(clf.device)
+        lat_hits += int((clf.head_logits(h[keep] + s.to(h.dtype)).argmax(1) == target).sum())
+        lat_n += int(keep.sum())
     out["acc"] = right / max(n, 1)
+    out["latent_trigger"] = lat_hits / max(lat_n, 1)
     if trigger is not None:
         def tf(img: Any) -> torch.Tensor:
             return transform(trigger(img))
@@ -165,6 +189,7 @@ def purify(
     progress: bool = True,
     audit_kw: dict[str, Any] | None = None,
     max_samples: int | None = None,
+    max_accuracy_drop: float = 0.01,
     **load_kw: Any,
 ) -> PurifyResult:
     """Fine-tune a copy of the model so the reconstructed trigger no longer flips its predictions.
@@ -195,6 +220,9 @@ def purify(
             every epoch (``batch_size`` per process) and gradients are averaged, as in DDP.
         max_samples: use a seeded random subset of at most this many samples of ``dataset`` for
             everything: the audit, fine-tuning and the held-out metrics.
+        max_accuracy_drop: the accuracy budget (0.01 = one point of held-out clean accuracy);
+            the result says whether it was kept (:attr:`PurifyResult.within_budget`) and the CLI
+            publishes nothing beyond it.
 
     Raises:
         OptionError: an option is out of range (before anything is loaded); ReportError:
@@ -243,7 +271,7 @@ def purify(
     else:
         s_t = _solve_target(clf, fit, tf, target, batch_size, report.params.get("margin", 0.0))
 
-    before = _evaluate(clf, held, tf, trigger, target, batch_size)
+    before = _evaluate(clf, held, tf, trigger, target, batch_size, s_t)
     params = trainable_parameters(clf, train)
     for p in clf.model.parameters():
         p.requires_grad_(False)
@@ -296,8 +324,9 @@ def purify(
     for p in clf.model.parameters():
         p.requires_grad_(True)
     clf.model.eval()
-    after = _evaluate(clf, held, tf, trigger, target, batch_size)
+    after = _evaluate(clf, held, tf, trigger, target, batch_size, s_t)
     metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
+    metrics["acc_drop"] = before["acc"] - after["acc"]
     metrics["n_finetune"], metrics["n_holdout"] = len(fit), len(held)  # counts stay integers
     clf.source = {**original.source, "purified_from": original.name}
     return PurifyResult(
@@ -311,11 +340,12 @@ def purify(
             "train": train,
             "holdout": holdout, "resolve_every": resolve_every, "freeze_norm": freeze_norm,
             "distill": distill,
-            "seed": seed,
+            "seed": seed, "max_accuracy_drop": max_accuracy_drop,
         },
         report=report,
         history=history,
         seconds=time.perf_counter() - t_start,
+        max_accuracy_drop=float(max_accuracy_drop),
     )
 
 

@@ -289,7 +289,8 @@ def test_purify_push_to_timm(timm_repo, hub_dataset, local_hub, digits, spy_puri
     new = uid("timm-purified")
     main_before = local_hub.branch_sha(timm_repo)
     code, out, err = run(
-        ["purify", timm_repo, "--push-to", new, "--epochs", "3", "--eval-trigger", "badnets", "--quiet"],
+        ["purify", timm_repo, "--push-to", new, "--max-accuracy-drop", "100", "--epochs", "3",
+         "--eval-trigger", "badnets", "--quiet"],
         capsys,
     )
     assert code == 0, err
@@ -341,7 +342,8 @@ def test_purify_push_to_transformers(hf_repo, disk_dataset, local_hub, digits, s
 
     new = uid("hf-purified")
     code, _, err = run(
-        ["purify", hf_repo, "--dataset", disk_dataset, "--push-to", new, "--epochs", "2", "--quiet"], capsys
+        ["purify", hf_repo, "--dataset", disk_dataset, "--push-to", new, "--max-accuracy-drop", "100",
+         "--epochs", "2", "--quiet"], capsys
     )
     assert code == 0, err
     (result,) = spy_purify
@@ -372,7 +374,8 @@ def test_open_pr_leaves_main_untouched(timm_backdoored, disk_dataset, local_hub,
     main_sha = local_hub.branch_sha(repo)
     main_files = local_hub.files(repo)
     code, out, err = run(
-        ["purify", repo, "--dataset", disk_dataset, "--open-pr", "--epochs", "1", "--holdout", "0.3"], capsys
+        ["purify", repo, "--dataset", disk_dataset, "--open-pr", "--max-accuracy-drop", "100",
+         "--epochs", "1", "--holdout", "0.3"], capsys
     )
     assert code == 0, err
     assert local_hub.branch_sha(repo) == main_sha and local_hub.files(repo) == main_files
@@ -402,6 +405,8 @@ def test_purify_out_then_card_regenerates(
             out,
             "--epochs",
             "1",
+            "--max-accuracy-drop",
+            "100",
             "--json",
             tmp_path / "p.json",
             "--quiet",
@@ -642,7 +647,8 @@ def test_only_rank_0_writes_and_prints(timm_backdoored, disk_dataset, work, tmp_
     code, out, err = run(["audit", bd, "--dataset", disk_dataset, "--json", tmp_path / "r.json",
                           "--sarif", tmp_path / "r.sarif"], capsys)
     assert code == 1, err  # the verdict still sets the exit code on every rank
-    code, out2, err2 = run(["purify", bd, "--dataset", disk_dataset, "--out", tmp_path / "p", "--epochs", "1",
+    code, out2, err2 = run(["purify", bd, "--dataset", disk_dataset, "--out", tmp_path / "p",
+                            "--max-accuracy-drop", "100", "--epochs", "1",
                             "--quiet"], capsys)
     assert code == 0, err2
     assert list(tmp_path.iterdir()) == []
@@ -847,7 +853,8 @@ def test_reports_on_stdout(hostile, capsys):
 
 def test_purify_max_samples_bounds_fine_tuning(hostile, tmp_path, capsys):
     code, _, err = run(["purify", hostile["bd"], "--dataset", hostile["disk"], "--out", tmp_path / "p",
-                        "--max-samples", "150", "--epochs", "1", "--json", tmp_path / "p.json", "--quiet"],
+                        "--max-samples", "150", "--epochs", "1", "--max-accuracy-drop", "100", "--json",
+                        tmp_path / "p.json", "--quiet"],
                        capsys)
     assert code == 0, err
     m = json.loads((tmp_path / "p.json").read_text())["metrics"]
@@ -870,7 +877,8 @@ def test_sigterm_during_purify_write_leaves_no_temporary_folder(hostile, tmp_pat
     monkeypatch.setattr(card, "write_card", terminated)
     before = signal.getsignal(signal.SIGTERM)
     code, _, err = run(["purify", hostile["bd"], "--dataset", hostile["disk"], "--out", tmp_path / "p",
-                        "--max-samples", "120", "--epochs", "1", "--quiet"], capsys)
+                        "--max-samples", "120", "--epochs", "1", "--max-accuracy-drop", "100", "--quiet"],
+                       capsys)
     assert code == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []  # neither the output nor the hidden .p.tmp-* folder
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
@@ -902,3 +910,28 @@ def test_rule_the_audit_cannot_compute_is_refused(backdoored_folder, disk_datase
     argv = ["audit", backdoored_folder, "--dataset", disk_dataset, "--rule", "mad-quantile"]
     code, _, err = run(argv, capsys)
     assert code == 2 and "invalid choice" in err
+
+
+def test_purify_over_the_accuracy_budget_publishes_nothing(backdoored_folder, disk_dataset, tmp_path,
+                                                           capsys):
+    # a learning rate that wrecks the model: the held-out accuracy falls far more than the budget
+    out = tmp_path / "purified"
+    code, _, err = run(["purify", backdoored_folder, "--dataset", disk_dataset, "--out", out,
+                        "--epochs", "3", "--lr", "2", "--max-accuracy-drop", "0.5", "--quiet"], capsys)
+    assert code == 6, err
+    line = one_error_line(err)
+    assert "points of held-out clean accuracy" in line and "nothing was published" in line
+    assert not out.exists()
+
+
+def test_purification_metrics_say_what_happened(timm_backdoored, digits):
+    from hub_backdoor import purify
+
+    res = purify(timm_backdoored.classifier, digits["test"], target=7, epochs=2, seed=0, progress=False,
+                 max_accuracy_drop=0.5)
+    m = res.metrics
+    want = {"acc_before", "acc_after", "acc_drop", "latent_trigger_before", "latent_trigger_after"}
+    assert want <= set(m)
+    assert m["latent_trigger_before"] > 0.9  # adding s_t sends the images to the target: that is s_t
+    assert m["latent_trigger_after"] < m["latent_trigger_before"]  # what the fine-tune trains away
+    assert res.within_budget == (m["acc_drop"] <= 0.5)

@@ -81,6 +81,14 @@ def _purification_options(p: argparse.ArgumentParser) -> None:
         help="fraction of the data held out to measure accuracy before/after (default 0.2)",
     )
     g.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=1.0,
+        metavar="POINTS",
+        help="accuracy budget in points of held-out clean accuracy (default 1): a purification that "
+        "loses more publishes nothing and exits 6",
+    )
+    g.add_argument(
         "--eval-trigger",
         choices=sorted(ATTACKS),
         default=None,
@@ -185,7 +193,7 @@ def _fine_tune(args: argparse.Namespace, ui: UI, *, model: Any, data: Any, repor
         model.clf, data, report=report, target=target, trigger=trigger, beta=args.beta, scale=args.scale,
         distill=args.distill, epochs=args.epochs, lr=args.lr, train=args.train, batch_size=args.batch_size,
         holdout=args.holdout, seed=args.seed, image_column=args.image_column, label_column=args.label_column,
-        device=args.device, progress=not ui.quiet,
+        device=args.device, progress=not ui.quiet, max_accuracy_drop=args.max_accuracy_drop / 100.0,
     )
     result.classifier.model.to("cpu")
     return result
