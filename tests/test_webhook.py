@@ -163,6 +163,7 @@ def test_webhook_audits_comments_and_opens_pr(local_hub, models, hub_dataset, tm
         port=0,
         open_pr=True,
         purify_epochs=1,
+        max_accuracy_drop=1.0,  # the pull-request path, not the budget (1 epoch on a tiny model)
         threads=1,
     )
     service = Service(config).start()

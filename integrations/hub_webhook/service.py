@@ -103,6 +103,7 @@ class Config:
     max_samples: int | None = None
     audit_options: dict[str, Any] = field(default_factory=dict)
     purify_epochs: int | None = None  # None: purify's default (auto)
+    max_accuracy_drop: float = 0.01  # accuracy budget of the purified model: beyond it no pull request
     queue_size: int = 100
     max_attempts: int = 3
     retry_delay: float = 30.0
@@ -395,6 +396,7 @@ class Auditor:
             rev.data.dataset,
             report=report,
             epochs=self.config.purify_epochs,
+            max_accuracy_drop=self.config.max_accuracy_drop,
             progress=False,
             **{k: opts[k] for k in shared},
         )
@@ -788,6 +790,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: purify's own (10, or more on a small clean set)"
     )
     p.add_argument(
+        "--max-accuracy-drop", type=float, default=float(_env("MAX_ACCURACY_DROP", "1") or 1),
+        metavar="POINTS",
+        help="no pull request for a purified model that loses more held-out clean accuracy (default 1 point)",
+    )
+    p.add_argument(
         "--queue-size", type=int, default=int(_env("QUEUE_SIZE", "100") or 100), help="queued + running jobs"
     )
     p.add_argument("--max-attempts", type=int, default=int(_env("MAX_ATTEMPTS", "3") or 3))
@@ -850,6 +857,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_samples=int(args.max_samples) if args.max_samples else None,
         audit_options=parse_audit_options(args.audit_options or _split_list(_env("AUDIT_OPTIONS"))),
         purify_epochs=args.purify_epochs,
+        max_accuracy_drop=args.max_accuracy_drop / 100.0,
         queue_size=args.queue_size,
         max_attempts=args.max_attempts,
         retry_delay=args.retry_delay,
