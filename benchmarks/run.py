@@ -53,7 +53,7 @@ ALONE_KEYS = ("freeze_norm", "resolve_every", "augment", "sam_rho", "norm_frozen
 STUDY: dict[str, dict[str, Any]] = {
     "library default": {},
     "head trained too": {"train": "all"},
-    "session-1 default (beta 3, head trained, 10 epochs)": {"beta": 3.0, "train": "all", "epochs": 10},
+    "earlier default (beta 3, head trained, 10 epochs)": {"beta": 3.0, "train": "all", "epochs": 10},
     "paper loss (scale 1, distill 0)": {"scale": 1.0, "distill": 0.0},
     "paper loss, frozen BN, lr 0.01": {"scale": 1.0, "distill": 0.0, "lr": 0.01, "freeze_norm": True},
     "beta 1": {"beta": 1.0},
@@ -67,7 +67,7 @@ STUDY: dict[str, dict[str, Any]] = {
     "lr 0.01, 20 epochs": {"lr": 0.01, "epochs": 20},
     "re-solve s_t every 2 epochs": {"resolve_every": 2},
     "last stage + head only": {"train": "last"},
-    # session 3, from a side study on the quick suite's models (DER 87.1 and 87.5 vs 85.7 there)
+    # from a side study on the quick suite's models (DER 87.1 and 87.5 vs 85.7 there)
     "scale 3, distill 6": {"scale": 3.0, "distill": 6.0},
     "beta 20, distill 6": {"beta": 20.0, "distill": 6.0},
     # for small clean sets: augmentation, sharpness-aware steps (FT-SAM), normalisation layers kept

@@ -1,4 +1,4 @@
-"""The integrations of issue 6, run locally: the GitHub Action's steps (``integrations/github-action/
+"""The integrations, run locally: the GitHub Action's steps (``integrations/github-action/
 run.sh``) as a shell script, the pre-commit hooks through ``pre-commit try-repo`` (and their entry
 point directly, with ``[tool.hub-backdoor]``), and ``hf-backdoor`` / ``hf backdoor``.
 
