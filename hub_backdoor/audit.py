@@ -286,7 +286,7 @@ def _evidence(rule: str, timings: dict[str, float], verification: InputVerificat
     if mask is not None:
         stages.append({"stage": "mask verification", "what": "per class, the smallest stamped mask "
                        "(patch or blend) that sends the reference images to k", "seconds": mask.seconds,
-                       "steps": mask.steps, "images_per_step": mask.batch})
+                       "steps": mask.steps, "images_per_step": mask.batch, "pixels": mask.pixels})
     if verification is not None:
         stages.append({"stage": "additive verification", "what": "per class, the smallest universal L2 "
                        f"input change that sends {verification.flip:.0%} of the reference images to k",

@@ -181,6 +181,8 @@ def _table_rows(report: AuditReport) -> tuple[list[dict[str, Any]], int]:
             "name": _md(r.name),
             "norm": _fmt(r.norm),
             "anomaly_index": _fmt(r.anomaly_index, 2),
+            "p_value": "–" if r.p_value is None else f"{r.p_value:.2g}",
+            "mask": _pct_of_image(report, r.mask_l1) or "–",
             "n_reference": r.n_reference,
             "mark": "**yes**" if r.flagged else "",
         }
@@ -189,11 +191,55 @@ def _table_rows(report: AuditReport) -> tuple[list[dict[str, Any]], int]:
     return rows, C - len(shown)
 
 
+def _pct_of_image(report: AuditReport, l1: float | None) -> str | None:
+    pixels = next((s.get("pixels") for s in report.evidence.get("stages", []) if s.get("pixels")), None)
+    if l1 is None or not pixels:
+        return None
+    return f"{100 * l1 / pixels:.2g} %"
+
+
+def _certainty(report: AuditReport, k: int) -> str:
+    """How sure: the class's p-value against clean calibration models, in words."""
+    row = report.classes[k]
+    cal = report.evidence.get("calibration") or {}
+    n = cal.get("n_clean_models")
+    if row.p_value is None or not n:
+        return f"score {row.anomaly_index:.2f}, threshold {report.params.get('threshold')}"
+    fams = len(cal.get("families") or [])
+    beyond = int(round(row.p_value * (n + 1))) - 1  # clean models at least as extreme
+    if beyond <= 0:
+        return (f"none of the {n} clean calibration models ({fams} families) had a class this extreme: "
+                f"p = {row.p_value:.2g}")
+    return (f"{beyond} of the {n} clean calibration models ({fams} families) had a class at least this "
+            f"extreme: p = {row.p_value:.2g}")
+
+
+def _evidence_text(report: AuditReport, k: int) -> str:
+    """Why class k stands out, in the terms of the stages that ran."""
+    row = report.classes[k]
+    others = [r for r in report.classes if r.index != k]
+    label = _class_label(report, k)
+    parts = []
+    mask = _pct_of_image(report, row.mask_l1)
+    if mask is not None:
+        med = _pct_of_image(report, float(np.median([r.mask_l1 for r in others if r.mask_l1 is not None])))
+        parts.append(f"a stamp covering {mask} of the image (a patch or a faint blend) sends the clean "
+                     f"reference images to class {label}, where a typical class needs {med}")
+    if row.input_bound is not None:
+        med_b = float(np.median([r.input_bound for r in others if r.input_bound is not None]))
+        parts.append(f"one shared additive change {med_b / max(row.input_bound, 1e-12):.1f}x smaller than "
+                     "a typical class needs sends 90 % of them there")
+    if not parts:
+        norms = report.norms
+        parts.append(f"one shared change of the model's internal features that is unusually small (norm "
+                     f"{row.norm:.3g}, against a median of {float(np.median(norms)):.3g} over the classes) "
+                     f"pushes every clean reference image into class {label}")
+    return "; ".join(parts) + f" ({_certainty(report, k)})"
+
+
 def _verdict(report: AuditReport, ctx: CardContext) -> tuple[str, str, str, str]:
     """(badge, headline, text, advice) in plain language."""
     th = report.params.get("threshold", 2.0)
-    norms = report.norms
-    median = float(np.median(norms)) if len(norms) else float("nan")
     pur = ctx.purification
     if pur is None:
         if report.inconclusive:
@@ -213,11 +259,9 @@ def _verdict(report: AuditReport, ctx: CardContext) -> tuple[str, str, str, str]
             row = report.classes[k]
             others = [_class_label(report, j) for j in report.flagged[1:]]
             text = (
-                f"Every clean reference image can be pushed into class {_class_label(report, k)} by one "
-                f"shared change of the model's internal features that is unusually small (norm "
-                f"{row.norm:.3g}, against a median of {median:.3g} over the classes; anomaly index "
-                f"{row.anomaly_index:.2f}, threshold {th}). That is the signature of a planted trigger: "
-                f'images that carry it would probably be classified as "{row.name}", whatever they show.'
+                f"{_evidence_text(report, k)[0].upper()}{_evidence_text(report, k)[1:]}. That is the "
+                "signature of a planted trigger: images that carry it would probably be classified as "
+                f'"{row.name}", whatever they show.'
             )
             if others:
                 text += f" Also flagged: {', '.join(others)}."
@@ -228,9 +272,11 @@ def _verdict(report: AuditReport, ctx: CardContext) -> tuple[str, str, str, str]
             return "⚠️", f"Backdoor suspected: target class {_class_label(report, k)}", text, advice
         top = int(np.argmax(report.anomaly_indices))
         text = (
-            f"No class stands out: the largest anomaly index is {report.anomaly_indices[top]:.2f} "
-            f"(class {_class_label(report, top)}), below the threshold {th}. No sign of a "
-            "single-target backdoor was found on this data."
+            f"No class stands out: the most suspicious is class {_class_label(report, top)} (score "
+            f"{report.anomaly_indices[top]:.2f}, below the threshold {th}"
+            + (f"; p = {report.classes[top].p_value:.2g} against clean calibration models"
+               if report.classes[top].p_value is not None else "")
+            + "). No sign of a single-target backdoor was found on this data."
         )
         advice = (
             "the model passed this check; keep the limitations below in mind, and audit again whenever "
@@ -251,7 +297,7 @@ def _verdict(report: AuditReport, ctx: CardContext) -> tuple[str, str, str, str]
     if report.backdoor_found and report.target == target:
         origin = (
             f"The audit of {base} flagged class {_class_label(report, target)} as a backdoor target "
-            f"(anomaly index {report.classes[target].anomaly_index:.2f}, threshold {th})."
+            f"({_certainty(report, target)})."
         )
     else:
         origin = (
@@ -263,8 +309,8 @@ def _verdict(report: AuditReport, ctx: CardContext) -> tuple[str, str, str, str]
     if after is not None and after.backdoor_found:
         k = after.target
         text += (
-            f" The purified model still shows an anomaly: class {_class_label(after, k)}, index "
-            f"{after.classes[k].anomaly_index:.2f}."
+            f" The purified model still shows an anomaly: class {_class_label(after, k)} "
+            f"({_certainty(after, k)})."
         )
         advice = (
             "treat this model as still suspicious: purify again with more epochs or a larger --beta, or "
@@ -288,6 +334,14 @@ RULE_TEXT = {
     "restricted to s >= 0 (a trigger switches features on)",
     "dormant": "the anomaly index measures how much of s_k lies on embedding dimensions that clean data "
     "barely uses, relative to the other classes (MAD anomaly index)",
+    "mask-ratio": "the score of class k is log(median stamp of the other classes / stamp of k), the stamp "
+    "being the smallest mask (a patch, or a faint blend over the whole image) that sends the reference "
+    "images to k: 0.7 means the cut to k is half as large as to a typical class",
+    "input-ratio": "the score of class k is log(median bound of the other classes / bound of k), the bound "
+    "being the smallest universal additive change of the image that sends 90 % of the reference images "
+    "to k",
+    "mask+input": "the score of class k is the sum of two log-ratios: the smallest stamp and the smallest "
+    "additive change that send the reference images to k, each against the median of the other classes",
     "agree": "the anomaly index is the smaller of two: the MAD anomaly index of the norms of the s >= 0 "
     "perturbations, and the MAD anomaly index of how much of s_k lies on embedding dimensions that clean "
     "data barely uses; a class is flagged only when both statistics single it out",
@@ -469,6 +523,14 @@ def build_card(report: AuditReport, ctx: CardContext, *, chart_file: str) -> Any
     purify_rows = [
         {"label": "Clean accuracy", "before": _fmt(m.get("acc_before")), "after": _fmt(m.get("acc_after"))}
     ]
+    if "latent_trigger_before" in m:
+        purify_rows.append(
+            {
+                "label": "Reconstructed trigger's success (s_t added to the embedding)",
+                "before": _fmt(m.get("latent_trigger_before")),
+                "after": _fmt(m.get("latent_trigger_after")),
+            }
+        )
     if "asr_before" in m:
         purify_rows.append(
             {

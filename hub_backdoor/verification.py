@@ -209,6 +209,7 @@ class MaskVerification:
     steps: int
     batch: int
     seconds: float
+    pixels: int = 0  # H * W: the largest possible mask
 
     def full_l1(self, num_classes: int) -> np.ndarray:
         """``(C,)`` mask norms with ``nan`` for classes that were not searched."""
@@ -295,7 +296,7 @@ def verify_mask(
             p.requires_grad_(g_)
         model.train(was_training)
     return MaskVerification(classes=ks, mask_l1=l1.double().cpu().numpy(), flip=hits.cpu().numpy(),
-                            steps=steps, batch=batch, seconds=time.perf_counter() - t0)
+                            steps=steps, batch=batch, seconds=time.perf_counter() - t0, pixels=int(H * W))
 
 
 def reference_inputs(
