@@ -1,6 +1,6 @@
 """The ``hub-backdoor`` CLI end to end, with the real huggingface_hub client against the session's
 LocalHub: audit (Hub / folder, exit codes, JSON, SARIF, card), purify (--out, --push-to, --open-pr),
-card, demo, and every bad input the issue lists (exit 2, one line naming the problem).
+card, demo, and every bad input of docs/cli.md (exit 2, one line naming the problem).
 
 Models are small and trained here on scikit-learn's digits (seconds each, one thread), once per module.
 """
