@@ -12,12 +12,29 @@ import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from .errors import ChannelMismatchError, ColumnError, DatasetError, EmptyDatasetError, LabelRangeError
+
+__all__ = [
+    "Columns",
+    "Examples",
+    "Fingerprint",
+    "ReferenceData",
+    "StreamingReference",
+    "check_batch",
+    "class_names",
+    "collate",
+    "find_columns",
+    "iter_batches",
+    "make_loader",
+    "make_stream_loader",
+    "reference_data",
+    "require_nonempty",
+]
 
 _IMAGE_NAMES = ("image", "img", "images", "pixel_values", "picture")
 _LABEL_NAMES = ("label", "labels", "target", "class", "fine_label")
@@ -122,6 +139,10 @@ class ReferenceData:
 
         self.columns: Columns | None = None
         self.description: dict[str, Any] = {}
+        self.class_names: list[str] | None = None
+        self._get: Callable[[int], Any]
+        self._n: int
+        self.indices: np.ndarray
         if isinstance(source, ReferenceData):
             self._get, self._n = source._get, source._n
             self.columns, self.description = source.columns, dict(source.description)
@@ -201,8 +222,6 @@ class ReferenceData:
                 f"cannot use a {type(source).__name__} as reference data; pass a datasets.Dataset "
                 "or an (images, labels) pair"
             )
-        if not hasattr(self, "class_names"):
-            self.class_names = None
         self.indices = np.arange(self._n) if indices is None else np.asarray(indices)
 
     def __len__(self) -> int:
@@ -277,6 +296,8 @@ class StreamingReference:
         self.class_names: list[str] | None = None
         self.max_samples = max_samples
         self._image_feature: Any = None
+        self._source: Any
+        self.description: dict[str, Any]
         if isinstance(source, StreamingReference):
             self._source, self.columns = source._source, source.columns
             self.class_names, self._image_feature = source.class_names, source._image_feature
@@ -435,20 +456,29 @@ def make_stream_loader(
     )
 
 
+class Examples(Protocol):
+    """What :func:`make_loader` reads: ``len()`` and ``(image, label, *extra)`` tuples by position."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]: ...
+
+
 class _Mapped(torch.utils.data.Dataset):
-    def __init__(self, data: ReferenceData, transform: Callable[[Any], torch.Tensor] | None) -> None:
+    def __init__(self, data: Examples, transform: Callable[[Any], torch.Tensor] | None) -> None:
         self.data, self.transform = data, transform
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> tuple[Any, ...]:
+        extra: list[Any]
         img, label, *extra = self.data[i]  # extra: e.g. the sample index (distributed pass)
         return (_transformed(self.transform, img, i), label, *extra)
 
 
 def make_loader(
-    data: ReferenceData,
+    data: Examples,
     transform: Callable[[Any], torch.Tensor] | None,
     *,
     batch_size: int = 64,

@@ -15,6 +15,15 @@ from typing import Any
 
 from .errors import DatasetError, HubBackdoorError
 
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "PREFERRED_SPLITS",
+    "LoadedDataset",
+    "dataset_from_card",
+    "load_reference_dataset",
+    "looks_like_path",
+]
+
 #: Split used when none is given, in order of preference.
 PREFERRED_SPLITS = ("test", "validation", "valid", "val", "train")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -191,10 +200,10 @@ def _apply(dd: Any, instructions: list[Any]) -> Any:
 def _load_hub(spec: str, split: str | None, token: str | bool | None) -> LoadedDataset:
     import datasets
 
-    from .hub import _check_repo_id, parse_repo_ref
+    from .hub import check_repo_id, parse_repo_ref
 
     repo_id, revision = parse_repo_ref(spec)
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     where = f"'{repo_id}'" + (f"@{revision}" if revision else "")
     try:
         if split is None:
@@ -220,7 +229,7 @@ def _raise_dataset_error(
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
     from huggingface_hub.errors import RevisionNotFoundError as HfRevisionNotFoundError
 
-    from .hub import _raise_hub_error
+    from .hub import raise_hub_error
 
     msg = _first_line(e)
     if isinstance(e, HfRevisionNotFoundError) or (
@@ -246,7 +255,7 @@ def _raise_dataset_error(
     ):
         raise DatasetError(f"dataset {where} has no data files datasets can read ({msg})") from None
     if isinstance(e, HfHubHTTPError):
-        _raise_hub_error(e, repo_id=repo_id, revision=revision, repo_type="dataset")
+        raise_hub_error(e, repo_id=repo_id, revision=revision, repo_type="dataset")
     if isinstance(e, (ConnectionError, OSError)):
         raise DatasetError(f"cannot load dataset {where} ({type(e).__name__}: {msg})") from None
     raise e

@@ -16,6 +16,18 @@ from typing import Any
 
 from .adapters.base import Classifier
 
+__all__ = [
+    "DEMO_ARCH",
+    "DEMO_EPOCHS",
+    "DEMO_RATE",
+    "DEMO_SEED",
+    "DEMO_TARGET",
+    "TrainedModel",
+    "model_readme",
+    "run_demo",
+    "train_model",
+]
+
 #: The demo's backdoor: BadNets patch to class DEMO_TARGET on DEMO_RATE of the training set.
 DEMO_TARGET = 7
 DEMO_RATE = 0.1
@@ -113,7 +125,8 @@ def _plant(out: Path, *, arch: str, epochs: int, seed: int, say: Any) -> Path:
     )
     trained = train_model(arch, data, target=DEMO_TARGET, rate=DEMO_RATE, epochs=epochs, seed=seed)
     model_dir = out / "backdoored-model"
-    trained.classifier.save_pretrained(model_dir)
+    saver: Any = trained.classifier  # both demo architectures (timm, transformers) have save_pretrained
+    saver.save_pretrained(model_dir)
     (model_dir / "README.md").write_text(model_readme(trained))
     planted = {
         "attack": zoo.BadNets().describe(),

@@ -9,7 +9,7 @@ The same code runs on one CPU, several CPU processes, one GPU and several GPUs::
 (``accelerate launch --cpu --num_processes 2`` starts one process; for several CPU processes use
 ``torchrun``.)
 
-How the work is split (method.md):
+How the work is split (docs/multi-gpu.md):
 
 * **Reference pass.** The reference set is sharded over processes: a map-style dataset by
   accelerate's :func:`~accelerate.data_loader.prepare_data_loader` with ``even_batches=False``
@@ -43,6 +43,20 @@ import numpy as np
 import torch
 
 from .errors import HubBackdoorError
+
+__all__ = [
+    "Dist",
+    "GradientSync",
+    "broadcast_module",
+    "finetune_loop",
+    "is_main_process",
+    "launched_distributed",
+    "reconstruct_distributed",
+    "resolve",
+    "shard_reference_loader",
+    "shard_training_loader",
+    "steps_per_epoch",
+]
 
 
 def launched_distributed() -> bool:

@@ -30,6 +30,8 @@ from .data import (
 from .errors import EmptyDatasetError, NonFiniteLogitsError, OneClassDatasetError
 from .reconstruction import ConstraintState, fold_worst
 
+__all__ = ["ReferencePass", "reference_pass"]
+
 
 @dataclass
 class ReferencePass:
@@ -89,8 +91,7 @@ def reference_pass(
     from .distributed import resolve, shard_reference_loader
 
     dist = resolve(accelerator)
-    streaming = isinstance(data, StreamingReference)
-    if not streaming:
+    if not isinstance(data, StreamingReference):
         require_nonempty(data)
     t0 = time.perf_counter()
     if device is None:
@@ -98,7 +99,7 @@ def reference_pass(
     device = torch.device(device)
     clf.model.to(device).eval()
     tf = _SizeRecorder(transform or clf.preprocess)
-    if streaming:
+    if isinstance(data, StreamingReference):
         loader = make_stream_loader(data, tf, batch_size=batch_size, rank=dist.rank, world=dist.world)
     else:
         loader = make_loader(_Indexed(data) if keep_embeddings and dist.active else data, tf,

@@ -40,7 +40,7 @@ __all__ = [
 
 
 class ExitCode(IntEnum):
-    """The exit codes of the ``hub-backdoor`` commands (README "Exit codes")."""
+    """The exit codes of the ``hub-backdoor`` commands (docs/cli.md, "Exit codes")."""
 
     OK = 0  # audit: no backdoor found; purify / card / demo: done
     BACKDOOR = 1  # audit: backdoor found; purify: nothing flagged, nothing purified

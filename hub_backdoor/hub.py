@@ -47,9 +47,10 @@ __all__ = [
     "TRANSIENT_STATUS",
     "card_data",
     "download_model",
-    "parse_repo_ref",
     "check_repo_id",
+    "parse_repo_ref",
     "push_folder",
+    "raise_hub_error",
 ]
 
 #: Files a classifier folder needs, downloaded by :func:`download_model`.
@@ -115,8 +116,8 @@ def download_model(
     api = HfApi(token=token)
     try:
         info = api.model_info(repo_id, revision=asked, token=token)
-    except Exception as exc:  # _raise_hub_error re-raises what it does not map
-        _raise_hub_error(exc, repo_id=repo_id, revision=asked)
+    except Exception as exc:  # raise_hub_error re-raises what it does not map
+        raise_hub_error(exc, repo_id=repo_id, revision=asked)
     sha = info.sha
     files = [s.rfilename for s in info.siblings or []]
     at = f"{repo_id}@{asked}" if asked else repo_id
@@ -141,7 +142,7 @@ def download_model(
             repo_id, revision=sha, allow_patterns=patterns, ignore_patterns=_TRAINING_STATE, token=token
         )
     except Exception as exc:
-        _raise_hub_error(exc, repo_id=repo_id, revision=asked)
+        raise_hub_error(exc, repo_id=repo_id, revision=asked)
     return Path(folder), {"type": "hub", "repo_id": repo_id, "revision": asked, "sha": sha}
 
 
@@ -203,7 +204,7 @@ def push_folder(
             token=token,
         )
     except Exception as exc:
-        _raise_hub_error(exc, repo_id=repo_id, revision=revision, writing=True)
+        raise_hub_error(exc, repo_id=repo_id, revision=revision, writing=True)
     return commit.pr_url if create_pr and commit.pr_url else commit.commit_url
 
 
@@ -223,10 +224,10 @@ def card_data(
         path = hf_hub_download(repo_id, "README.md", revision=revision, repo_type=repo_type, token=token)
     except EntryNotFoundError as exc:
         if isinstance(exc, LocalEntryNotFoundError):  # offline / unreachable, not "no card"
-            _raise_hub_error(exc, repo_id=repo_id, revision=revision, repo_type=repo_type)
+            raise_hub_error(exc, repo_id=repo_id, revision=revision, repo_type=repo_type)
         return None
     except Exception as exc:
-        _raise_hub_error(exc, repo_id=repo_id, revision=revision, repo_type=repo_type)
+        raise_hub_error(exc, repo_id=repo_id, revision=revision, repo_type=repo_type)
     try:
         data = metadata_load(path)
     except Exception as exc:  # yaml errors: the card is the repo's, not ours
@@ -268,7 +269,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 TRANSIENT_STATUS = frozenset({408, 409, 412, 425, 429})
 
 
-def _raise_hub_error(
+def raise_hub_error(
     exc: BaseException,
     *,
     repo_id: str,
@@ -340,5 +341,3 @@ def _raise_http_error(
         repo_id=repo_id,
     ) from exc
 
-
-_check_repo_id = check_repo_id  # the earlier private name

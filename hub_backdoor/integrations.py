@@ -1,4 +1,4 @@
-"""Library side of the integrations in ``integrations/`` (README "Integrations").
+"""Library side of the integrations in ``integrations/`` (docs/integrations.md).
 
 - :func:`summary_markdown`: the verdict and per-class table of a report as Markdown (GitHub job
   summary, Hub discussion comments). ``python -m hub_backdoor.integrations summary REPORT.json``
@@ -171,11 +171,11 @@ CONFIG_KEYS: dict[str, tuple[str | None, type]] = {
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib  # Python >= 3.11
-    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
         try:
-            import tomli as tomllib  # type: ignore[no-redef]
+            import tomli as tomllib
         except ModuleNotFoundError:
             raise HubBackdoorError(
                 f"reading {path} needs Python >= 3.11 or the tomli package (pip install tomli)"
@@ -189,7 +189,7 @@ def _load_toml(path: Path) -> dict[str, Any]:
         raise HubBackdoorError(f"{path} is not valid TOML ({e})") from None
 
 
-def read_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
+def read_config(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The ``[tool.hub-backdoor]`` table of ``path`` (default: ``./pyproject.toml`` when it exists).
 
     Keys are those of :data:`CONFIG_KEYS` (``_`` and ``-`` are the same); values are checked. Relative
@@ -197,7 +197,7 @@ def read_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
     folder. Returns ``{}`` when there is no file or no such table.
     """
     explicit = path is not None
-    file = Path(path) if explicit else Path("pyproject.toml")
+    file = Path(path) if path is not None else Path("pyproject.toml")
     if not file.is_file():
         if explicit:
             raise HubBackdoorError(f"config file {file} does not exist")
@@ -313,7 +313,7 @@ def _display(folder: Path) -> str:
     return rel if not rel.startswith("..") else str(folder)
 
 
-def audit_folder(folder: str | os.PathLike, options: dict[str, Any]) -> tuple[int, Any]:
+def audit_folder(folder: str | os.PathLike[str], options: dict[str, Any]) -> tuple[int, Any]:
     """Audit one model folder with hook / config options (:data:`CONFIG_KEYS`); returns the exit code
     (:class:`~hub_backdoor.errors.ExitCode`) and the report, or ``None`` when the audit could not run
     (the error is printed on stderr as ``error: ...``, as the command line does)."""
@@ -442,7 +442,7 @@ def register_hf_extension(python: str | None = None) -> Path:
     launcher = folder / f"hf-{HF_EXTENSION_NAME}"
     launcher.write_text(f'#!/bin/sh\nexec "{python}" -m hub_backdoor.integrations hf "$@"\n')
     launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    fields = {
+    fields: dict[str, Any] = {
         "owner": "local",
         "repo": f"hf-{HF_EXTENSION_NAME}",
         "repo_id": f"local/hf-{HF_EXTENSION_NAME}",

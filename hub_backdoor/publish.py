@@ -2,7 +2,7 @@
 
 :func:`publish` writes what a purified model ships with (:func:`write_purified_folder`): its weights
 (``save_pretrained``), the audit it was purified against (:data:`AUDIT_FILE`), the
-:class:`PurificationRecord` (:data:`PURIFICATION_FILE`, README "Purification record") and a security
+:class:`PurificationRecord` (:data:`PURIFICATION_FILE`, docs/formats.md) and a security
 card (``README.md`` and its chart), then moves the folder to ``out`` (atomically), pushes it to
 ``push_to`` and/or opens a pull request (``refs/pr/N``) on the audited repo with
 :func:`hub_backdoor.hub.push_folder`; the audited repo's main branch is never written.
@@ -63,7 +63,7 @@ CARRIED_METADATA = ("license", "license_name", "license_link", "language", "data
 class PurificationRecord:
     """The record of one purification (``backdoor_purification.json``, ``purify --json``).
 
-    :meth:`to_dict` gives the JSON object of schema :data:`PURIFICATION_SCHEMA_VERSION` (README
+    :meth:`to_dict` gives the JSON object of schema :data:`PURIFICATION_SCHEMA_VERSION` (docs/formats.md,
     "Purification record"); :meth:`from_dict` reads one back and checks its schema and field types.
     ``audit_before`` / ``audit_after`` are full JSON reports; ``card`` is what ``hub-backdoor card``
     needs to rebuild the same card (model name, base model, load hint, kept metadata, command line).

@@ -5,7 +5,7 @@ For class k and clean reference embeddings h_i (labels y_i != k) the paper solve
     s_k = argmin 1/2 ||s||^2  s.t.  (w_k - w_j)^T (h_i + s) + (b_k - b_j) >= m   for all i, j != k.
 
 Because s is shared by all samples, only the worst sample binds per j, so the n(C-1) constraints
-collapse exactly to C-1 (method.md):
+collapse exactly to C-1 (docs/method.md):
 
     V_k s >= t_k,   V_k = rows (w_k - w_j),   t_k[j] = m + max_{i: y_i != k} (z_ij - z_ik)
 
@@ -44,6 +44,20 @@ import numpy as np
 import torch
 
 from .errors import InfeasibleError, SolverError
+
+__all__ = [
+    "SOLVERS",
+    "ClassSolution",
+    "ConstraintState",
+    "Reconstruction",
+    "check_feasibility",
+    "class_problem",
+    "dimension_reason",
+    "fold_worst",
+    "reconstruct",
+    "solve_class",
+    "solve_raw_cvxpy",
+]
 
 # Relative tolerance on constraint violation after a solve (scaled by max |t|).
 _FEAS_TOL = 1e-6
@@ -483,7 +497,7 @@ def solve_class(
 ) -> ClassSolution:
     """Solve class k's collapsed QP and check the answer (feasibility, finiteness).
 
-    ``nonneg`` adds ``s >= 0``: a trigger mostly switches features on (method.md, detection leads).
+    ``nonneg`` adds ``s >= 0``: a trigger mostly switches features on (docs/method.md).
     ``gram``: ``W W^T`` when solving many classes (see :func:`reconstruct`); optional.
     """
     if solver not in SOLVERS:
@@ -496,6 +510,7 @@ def solve_class(
     finite = np.isfinite(t)  # -inf: no reference sample constrains j (cannot happen with >= 2 classes)
     used = solver
     Ws: np.ndarray | None = None
+    s: np.ndarray | None
     if not finite.any() or np.all(t[finite] <= 0):
         # every reference sample already lands in class k with margin m
         s, status, active, used = np.zeros(W.shape[1]), "optimal", 0, "none (trivial)"

@@ -15,6 +15,16 @@ from typing import Any
 
 from .report import AuditReport, _jsonable, atomic_write_text
 
+__all__ = [
+    "INCONCLUSIVE_RULE_ID",
+    "RULE_ID",
+    "SARIF_SCHEMA",
+    "SARIF_VERSION",
+    "default_artifact_uri",
+    "to_sarif",
+    "write_sarif",
+]
+
 SARIF_VERSION = "2.1.0"
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 RULE_ID = "HBD001"
@@ -185,7 +195,7 @@ def default_artifact_uri(report: AuditReport) -> str:
     return "config.json"
 
 
-def write_sarif(report: AuditReport, path: str | os.PathLike, **kw: Any) -> Path:
+def write_sarif(report: AuditReport, path: str | os.PathLike[str], **kw: Any) -> Path:
     """Write the SARIF log atomically."""
     import json
 

@@ -20,6 +20,25 @@ import numpy as np
 
 from .errors import OptionError, OutputPathError
 
+__all__ = [
+    "MIN_CLASS_SAMPLES",
+    "MIN_REFERENCE_ACCURACY",
+    "SEED_MAX",
+    "check_audit_options",
+    "check_device",
+    "check_int",
+    "check_not_protected",
+    "check_number",
+    "check_outputs",
+    "check_purify_options",
+    "check_report_matches",
+    "check_seed",
+    "check_writable",
+    "default_min_accuracy",
+    "head_fingerprint",
+    "reference_gate",
+]
+
 #: Seeds must fit numpy's legacy generator and torch.manual_seed: 0 .. 2**32 - 1.
 SEED_MAX = 2**32 - 1
 #: Default floor of the model's accuracy on the reference data, besides twice chance (2 / C).
@@ -178,7 +197,9 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def check_not_protected(path: str | os.PathLike, flag: str, protected: Sequence[tuple[Any, str]]) -> None:
+def check_not_protected(
+    path: str | os.PathLike[str], flag: str, protected: Sequence[tuple[Any, str]]
+) -> None:
     """Refuse an output that is, contains or lies inside one of the ``(path, what)`` inputs."""
     out = Path(path).expanduser()
     mine = {out.absolute(), out.resolve()}
@@ -193,7 +214,7 @@ def check_not_protected(path: str | os.PathLike, flag: str, protected: Sequence[
             )
 
 
-def check_writable(path: str | os.PathLike, flag: str, *, folder: bool = False) -> None:
+def check_writable(path: str | os.PathLike[str], flag: str, *, folder: bool = False) -> None:
     """Refuse an output path that is a directory (for a file) or whose folder cannot be written.
 
     The nearest existing ancestor must be a folder in which a file can be created: a probe file is

@@ -18,6 +18,26 @@ from PIL import Image
 from .adapters.base import Classifier
 from .data import ReferenceData, make_loader
 
+__all__ = [
+    "ATTACKS",
+    "DIGIT_NAMES",
+    "MODELS",
+    "SIG",
+    "Attack",
+    "BadNets",
+    "Blend",
+    "accuracy",
+    "attack_success",
+    "digits",
+    "mnist5k",
+    "poison",
+    "predict",
+    "timm_model",
+    "train",
+    "transformers_resnet",
+    "triggered",
+]
+
 DIGIT_NAMES = [str(i) for i in range(10)]
 
 
@@ -51,7 +71,9 @@ def digits(*, size: int = 32, test_fraction: float = 0.25, seed: int = 0) -> Any
 
     d = load_digits()
     imgs = [
-        Image.fromarray((x * (255.0 / 16.0)).astype(np.uint8), mode="L").resize((size, size), Image.BILINEAR)
+        Image.fromarray((x * (255.0 / 16.0)).astype(np.uint8), mode="L").resize(
+            (size, size), Image.Resampling.BILINEAR
+        )
         for x in d.images
     ]
     rng = np.random.default_rng(seed)
@@ -74,7 +96,7 @@ def mnist5k(*, size: int = 28, test_fraction: float = 0.3, seed: int = 0) -> Any
     X, y = mnist_data()
     imgs = [Image.fromarray(x.reshape(28, 28).astype(np.uint8), mode="L") for x in X]
     if size != 28:
-        imgs = [im.resize((size, size), Image.BILINEAR) for im in imgs]
+        imgs = [im.resize((size, size), Image.Resampling.BILINEAR) for im in imgs]
     order = np.random.default_rng(seed).permutation(len(imgs))
     n_test = int(round(test_fraction * len(imgs)))
     test, train = order[:n_test], order[n_test:]
@@ -212,10 +234,14 @@ def transformers_resnet(*, num_classes: int = 10, size: int = 32, seed: int = 0,
 
     names = names or [str(i) for i in range(num_classes)]
     torch.manual_seed(seed)
+    # the label fields reach PretrainedConfig through **kwargs, which ResNetConfig's signature omits
+    labels: dict[str, Any] = {
+        "num_labels": num_classes, "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
     cfg = ResNetConfig(
         num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-        layer_type="basic", downsample_in_first_stage=False, num_labels=num_classes,
-        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        layer_type="basic", downsample_in_first_stage=False, **labels,
     )
     proc = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                              resample=2)
@@ -242,8 +268,8 @@ def train(
 ) -> list[float]:
     """Train ``clf.model`` in place with SGD + one-cycle; returns the mean loss per epoch."""
     torch.manual_seed(seed)
-    loader = make_loader(ReferenceData(dataset), transform or clf.preprocess, batch_size=batch_size,
-                         shuffle=True, seed=seed)
+    ref = ReferenceData(dataset)
+    loader = make_loader(ref, transform or clf.preprocess, batch_size=batch_size, shuffle=True, seed=seed)
     opt = torch.optim.SGD(clf.model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay,
                           nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader))
@@ -259,7 +285,7 @@ def train(
             opt.step()
             sched.step()
             tot += float(loss.detach()) * len(y)
-        losses.append(tot / len(loader.dataset))
+        losses.append(tot / len(ref))
     clf.model.eval()
     return losses
 

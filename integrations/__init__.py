@@ -1,4 +1,4 @@
-"""Integrations of hub-backdoor with the places models are published from (README "Integrations").
+"""Integrations of hub-backdoor with the places models are published from (docs/integrations.md).
 
 - ``github-action/``: a composite GitHub Action (``action.yml``, steps in ``run.sh``);
 - ``hub_webhook/``: a Hugging Face Hub webhook service (``python -m integrations.hub_webhook``);

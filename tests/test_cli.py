@@ -1,6 +1,6 @@
 """The ``hub-backdoor`` CLI end to end, with the real huggingface_hub client against the session's
 LocalHub: audit (Hub / folder, exit codes, JSON, SARIF, card), purify (--out, --push-to, --open-pr),
-card, demo, and a table of hostile inputs (exit 2, one line naming the problem).
+card, demo, and every bad input of docs/cli.md (exit 2, one line naming the problem).
 
 Models are small and trained here on scikit-learn's digits (seconds each, one thread), once per module.
 """
@@ -24,7 +24,7 @@ from hub_backdoor.datasets_io import load_reference_dataset
 from hub_backdoor.demo import model_readme, train_model
 from hub_backdoor.detection import AUDIT_RULES, REGISTRY
 from hub_backdoor.hub import push_folder
-from hub_backdoor.report import AuditReport, current_umask
+from hub_backdoor.report import SCHEMA_VERSION, AuditReport, current_umask
 from hub_backdoor.sarif import RULE_ID, SARIF_VERSION
 
 # (arch, backdoor target or None, seed, epochs); seeds chosen so detection is clear-cut on this data
@@ -179,7 +179,7 @@ def test_audit_hub_timm_backdoor(timm_repo, hub_dataset, local_hub, tmp_path, ca
     assert code == 1, err
     report = AuditReport.from_json(tmp_path / "r.json")
     assert report.verdict == "backdoor" and report.target == 7 and report.flagged == [7]
-    assert report.schema_version == "2" and report.reason is None
+    assert report.schema_version == SCHEMA_VERSION and report.reason is None
     assert len(report.model["head_sha256"]) == 64
     assert report.model["source"]["repo_id"] == timm_repo
     assert report.model["source"]["sha"] == local_hub.branch_sha(timm_repo)

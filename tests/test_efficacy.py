@@ -74,7 +74,7 @@ def test_clean_model_is_not_flagged(arch, reports):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_paper_rule_ranks_target_smallest(arch, reports):
-    # the QP itself finds the target: its ||s_k|| is the smallest (method.md: 6 of 6)
+    # the QP itself finds the target: its ||s_k|| is the smallest (the paper's MAD rule; docs/method.md)
     r = reports[arch, "backdoored"]
     assert int(np.argmin(r.norms)) == TARGET
 

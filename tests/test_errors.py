@@ -184,11 +184,11 @@ def _http_error(status):
 @pytest.mark.parametrize(("status", "transient", "code"), [(503, True, 5), (429, True, 5), (400, False, 2)])
 def test_hub_errors_carry_status_repo_and_cause(status, transient, code):
     from hub_backdoor.errors import ExitCode, HubError
-    from hub_backdoor.hub import _raise_hub_error
+    from hub_backdoor.hub import raise_hub_error
 
     cause = _http_error(status)
     with pytest.raises(HubError) as exc:
-        _raise_hub_error(cause, repo_id="org/m", revision=None)
+        raise_hub_error(cause, repo_id="org/m", revision=None)
     e = exc.value
     assert (e.status, e.repo_id, e.transient) == (status, "org/m", transient)
     assert e.exit_code == code and ExitCode(code).name == ("TRANSIENT" if transient else "USAGE")

@@ -1,6 +1,7 @@
-"""The integrations, run locally: the GitHub Action's steps (``integrations/github-action/
-run.sh``) as a shell script, the pre-commit hooks through ``pre-commit try-repo`` (and their entry
-point directly, with ``[tool.hub-backdoor]``), and ``hf-backdoor`` / ``hf backdoor``.
+"""The integrations (docs/integrations.md), run locally: the GitHub Action's steps
+(``integrations/github-action/run.sh``) as a shell script, the pre-commit hooks through
+``pre-commit try-repo`` (and their entry point directly, with ``[tool.hub-backdoor]``), and
+``hf-backdoor`` / ``hf backdoor``.
 
 The models are tiny timm ``test_resnet``s on 16x16 digits, trained once per session
 (:func:`integration_models`, shared with tests/test_webhook.py).

@@ -503,7 +503,7 @@ def _hub_error(status: int | None):
     from huggingface_hub.utils import get_session, hf_raise_for_status
 
     from hub_backdoor.errors import HubBackdoorError
-    from hub_backdoor.hub import _raise_hub_error
+    from hub_backdoor.hub import raise_hub_error
 
     class Answer(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - stdlib name
@@ -525,7 +525,7 @@ def _hub_error(status: int | None):
             hf_raise_for_status(get_session().get(f"http://127.0.0.1:{port}/api/models/org/m", timeout=10))
         except Exception as exc:  # noqa: BLE001 - mapped as the library maps it
             try:
-                _raise_hub_error(exc, repo_id="org/m", revision=None, writing=True)
+                raise_hub_error(exc, repo_id="org/m", revision=None, writing=True)
             except HubBackdoorError as mapped:
                 return mapped
     finally:

@@ -1,4 +1,4 @@
-"""Adapter for timm classifiers, and the affine-head machinery both library adapters share.
+"""Adapter for timm classifiers.
 
 A timm model names its classifier with ``get_classifier()``: one module, or a tuple of modules for
 distilled models whose eval-mode logits are the mean of two heads. Each head module is reduced to a
@@ -10,216 +10,34 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import CorruptWeightsError, NonLinearHeadError, UnsafeWeightsError, UnsupportedModelError
-from .base import Classifier, _module_path
-from .torch import _ToMode
+from ..errors import CorruptWeightsError, UnsafeWeightsError, UnsupportedModelError
+from .base import AffineHeadsClassifier, Combine, ToMode, module_path
 
-#: How several head modules combine into one affine map (see :class:`AffineHeadsClassifier`).
-Combine = Literal["single", "shared", "concat"]
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "TimmClassifier",
+    "find_weights",
+    "is_timm_model",
+    "load_timm_folder",
+    "reject_options",
+    "timm_data_config",
+    "timm_head_spec",
+    "timm_preprocess",
+    "unsafe_weights_error",
+]
 
 #: Pickle-based weight files; loading them runs arbitrary code unless ``weights_only`` holds.
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
 
-#: Layers that leave their input unchanged in eval mode.
-_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Flatten)
-
-#: Non-``Sequential`` head wrappers that apply their children in registration order
-#: (timm LeViT ``NormLinear``: BatchNorm1d, Dropout, Linear; transformers LeViT: BatchNorm1d, Linear).
-SEQUENTIAL_WRAPPERS = frozenset({"NormLinear", "LevitClassificationLayer"})
-
 #: timm classes whose heads read different tokens or branches (class and distillation token,
 #: CrossViT branches): h is their concatenation. Other multi-head models share one pooled h.
 _TOKEN_SPLIT_HEADS = frozenset({"VisionTransformerDistilled", "PoolingVisionTransformer", "CrossVit"})
-
-# An affine map x -> W x + b under composition; diag=True stores W as its diagonal (d,) (BatchNorm).
-_Map = tuple[torch.Tensor, torch.Tensor, bool]
-
-
-# -- affine heads, shared with the transformers adapter ---------------------------------------------
-def _layer_map(layer: nn.Module, where: str) -> _Map | None:
-    """The live affine map of one layer (``None`` for pass-through layers)."""
-    if isinstance(layer, _PASS_THROUGH):
-        return None
-    if isinstance(layer, nn.Linear):
-        b = layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
-        return layer.weight, b, False
-    if isinstance(layer, nn.Conv2d):
-        if (
-            layer.kernel_size != (1, 1)
-            or layer.stride != (1, 1)
-            or layer.groups != 1
-            or layer.padding not in ((0, 0), "valid")
-        ):
-            raise NonLinearHeadError(
-                f"{where}: the head is a {layer.kernel_size} convolution (stride {layer.stride}, groups "
-                f"{layer.groups}, padding {layer.padding}); only a 1x1 convolution is a linear head"
-            )
-        w = layer.weight.flatten(1)  # (C, d, 1, 1) -> (C, d)
-        b = layer.bias if layer.bias is not None else w.new_zeros(w.shape[0])
-        return w, b, False
-    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        if layer.running_mean is None or layer.running_var is None:
-            raise NonLinearHeadError(
-                f"{where}: the head's {type(layer).__name__} keeps no running statistics, so it is not "
-                "a fixed affine map"
-            )
-        # eval-mode BatchNorm: y = (x - mean) / sqrt(var + eps) * gamma + beta, folded live
-        scale = torch.rsqrt(layer.running_var + layer.eps)
-        if layer.weight is not None:
-            scale = scale * layer.weight
-        shift = -layer.running_mean * scale
-        if layer.bias is not None:
-            shift = shift + layer.bias
-        return scale, shift, True
-    if isinstance(layer, nn.Sequential) or type(layer).__name__ in SEQUENTIAL_WRAPPERS:
-        return _sequence_map(layer.children(), where)
-    raise NonLinearHeadError(
-        f"{where}: the head contains a {type(layer).__name__}, which is not an affine layer; only heads "
-        "made of Linear, 1x1 Conv, BatchNorm, Dropout and Flatten are supported"
-    )
-
-
-def _compose(first: _Map | None, then: _Map | None) -> _Map | None:
-    """The map ``then(first(x))``."""
-    if first is None or then is None:
-        return then if first is None else first
-    W1, b1, d1 = first
-    W2, b2, d2 = then
-    if d2:  # diagonal after anything: scale rows
-        return (W2 * W1 if d1 else W2[:, None] * W1), W2 * b1 + b2, d1
-    if d1:  # dense after diagonal: scale columns
-        return W2 * W1[None, :], W2 @ b1 + b2, False
-    return W2 @ W1, W2 @ b1 + b2, False
-
-
-def _sequence_map(layers: Any, where: str) -> _Map | None:
-    acc: _Map | None = None
-    for layer in layers:
-        acc = _compose(acc, _layer_map(layer, where))
-    return acc
-
-
-def head_module_affine(head: nn.Module, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A head module as live ``(W (C, d), b (C,))``; BatchNorm uses its running statistics (eval mode).
-
-    Raises :class:`NonLinearHeadError` when the module is not affine or has no dense layer.
-    """
-    m = _layer_map(head, where)
-    if m is None or m[2]:
-        raise NonLinearHeadError(f"{where}: the head {type(head).__name__} has no linear layer")
-    return m[0], m[1]
-
-
-def _record(store: list[torch.Tensor], _module: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
-    if args:
-        store.append(args[0])
-
-
-class AffineHeadsClassifier(Classifier):
-    """A classifier whose logits are affine in the input(s) of one or more head modules.
-
-    h(x) is read by forward hooks on the head modules (flattened to ``(N, d_i)``); ``combine`` says how
-    the heads make the logits:
-
-    - ``"single"``: one head, ``logits = W h + b``.
-    - ``"shared"``: every head reads the same h and the logits are their mean, so
-      ``W = mean_i W_i``, ``b = mean_i b_i`` (LeViT, SwiftFormer, EfficientFormer distilled heads).
-    - ``"concat"``: head i reads its own ``h_i`` and the logits are their mean, so
-      ``h = [h_1 | ... | h_n]``, ``W = [W_1 | ... | W_n] / n``, ``b = mean_i b_i`` (DeiT distilled:
-      class and distillation token).
-
-    Heads with BatchNorm are folded with the running statistics, i.e. they match eval-mode logits.
-
-    Args:
-        model: the wrapped module.
-        heads: paths of the head modules inside ``model``.
-        combine: see above.
-        logits_fn: ``(model, x (N, C_in, H, W)) -> logits (N, C)``, the model's own forward.
-        **kw: the remaining :class:`Classifier` fields (name, input_channels, ...).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        heads: Sequence[str],
-        *,
-        combine: Combine,
-        logits_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-        **kw: Any,
-    ) -> None:
-        if not heads or (combine == "single") != (len(heads) == 1):
-            raise ValueError(f"combine={combine!r} does not fit {len(heads)} head(s)")
-        self._head_paths = tuple(heads)
-        self._combine: Combine = combine
-        self._logits_fn = logits_fn
-        with torch.no_grad():
-            parts = self._parts(model)
-        classes = {W.shape[0] for W, _ in parts}
-        dims = [W.shape[1] for W, _ in parts]
-        if len(classes) != 1 or (combine == "shared" and len(set(dims)) != 1):
-            raise NonLinearHeadError(
-                f"{type(model).__name__}: heads {list(self._head_paths)} have shapes "
-                f"{[tuple(W.shape) for W, _ in parts]}, which cannot be averaged"
-            )
-        embed_dim = sum(dims) if combine == "concat" else dims[0]
-        super().__init__(model, num_classes=classes.pop(), embed_dim=embed_dim, **kw)
-
-    @property
-    def head_paths(self) -> tuple[str, ...]:
-        """Paths of the head modules inside :attr:`model`."""
-        return self._head_paths
-
-    def _parts(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        where = type(model).__name__
-        return [head_module_affine(model.get_submodule(p), f"{where}.{p}") for p in self._head_paths]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x (N, C_in, H, W)`` -> ``(logits (N, C), h (N, d))``, both differentiable."""
-        seen: list[list[torch.Tensor]] = [[] for _ in self._head_paths]
-        handles = [
-            self.model.get_submodule(p).register_forward_hook(partial(_record, store))
-            for p, store in zip(self._head_paths, seen)
-        ]
-        try:
-            logits = self._logits_fn(self.model, x)
-        finally:
-            for handle in handles:
-                handle.remove()
-        name = type(self.model).__name__
-        for p, store in zip(self._head_paths, seen):
-            if len(store) != 1:
-                raise NonLinearHeadError(
-                    f"{name}: the head {p!r} ran {len(store)} times in one forward pass; expected once"
-                )
-        inputs = [store[0] for store in seen]
-        hs = [t.flatten(1) if t.dim() != 2 else t for t in inputs]
-        if self._combine == "concat":
-            return logits, torch.cat(hs, dim=1)
-        if self._combine == "shared":
-            for p, t in zip(self._head_paths[1:], inputs[1:]):
-                if t is not inputs[0] and not torch.equal(t, inputs[0]):
-                    raise NonLinearHeadError(
-                        f"{name}: the head {p!r} reads other features than {self._head_paths[0]!r}; "
-                        "the heads cannot share one embedding"
-                    )
-        return logits, hs[0]
-
-    def head_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Live ``(W (C, d), b (C,))`` from the head parameters (and BatchNorm running statistics)."""
-        parts = self._parts(self.model)
-        if self._combine == "single":
-            return parts[0]
-        b = torch.stack([b for _, b in parts]).mean(0)
-        if self._combine == "shared":
-            return torch.stack([W for W, _ in parts]).mean(0), b
-        return torch.cat([W for W, _ in parts], dim=1) / len(parts), b
 
 
 # -- timm ----------------------------------------------------------------------------------------------
@@ -230,7 +48,7 @@ def is_timm_model(model: Any) -> bool:
     return type(model).__module__.startswith("timm.") or hasattr(model, "pretrained_cfg")
 
 
-def timm_head_spec(model: nn.Module, prefix: str = "") -> tuple[list[str], Combine]:
+def timm_head_spec(model: Any, prefix: str = "") -> tuple[list[str], Combine]:
     """The head module paths of a timm model (prefixed with ``prefix``) and how they combine."""
     cls = model.get_classifier()
     mods = list(cls) if isinstance(cls, (tuple, list, nn.ModuleList)) else [cls]
@@ -242,7 +60,7 @@ def timm_head_spec(model: nn.Module, prefix: str = "") -> tuple[list[str], Combi
         raise UnsupportedModelError(
             f"{type(model).__name__} has no classifier (num_classes=0); audit a model with its head"
         )
-    paths = [prefix + _module_path(model, m) for m in mods]
+    paths = [prefix + module_path(model, m) for m in mods]
     if len(paths) == 1:
         return paths, "single"
     return paths, "concat" if type(model).__name__ in _TOKEN_SPLIT_HEADS else "shared"
@@ -268,7 +86,7 @@ def timm_preprocess(data_config: dict[str, Any]) -> Callable[[Any], torch.Tensor
     channels = data_config["input_size"][0]
     steps = list(getattr(transform, "transforms", [transform]))
     if channels in (1, 3):  # grayscale/RGBA/palette images -> the mode the stem expects
-        steps.insert(0, _ToMode("L" if channels == 1 else "RGB"))
+        steps.insert(0, ToMode("L" if channels == 1 else "RGB"))
     return Compose(steps)
 
 

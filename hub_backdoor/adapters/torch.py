@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from ..errors import NonLinearHeadError, UnsupportedModelError
-from .base import HookedLinearClassifier
+from .base import HookedLinearClassifier, ToMode
+
+__all__ = ["TorchClassifier", "default_preprocess"]
 
 
 class TorchClassifier(HookedLinearClassifier):
@@ -98,22 +100,8 @@ def default_preprocess(
 
     steps: list[Any] = [v2.ToImage()]
     if channels in (1, 3):
-        steps.insert(0, _ToMode("L" if channels == 1 else "RGB"))
+        steps.insert(0, ToMode("L" if channels == 1 else "RGB"))
     if size is not None:
         steps.append(v2.Resize(list(size), antialias=True))
     steps.append(v2.ToDtype(torch.float32, scale=True))
     return v2.Compose(steps)
-
-
-class _ToMode:
-    """Convert PIL images to a mode (grayscale/RGB); leave tensors and arrays alone."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-
-    def __call__(self, img: Any) -> Any:
-        convert = getattr(img, "convert", None)
-        return convert(self.mode) if convert is not None and img.mode != self.mode else img
-
-    def __repr__(self) -> str:
-        return f"ToMode({self.mode})"

@@ -21,11 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import NonLinearHeadError, UnsupportedModelError
-from .base import _module_path
+from .base import SEQUENTIAL_WRAPPERS, AffineHeadsClassifier, Combine, ToMode, module_path
 from .timm import (
-    SEQUENTIAL_WRAPPERS,
-    AffineHeadsClassifier,
-    Combine,
     find_weights,
     reject_options,
     timm_data_config,
@@ -33,7 +30,15 @@ from .timm import (
     timm_preprocess,
     unsafe_weights_error,
 )
-from .torch import _ToMode
+
+__all__ = [
+    "ProcessorPreprocess",
+    "TransformersClassifier",
+    "default_image_processor",
+    "is_transformers_model",
+    "load_transformers_folder",
+    "transformers_head_spec",
+]
 
 #: Classes with two averaged heads: (head attributes, how their inputs combine).
 _MULTI_HEADS: dict[str, tuple[tuple[str, ...], Combine]] = {
@@ -62,17 +67,17 @@ def is_transformers_model(model: Any) -> bool:
     )
 
 
-def _is_timm_wrapper(model: nn.Module) -> bool:
+def _is_timm_wrapper(model: Any) -> bool:
     return getattr(model.config, "model_type", None) == "timm_wrapper" and hasattr(model, "timm_model")
 
 
-def _is_image_classifier(model: nn.Module) -> bool:
+def _is_image_classifier(model: Any) -> bool:
     if "ImageClassification" in type(model).__name__:
         return True
     from transformers import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
     try:
-        mapped = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(model.config)]
+        mapped: Any = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(model.config)]
     except KeyError:
         return False
     return isinstance(model, tuple(mapped) if isinstance(mapped, (tuple, list)) else mapped)
@@ -95,7 +100,7 @@ def _widen(model: nn.Module, path: str) -> str:
     return path
 
 
-def transformers_head_spec(model: nn.Module) -> tuple[list[str], Combine]:
+def transformers_head_spec(model: Any) -> tuple[list[str], Combine]:
     """The head module paths of a transformers image classifier and how they combine."""
     name = type(model).__name__
     num_labels = int(model.config.num_labels)
@@ -104,7 +109,7 @@ def transformers_head_spec(model: nn.Module) -> tuple[list[str], Combine]:
         mods = [getattr(model, a, None) for a in attrs]
         if any(m is None or isinstance(m, nn.Identity) for m in mods):
             raise UnsupportedModelError(f"{name} has no classification heads (num_labels={num_labels})")
-        return [_module_path(model, m) for m in mods], combine
+        return [module_path(model, m) for m in mods if m is not None], combine
     backbone = getattr(model, "base_model_prefix", "") or ""
     found = [
         p
@@ -145,7 +150,7 @@ class ProcessorPreprocess:
 
     def __init__(self, processor: Any, channels: int | None) -> None:
         self.processor = processor
-        self._mode = _ToMode("L" if channels == 1 else "RGB") if channels in (1, 3) else None
+        self._mode = ToMode("L" if channels == 1 else "RGB") if channels in (1, 3) else None
 
     def __call__(self, img: Any) -> torch.Tensor:
         if self._mode is not None:
@@ -214,7 +219,7 @@ def default_image_processor(config: Any) -> Any:
     )
 
     target = _config_image_size(config) or (224, 224)
-    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None)) or {}
+    names: Any = IMAGE_PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None) or "") or {}
     if isinstance(names, dict):  # transformers 5: {backend: class}; torchvision first, as AutoImageProcessor
         names = [names.get("torchvision"), *names.values()]
     names = list(dict.fromkeys(names)) if isinstance(names, (list, tuple)) else [names]
@@ -279,8 +284,9 @@ class TransformersClassifier(AffineHeadsClassifier):
             )
         preprocess: Callable[[Any], torch.Tensor]
         if _is_timm_wrapper(model):
-            heads, combine = timm_head_spec(model.timm_model, prefix="timm_model.")
-            data_config = timm_data_config(model.timm_model, getattr(config, "pretrained_cfg", None))
+            timm_model: Any = model.timm_model
+            heads, combine = timm_head_spec(timm_model, prefix="timm_model.")
+            data_config = timm_data_config(timm_model, getattr(config, "pretrained_cfg", None))
             channels = int(data_config["input_size"][0])
             if processor is None:
                 preprocess = timm_preprocess(data_config)
@@ -321,7 +327,8 @@ class TransformersClassifier(AffineHeadsClassifier):
         ``config.json``, which is where transformers and timm read their preprocessing.
         """
         folder = Path(folder)
-        save = self.model.save_pretrained
+        model: Any = self.model  # a transformers PreTrainedModel
+        save = model.save_pretrained
         if "safe_serialization" in inspect.signature(save).parameters:  # transformers 4.x
             save(str(folder), safe_serialization=True)
         else:
@@ -337,7 +344,8 @@ class TransformersClassifier(AffineHeadsClassifier):
         cfg = json.loads(cfg_file.read_text())
         if "pretrained_cfg" in cfg:
             return
-        timm_model = self.model.timm_model
+        model: Any = self.model
+        timm_model = model.timm_model
         pre = {
             k: v
             for k, v in dict(getattr(timm_model, "pretrained_cfg", {}) or {}).items()

@@ -4,7 +4,7 @@ One module per command (:mod:`.audit`, :mod:`.purify`, :mod:`.card`, :mod:`.demo
 ``register(subparsers)`` and ``run(args, ui)`` calling the library; shared option groups are in
 :mod:`.options`, shared steps in :mod:`.common`, output in :mod:`.ui`; :func:`main` is in :mod:`.app`.
 
-Exit codes (README "Exit codes", :class:`hub_backdoor.errors.ExitCode`):
+Exit codes (docs/cli.md, :class:`hub_backdoor.errors.ExitCode`):
 
   0  audit: no backdoor found; purify / card / demo: done
   1  audit: backdoor found; purify: no backdoor found, nothing purified; demo: the planted backdoor

@@ -76,7 +76,7 @@ def _configure(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (README "Exit codes", :class:`~hub_backdoor.errors.ExitCode`)."""
+    """Run the CLI; returns the exit code (docs/cli.md, :class:`~hub_backdoor.errors.ExitCode`)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("reports")
     g.add_argument(
-        "--json", metavar="PATH", help="write the JSON report (schema in the README); - for stdout"
+        "--json", metavar="PATH", help="write the JSON report (schema: docs/formats.md); - for stdout"
     )
     g.add_argument("--sarif", metavar="PATH", help="write a SARIF 2.1.0 log for code scanning; - for stdout")
     g.add_argument(

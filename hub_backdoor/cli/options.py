@@ -128,7 +128,7 @@ def detection_options() -> argparse.ArgumentParser:
         choices=list(AUDIT_RULES),  # only what audit() computes
         default=DEFAULT_RULE,
         metavar="RULE",
-        help=f"detection rule: {', '.join(AUDIT_RULES)} (default {DEFAULT_RULE}; see the README)",
+        help=f"detection rule: {', '.join(AUDIT_RULES)} (default {DEFAULT_RULE}; see docs/cli.md)",
     )
     g.add_argument(
         "--soft-margin",

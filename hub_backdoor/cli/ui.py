@@ -75,14 +75,15 @@ def print_table(report: Any, ui: UI, *, title: str | None = None, max_rows: int 
         title=title or f"{report.model.get('name', 'model')}: minimal latent perturbation per class",
         title_justify="left",
     )
-    for name, kw in (
+    columns: tuple[tuple[str, dict[str, Any]], ...] = (
         ("class", {"justify": "right"}),
         ("name", {}),
         ("norm", {"justify": "right"}),
         ("anomaly index", {"justify": "right"}),
         ("ref. samples", {"justify": "right"}),
         ("", {}),
-    ):
+    )
+    for name, kw in columns:
         table.add_column(name, **kw)
     for k in shown:
         r = report.classes[k]
