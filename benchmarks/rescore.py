@@ -40,10 +40,10 @@ WORKING_ASR = 0.5
 
 def _curve_bound(z: dict[str, Any], flip: float) -> np.ndarray:
     """Per class, the bound at which ``flip`` of the images reach it (from the stored curves)."""
-    from hub_backdoor.verification import _first_crossing
+    from hub_backdoor.verification import first_crossing
 
     eps, curves = np.asarray(z["eps"], np.float64), np.asarray(z["flip_curve"], np.float64)
-    return np.array([_first_crossing(eps, c, flip) for c in curves])
+    return np.array([first_crossing(eps, c, flip) for c in curves])
 
 
 def _input_mean_log(z: dict[str, Any]) -> np.ndarray:

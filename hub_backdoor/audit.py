@@ -17,7 +17,7 @@ from .distributed import reconstruct_distributed, resolve
 from .embeddings import ReferencePass, reference_pass
 from .errors import InfeasibleError, OptionError
 from .reconstruction import Reconstruction, dimension_reason
-from .report import AuditReport, ClassRow, library_versions
+from .report import AuditReport, ClassRow, Verdict, library_versions
 from .validation import (
     MIN_CLASS_SAMPLES,
     check_audit_options,
@@ -32,6 +32,8 @@ from .verification import (
     verify_input_space,
     verify_mask,
 )
+
+__all__ = ["audit", "build_report"]
 
 
 def audit(
@@ -125,7 +127,8 @@ def audit(
         accelerator=dist,
     )
     W, b = clf.head_numpy()
-    qp = dict(margin=margin, solver=solver, soft_margin=soft_margin, progress=progress and dist.is_main)
+    qp: dict[str, Any] = dict(margin=margin, solver=solver, soft_margin=soft_margin,
+                              progress=progress and dist.is_main)
     rec = reconstruct_distributed(W, b, ref.state, dist, **qp)
     nonneg = (
         reconstruct_distributed(W, b, ref.state, dist, nonneg=True, **qp) if "nonneg" in needs else None
@@ -244,6 +247,7 @@ def build_report(
         )
     target = det.target
     W, b = clf.head_numpy()
+    verdict: Verdict
     if reason is not None:
         verdict = "inconclusive"
     else:

@@ -23,6 +23,11 @@ import numpy as np
 from .detection import MAD_SCALE
 from .report import AuditReport, atomic_write_text, current_umask
 
+__all__ = [
+    "CardContext", "RULE_TEXT", "TEMPLATE_PATH", "atomic_write_bytes", "build_card", "chart_path_for",
+    "flag_norm", "metadata_block", "render_chart", "rule_text", "split_card", "write_card",
+]
+
 #: The card template (Jinja, as ``ModelCard.from_template`` expects); shipped as package data.
 TEMPLATE_PATH = Path(__file__).resolve().parent / "cards" / "security_card.md"
 #: Schema version of the ``hub_backdoor`` metadata block in the card.
@@ -49,7 +54,7 @@ class CardContext:
         dataset_is_hub: whether ``dataset`` is a Hub dataset id (then it goes in ``datasets:``).
         split: the split (with slice) of the reference data.
         reproduce: the command line that reproduces the audit.
-        purification: the purification record (see :func:`hub_backdoor.cli.purification_record`),
+        purification: the purification record (see :func:`hub_backdoor.publish.purification_record`),
             or None for an audit-only card.
         report_after: the audit of the purified model, when it was audited again.
         original_card: body of the audited model's own card, appended to the security card.
@@ -108,7 +113,7 @@ def render_chart(report: AuditReport, *, after: AuditReport | None = None, title
     offset = 0.0 if after is None else -width / 2
     ax.bar(x + offset, norms, width=width, color=colors)
     rule = str(report.params.get("rule", "mad"))
-    handles = [Patch(color=blue, label="audited model" if after is not None else "class")]
+    handles: list[Any] = [Patch(color=blue, label="audited model" if after is not None else "class")]
     if flagged:
         handles.append(Patch(color=red, label=f"flagged (rule {rule})"))
     if after is not None:
@@ -254,7 +259,7 @@ def _verdict(report: AuditReport, ctx: CardContext) -> tuple[str, str, str, str]
                 "data the model was trained on (same kind of images, size and class order)."
             )
             return "❔", "Inconclusive: the reference data cannot support a verdict", text, advice
-        if report.backdoor_found:
+        if report.backdoor_found and report.target is not None:
             k = report.target
             row = report.classes[k]
             others = [_class_label(report, j) for j in report.flagged[1:]]
@@ -306,7 +311,7 @@ def _verdict(report: AuditReport, ctx: CardContext) -> tuple[str, str, str, str]
         )
     text = f"{origin} This model is a fine-tuned copy in which {acc}{asr} (held-out clean data)."
     after = ctx.report_after
-    if after is not None and after.backdoor_found:
+    if after is not None and after.backdoor_found and after.target is not None:
         k = after.target
         text += (
             f" The purified model still shows an anomaly: class {_class_label(after, k)} "
@@ -359,7 +364,7 @@ def _eval_results(report: AuditReport, ctx: CardContext) -> list[Any]:
 
     ds_type = ctx.dataset if (ctx.dataset and ctx.dataset_is_hub) else "local"
     ds_name = ctx.dataset or "reference data"
-    common = dict(
+    common: dict[str, Any] = dict(
         task_type="image-classification",
         task_name="Image Classification",
         dataset_type=ds_type,

@@ -1,8 +1,10 @@
 """Default method parameters, in one light module shared by the library and the CLI.
 
-The purification values were picked on MNIST timm / transformers models (README, "Purification
-defaults"); docs/benchmarks.md has the wider study.
+The purification values were picked on MNIST timm / transformers models (docs/purification.md);
+docs/benchmarks.md has the wider study.
 """
+
+__all__ = ["PURIFY"]
 
 PURIFY: dict[str, float | int | str] = {
     "beta": 10.0,  # weight of CE(head(h + scale * s_t), y)

@@ -11,6 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+__all__ = [
+    "AUDIT_RULES", "DEFAULT_RULE", "Detection", "DetectionInput", "NEEDS_INPUT", "NEEDS_NONNEG",
+    "REGISTRY", "RULES", "RULE_THRESHOLDS", "Rule", "anomaly_index", "detect", "dormant_share",
+    "loo_anomaly_index",
+]
+
 #: Consistency constant that makes the MAD a standard-deviation estimate under normality.
 MAD_SCALE = 1.4826
 

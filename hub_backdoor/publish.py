@@ -31,7 +31,7 @@ from .errors import AccuracyBudgetError, HubBackdoorError, OutputPathError, Repo
 from .hub import check_repo_id, push_folder
 from .loading import LoadedModel
 from .purification import PurifyResult
-from .report import AuditReport, _jsonable, atomic_write_text, current_umask, library_versions
+from .report import AuditReport, atomic_write_text, current_umask, jsonable, library_versions
 
 __all__ = [
     "AUDIT_FILE",
@@ -144,7 +144,7 @@ class PurificationRecord:
         }
         if self.card:
             out["card"] = self.card
-        return _jsonable(out)
+        return jsonable(out)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"

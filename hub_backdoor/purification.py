@@ -3,10 +3,10 @@
     L = CE(f(x), y) + beta * CE(head(h(x) + scale * s_t), y) + distill * KL(f_0(x) || f(x))
 
 The model must keep the true label even when the reconstructed trigger-activated change is
-added in latent space; plain fine-tuning (beta = 0) does not remove backdoors (method.md).
+added in latent space; plain fine-tuning (beta = 0) does not remove backdoors (docs/method.md).
 
 Two additions to the paper's loss, both measured on MNIST timm / transformers models with 600
-clean samples (README, "Purification defaults"): ``scale`` > 1, because s_t is the *smallest*
+clean samples (docs/purification.md): ``scale`` > 1, because s_t is the *smallest*
 change that reaches class t for the hardest sample while a real trigger drives inputs deep into
 t (with scale 1 a transformers ResNet kept 26-40 % ASR); and ``distill``, a KL term to the
 original model's clean predictions, which held the accuracy drop to ~2 points where plain CE on
@@ -36,6 +36,11 @@ from .errors import HubBackdoorError, OptionError
 from .reconstruction import solve_class
 from .report import AuditReport
 from .validation import check_purify_options, check_report_matches
+
+__all__ = [
+    "PurifyResult", "auto_epochs", "head_parameters", "purification_loss", "purify",
+    "trainable_parameters",
+]
 
 
 @dataclass
@@ -170,16 +175,16 @@ def purify(
     report: AuditReport | None = None,
     target: int | None = None,
     trigger: Any = None,
-    beta: float = PURIFY["beta"],
-    scale: float = PURIFY["scale"],
+    beta: float = float(PURIFY["beta"]),
+    scale: float = float(PURIFY["scale"]),
     epochs: int | None = None,
-    lr: float = PURIFY["lr"],
+    lr: float = float(PURIFY["lr"]),
     batch_size: int = 64,
-    train: str | list[str] = PURIFY["train"],
+    train: str | list[str] = str(PURIFY["train"]),
     holdout: float = 0.2,
     resolve_every: int | None = None,
     freeze_norm: bool = False,
-    distill: float = PURIFY["distill"],
+    distill: float = float(PURIFY["distill"]),
     seed: int = 0,
     transform: Any = None,
     image_column: str | None = None,
@@ -291,7 +296,7 @@ def purify(
     # gradients are averaged (DDP semantics); one process: the loader as it is
     steps = steps_per_epoch(loader, dist)
     auto = epochs is None
-    epochs = auto_epochs(steps) if auto else epochs
+    epochs = auto_epochs(steps) if epochs is None else epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps))
     margin = report.params.get("margin", 0.0)
     s = scale * torch.as_tensor(s_t, dtype=torch.float32, device=clf.device)

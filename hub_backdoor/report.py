@@ -1,6 +1,6 @@
 """The audit report: a versioned, JSON-serialisable record of one audit.
 
-Schema (``schema_version`` "3"; documented in README "JSON report"; "1" and "2" reports still load):
+Schema (``schema_version`` "3"; documented in docs/formats.md; "1" and "2" reports still load):
   verdict            "backdoor" | "clean" | "inconclusive" (the reference data cannot support a verdict)
   reason             why the verdict is inconclusive (what to fix), else null
   target             flagged class with the largest anomaly index, or null
@@ -33,6 +33,11 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from .errors import ReportError
+
+__all__ = [
+    "AuditReport", "ClassRow", "READABLE_VERSIONS", "SCHEMA_VERSION", "VERDICTS", "Verdict",
+    "atomic_write_text", "current_umask", "jsonable", "library_versions",
+]
 
 SCHEMA_VERSION = "3"
 #: Versions :meth:`AuditReport.from_dict` reads ("1": no inconclusive verdict, no head fingerprint).
@@ -118,7 +123,7 @@ class AuditReport:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("perturbations")
-        return _jsonable(d)
+        return jsonable(d)
 
     def to_json(self, path: str | os.PathLike | None = None, *, indent: int = 2) -> str:
         """The report as JSON; also written atomically to ``path`` when given."""
@@ -172,7 +177,7 @@ class AuditReport:
         name = self.model.get("name", "model")
         if self.inconclusive:
             head = f"{name}: INCONCLUSIVE, no verdict: {self.reason or 'the reference data is unusable'}"
-        elif self.backdoor_found:
+        elif self.backdoor_found and self.target is not None:
             row = self.classes[self.target]
             head = (
                 f"{name}: BACKDOOR suspected, target class {row.index} ({row.name}); "
@@ -242,13 +247,13 @@ def _check_fields(r: AuditReport) -> None:
         raise bad("data.accuracy", "a number")
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, float) and not np.isfinite(x):

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .report import AuditReport, _jsonable, atomic_write_text
+from .report import AuditReport, atomic_write_text, jsonable
 
 __all__ = [
     "INCONCLUSIVE_RULE_ID",
@@ -144,7 +144,7 @@ def to_sarif(report: AuditReport, *, artifact_uri: str | None = None) -> dict[st
             }
         )
     notifications = [{"level": "note", "message": {"text": note}} for note in report.notes]
-    return _jsonable(
+    return jsonable(
         {
             "$schema": SARIF_SCHEMA,
             "version": SARIF_VERSION,

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from .adapters.base import Classifier
 
 __all__ = [
-    "InputVerification", "MaskVerification", "bound_ratio_scores", "reference_inputs", "verify_input_space",
-    "verify_mask",
+    "InputVerification", "MaskVerification", "bound_ratio_scores", "first_crossing", "reference_inputs",
+    "verify_input_space", "verify_mask",
 ]
 
 
@@ -76,7 +76,7 @@ def _stratified(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(idx)) if idx else np.zeros(0, dtype=np.int64)
 
 
-def _first_crossing(eps: np.ndarray, curve: np.ndarray, flip: float) -> float:
+def first_crossing(eps: np.ndarray, curve: np.ndarray, flip: float) -> float:
     """The bound where ``curve`` (flip rate per bound) first reaches ``flip``, log-interpolated."""
     hit = np.flatnonzero(curve >= flip)
     if len(hit) == 0:
@@ -172,8 +172,8 @@ def verify_input_space(
         for p, g_ in zip(model.parameters(), grads):
             p.requires_grad_(g_)
         model.train(was_training)
-    bounds = np.array([_first_crossing(eps, curve[j], flip) for j in range(K)])
-    reached = (curve >= flip).any(1)
+    bounds = np.array([first_crossing(eps, curve[j], flip) for j in range(K)])
+    reached = np.asarray((curve >= flip).any(1))
     return InputVerification(classes=ks, bounds=bounds, reached=reached, eps=eps, flip_curve=curve, flip=flip,
                              n_images=n, seconds=time.perf_counter() - t0)
 
