@@ -193,14 +193,21 @@ def evaluate_rule(zs: list[dict[str, Any]], sc: dict[str, np.ndarray], thr_lib: 
 
 
 def _cost(zs: list[dict[str, Any]], rule: str) -> float:
-    """Mean seconds per model of what the rule needs (audit; + verification; NC's reverse)."""
+    """Mean seconds per model of what the rule needs: the audit (reference pass and QPs), plus
+    the input-space stages it reads (the library's mask and additive searches, or NC's search
+    for the candidates built on NC's masks)."""
+    from hub_backdoor.detection import REGISTRY
+
+    needs = REGISTRY[rule].needs if rule in REGISTRY else frozenset()
     vals = []
     for z in zs:
         rec = z["record"]
         t = rec.get("audit_timings", {}).get("audit", 0.0)
-        if "input" in rule:
+        if "input" in needs or (rule not in REGISTRY and "input" in rule):
             t += (rec.get("verification") or {}).get("seconds", 0.0)
-        if "mask" in rule:
+        if "mask" in needs:
+            t += (rec.get("mask_verification") or {}).get("seconds", 0.0)
+        if rule not in REGISTRY and "NC" in rule or "mask log-ratio" in rule:
             t += rec["nc"]["seconds"]
         if rule.startswith("neural cleanse"):
             t = rec["nc"]["seconds"]

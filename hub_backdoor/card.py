@@ -347,6 +347,9 @@ RULE_TEXT = {
     "to k",
     "mask+input": "the score of class k is the sum of two log-ratios: the smallest stamp and the smallest "
     "additive change that send the reference images to k, each against the median of the other classes",
+    "agree-mad": "the score is the smaller of two MAD anomaly indices: how far below the median the norm of "
+    "s_k lies, and how much more of s_k than usual lies on embedding dimensions that clean data barely uses; "
+    "a class is flagged only when both statistics single it out",
     "agree": "the anomaly index is the smaller of two: the MAD anomaly index of the norms of the s >= 0 "
     "perturbations, and the MAD anomaly index of how much of s_k lies on embedding dimensions that clean "
     "data barely uses; a class is flagged only when both statistics single it out",

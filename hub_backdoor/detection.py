@@ -213,13 +213,15 @@ _RULES = [
          summary="95 % quantile instead of the max in the collapse (benchmarks only)"),
     Rule("agree-mad", _agree_mad, summary="'mad' and 'dormant' flag the same class"),
     Rule("agree-loo", _agree_loo, summary="'mad-loo' and 'dormant' flag the same class"),
-    Rule("input-ratio", _input_ratio, frozenset({"input"}), threshold=2.0,
+    # the input-space rules' thresholds: just above the highest score of the 48 clean models of the
+    # standard zoo (hub_backdoor/calibration/standard.json; p-values come from the same models)
+    Rule("input-ratio", _input_ratio, frozenset({"input"}), threshold=1.63,
          summary="input space: log(median bound of the other classes / bound of k), the bound being the "
          "smallest universal input change that sends 90 % of the reference images to k"),
-    Rule("mask-ratio", _mask_ratio, frozenset({"mask"}), threshold=2.0,
+    Rule("mask-ratio", _mask_ratio, frozenset({"mask"}), threshold=1.05,
          summary="input space: log(median mask of the other classes / mask of k), the mask being the "
          "smallest stamped patch or blend (Neural Cleanse's objective) that sends the images to k"),
-    Rule("mask+input", _mask_input, frozenset({"mask", "input"}), threshold=2.0,
+    Rule("mask+input", _mask_input, frozenset({"mask", "input"}), threshold=2.2,
          summary="the sum of the 'mask-ratio' and 'input-ratio' scores: a short cut in both searches"),
 ]
 
@@ -241,7 +243,11 @@ NEEDS_INPUT = frozenset(n for n, r in REGISTRY.items() if r.needs & {"input", "m
 #: Rules that need the extra s >= 0 reconstruction.
 NEEDS_NONNEG = frozenset(n for n, r in REGISTRY.items() if "nonneg" in r.needs)
 
-DEFAULT_RULE = "agree"
+#: The default, from the standard zoo's leave-one-family-out table (docs/benchmarks.md): it finds as
+#: many working backdoors out of sample as the best input-space rules ("mask+input", "mask-ratio")
+#: with no more false alarms, at a hundredth of their cost, and unlike them it finds the MNIST
+#: BadNets models of tests/test_efficacy.py. No rule reaches the goal yet (see the table).
+DEFAULT_RULE = "agree-mad"
 
 
 def detect(inp: DetectionInput, *, rule: str = DEFAULT_RULE, threshold: float | None = None) -> Detection:

@@ -172,6 +172,12 @@ class AuditReport:
         except json.JSONDecodeError as e:
             raise ReportError(f"report is not valid JSON ({e.msg} at line {e.lineno})") from None
 
+    def _p_text(self, row: ClassRow) -> str:
+        cal = self.evidence.get("calibration") or {}
+        if row.p_value is None or not cal.get("n_clean_models"):
+            return ""
+        return f"; p = {row.p_value:.2g} against {cal['n_clean_models']} clean calibration models"
+
     def summary(self) -> str:
         """A few plain lines for people."""
         name = self.model.get("name", "model")
@@ -181,13 +187,13 @@ class AuditReport:
             row = self.classes[self.target]
             head = (
                 f"{name}: BACKDOOR suspected, target class {row.index} ({row.name}); "
-                f"anomaly index {row.anomaly_index:.2f} > {self.params['threshold']}"
+                f"score {row.anomaly_index:.2f} > {self.params['threshold']}{self._p_text(row)}"
             )
         else:
             top = int(np.argmax(self.anomaly_indices))
             head = (
-                f"{name}: no backdoor found (largest anomaly index {self.anomaly_indices[top]:.2f}, "
-                f"class {top}; threshold {self.params['threshold']})"
+                f"{name}: no backdoor found (highest score {self.anomaly_indices[top]:.2f}, "
+                f"class {top}; threshold {self.params['threshold']}{self._p_text(self.classes[top])})"
             )
         return head + f"\n  reference: {self.data['n']} samples, accuracy {self.data['accuracy']:.3f}"
 

@@ -79,7 +79,8 @@ def print_table(report: Any, ui: UI, *, title: str | None = None, max_rows: int 
         ("class", {"justify": "right"}),
         ("name", {}),
         ("norm", {"justify": "right"}),
-        ("anomaly index", {"justify": "right"}),
+        ("score", {"justify": "right"}),
+        ("p (clean models)", {"justify": "right"}),
         ("ref. samples", {"justify": "right"}),
         ("", {}),
     )
@@ -93,6 +94,7 @@ def print_table(report: Any, ui: UI, *, title: str | None = None, max_rows: int 
             r.name,
             f"{r.norm:.4f}",
             f"{r.anomaly_index:.2f}",
+            "–" if r.p_value is None else f"{r.p_value:.2g}",
             str(r.n_reference),
             mark,
             style="bold red" if r.flagged else None,
