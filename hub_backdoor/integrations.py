@@ -3,6 +3,9 @@
 - :func:`summary_markdown`: the verdict and per-class table of a report as Markdown (GitHub job
   summary, Hub discussion comments). ``python -m hub_backdoor.integrations summary REPORT.json``
   prints it.
+- :func:`action_audit`: the GitHub Action's audit (``integrations/github-action/run.sh`` runs it as
+  ``python -m hub_backdoor.integrations audit --report R --markdown M --result OUTCOME.json -- SOURCE
+  [audit options]``): the library's audit, the reports, and the outcome as JSON for the script.
 - :func:`read_config`: the ``[tool.hub-backdoor]`` table of a ``pyproject.toml``.
 - :func:`pre_commit_main`: the pre-commit / pre-push hook (console script ``hub-backdoor-pre-commit``,
   hooks in ``.pre-commit-hooks.yaml``): audits the model folders of the changed weight files.
@@ -26,18 +29,19 @@ from .errors import ExitCode, HubBackdoorError, OptionError
 
 __all__ = [
     "CONFIG_KEYS",
+    "VERDICT_EXIT",
+    "action_audit",
     "audit_folder",
     "hf_main",
     "pre_commit_main",
     "read_config",
     "register_hf_extension",
     "summary_markdown",
+    "verdict_exit_code",
 ]
 
 EXIT_OK, EXIT_BACKDOOR, EXIT_USAGE = int(ExitCode.OK), int(ExitCode.BACKDOOR), int(ExitCode.USAGE)
 EXIT_INTERNAL, EXIT_INCONCLUSIVE = int(ExitCode.INTERNAL), int(ExitCode.INCONCLUSIVE)
-#: Exit codes of ``hub-backdoor audit`` that come with a report.
-REPORT_CODES = (EXIT_OK, EXIT_BACKDOOR, EXIT_INCONCLUSIVE)
 #: Options of the hook that go to :func:`hub_backdoor.audit` (the others load the model or the data).
 _AUDIT_KEYS = ("threshold", "rule", "max-samples", "seed", "batch-size", "image-column", "label-column",
                "soft-margin", "device")
@@ -345,10 +349,7 @@ def audit_folder(folder: str | os.PathLike[str], options: dict[str, Any]) -> tup
     report.data["source"] = {
         "name": data.name, "kind": data.kind, "split": data.split, "revision": data.revision,
     }
-    code = ExitCode.INCONCLUSIVE if report.inconclusive else (
-        ExitCode.BACKDOOR if report.backdoor_found else ExitCode.OK
-    )
-    return int(code), report
+    return verdict_exit_code(report), report
 
 
 def _print_table(report: Any) -> None:
@@ -475,6 +476,167 @@ def hf_main(argv: Sequence[str] | None = None) -> int:
     return cli.main(args)
 
 
+# -- GitHub Action ----------------------------------------------------------------------------------------
+#: Exit code of each verdict (docs/cli.md): what the Action and the hook return for a report.
+VERDICT_EXIT = {"clean": EXIT_OK, "backdoor": EXIT_BACKDOOR, "inconclusive": EXIT_INCONCLUSIVE}
+
+
+def verdict_exit_code(report: Any) -> int:
+    """The exit code of a report's verdict: 0 clean, 1 backdoor, 4 inconclusive."""
+    return VERDICT_EXIT[report.verdict]
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
+class _OptionParser(argparse.ArgumentParser):
+    """argparse that raises :class:`~hub_backdoor.errors.OptionError` instead of exiting, so that a bad
+    option ends up in the outcome like any other bad input."""
+
+    def error(self, message: str) -> Any:  # noqa: D102
+        raise OptionError(message)
+
+
+def _audit_parser() -> argparse.ArgumentParser:
+    """The options of ``hub-backdoor audit`` (the same option groups, so ``args:`` of the Action takes
+    exactly what the command line takes)."""
+    from .cli.options import data_options, detection_options, model_options, runtime_options
+
+    p = _OptionParser(
+        prog="hub-backdoor audit", add_help=False,
+        parents=[model_options(), data_options(), detection_options(), runtime_options()],
+    )
+    p.add_argument("--json", default=None)
+    p.add_argument("--sarif", default=None)
+    p.add_argument("--card", default=None)
+    return p
+
+
+def _quiet_libraries() -> None:
+    """No progress bars from the Hub or datasets (a CI log is not a terminal)."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _run_audit(argv: Sequence[str], report_path: str, markdown: str | None, title: str | None) -> Any:
+    """Parse ``argv`` (audit options), load the model and the data, audit, write the reports."""
+    from .audit import audit
+    from .card import build_card, chart_path_for, write_card
+    from .cli.common import inputs, reproduce
+    from .data import find_columns
+    from .datasets_io import load_reference_dataset
+    from .errors import DatasetError
+    from .loading import load_model
+    from .publish import card_context
+    from .sarif import to_sarif, write_sarif
+    from .validation import check_audit_options, check_outputs
+
+    args = _audit_parser().parse_args(list(argv))
+    args.json = report_path  # the Action's report file wins over a --json in its args
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.quiet:
+        _quiet_libraries()
+    # every option and output is checked before the download and the reference pass
+    check_audit_options(
+        threshold=args.threshold, soft_margin=args.soft_margin, seed=args.seed, max_samples=args.max_samples,
+        batch_size=args.batch_size, device=args.device, min_reference_accuracy=args.min_reference_accuracy,
+        min_class_samples=args.min_class_samples,
+    )
+    outputs: list[tuple[Any, str]] = [(args.json, "--json"), (args.sarif, "--sarif"), (args.card, "--card")]
+    if args.card not in (None, "-"):
+        outputs.append((chart_path_for(args.card), "--card (its chart)"))
+    check_outputs(outputs)
+
+    def downloading(source: str) -> None:
+        if not args.quiet:
+            print(f"downloading {source} ...", file=sys.stderr, flush=True)
+
+    model = load_model(
+        args.source, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        on_download=downloading,
+    )
+    loaded = load_reference_dataset(
+        args.dataset, split=args.split, card_metadata=model.card_metadata, model_label=model.label
+    )
+    check_outputs(outputs, inputs(model, loaded))
+    try:
+        find_columns(loaded.dataset, image_column=args.image_column, label_column=args.label_column)
+    except DatasetError as e:
+        raise type(e)(f"dataset {loaded.name}: {e}") from e
+    report = audit(
+        model.clf, loaded.dataset, image_column=args.image_column, label_column=args.label_column,
+        max_samples=args.max_samples, seed=args.seed, threshold=args.threshold, rule=args.rule,
+        soft_margin=args.soft_margin, batch_size=args.batch_size, device=args.device,
+        min_reference_accuracy=args.min_reference_accuracy, min_class_samples=args.min_class_samples,
+        progress=not args.quiet,
+    )
+    report.data["source"] = {
+        "name": loaded.name, "kind": loaded.kind, "split": loaded.split, "revision": loaded.revision,
+    }
+    report.to_json(args.json)
+    if args.sarif == "-":
+        print(json.dumps(to_sarif(report), indent=2, allow_nan=False))
+    elif args.sarif:
+        write_sarif(report, args.sarif)
+    if args.card:
+        ctx = card_context(
+            model, loaded, model_name=model.repo_id or model.label,
+            reproduce=reproduce("audit", model, loaded, args, []),
+        )
+        if args.card == "-":
+            print(str(build_card(report, ctx, chart_file="")).rstrip("\n"))
+        else:
+            write_card(report, ctx, args.card)
+    if markdown:
+        Path(markdown).write_text(summary_markdown(report, title=title))
+    return report
+
+
+def action_audit(
+    argv: Sequence[str],
+    *,
+    report: str | os.PathLike[str],
+    markdown: str | os.PathLike[str] | None = None,
+    title: str | None = None,
+) -> dict[str, Any]:
+    """The GitHub Action's audit: ``argv`` are ``hub-backdoor audit`` arguments (``SOURCE [options]``);
+    writes the JSON report to ``report`` (and ``--sarif`` / ``--card`` where given, the Markdown summary
+    to ``markdown``), and returns the outcome: ``exit_code`` (:class:`~hub_backdoor.errors.ExitCode`),
+    ``verdict`` (``backdoor``, ``clean``, ``inconclusive`` or ``error``), ``target`` (the flagged class
+    or ``None``) and ``error`` (the one-line message when the audit could not run, else ``None``).
+
+    Errors are printed on stderr as ``error: ...``, the way the command line prints them."""
+    report_path = str(report)
+    Path(report_path).unlink(missing_ok=True)
+    outcome: dict[str, Any] = {"exit_code": EXIT_INTERNAL, "verdict": "error", "target": None, "error": None}
+    try:
+        result = _run_audit(argv, report_path, None if markdown is None else str(markdown), title)
+    except HubBackdoorError as e:
+        outcome.update(exit_code=int(e.exit_code), error=_one_line(e))
+    except KeyboardInterrupt:
+        outcome.update(exit_code=int(ExitCode.INTERRUPTED), error="interrupted")
+    except Exception as e:  # a bug: one line, as the command line says it
+        outcome.update(error=f"internal error: {type(e).__name__}: {_one_line(e)[:300]}")
+    else:
+        outcome.update(exit_code=verdict_exit_code(result), verdict=result.verdict, target=result.target)
+        if result.inconclusive:  # said like an error: this is not a clean result
+            print(f"inconclusive: {_one_line(result.reason or '')}", file=sys.stderr, flush=True)
+        return outcome
+    print(f"error: {outcome['error']}", file=sys.stderr, flush=True)
+    return outcome
+
+
 # -- python -m hub_backdoor.integrations -------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """``summary REPORT.json [--title T]``: print the Markdown summary; ``pre-commit ...``: the hook;
@@ -492,13 +654,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--reproduce", default=None)
     a = sub.add_parser(
         "audit",
-        help="hub-backdoor audit ARGS --json REPORT, then the Markdown summary in --markdown (one process)",
+        help="the GitHub Action's audit: hub-backdoor audit's options, the JSON report in --report, the "
+        "Markdown summary in --markdown and the outcome in --result (one process)",
     )
-    a.add_argument("--report", required=True, help="the JSON report (passed to audit as --json)")
+    a.add_argument("--report", required=True, help="write the JSON report here")
     a.add_argument(
         "--markdown", required=True, help="write the Markdown summary here (when there is a report)"
     )
     a.add_argument("--title", default=None)
+    a.add_argument(
+        "--result", default=None, metavar="PATH",
+        help="write the outcome here as JSON: exit_code, verdict (or error), target, error (one line)",
+    )
     a.add_argument("audit_args", nargs=argparse.REMAINDER, help="-- SOURCE [audit options]")
     sub.add_parser("pre-commit", help="the pre-commit hook (hub-backdoor-pre-commit)")
     sub.add_parser("hf", help="hf-backdoor")
@@ -506,15 +673,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .report import AuditReport
 
     if ns.command == "audit":
-        from . import cli
-
         rest = ns.audit_args[1:] if ns.audit_args[:1] == ["--"] else ns.audit_args
-        Path(ns.report).unlink(missing_ok=True)
-        code = cli.main(["audit", *rest, "--json", ns.report])
-        if code in REPORT_CODES and Path(ns.report).is_file():
-            report = AuditReport.from_json(ns.report)
-            Path(ns.markdown).write_text(summary_markdown(report, title=ns.title))
-        return code
+        outcome = action_audit(rest, report=ns.report, markdown=ns.markdown, title=ns.title)
+        if ns.result:
+            Path(ns.result).write_text(json.dumps(outcome, indent=2) + "\n")
+        return int(outcome["exit_code"])
     try:
         report = AuditReport.from_json(ns.report)
     except HubBackdoorError as e:

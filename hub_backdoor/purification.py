@@ -155,17 +155,29 @@ def _evaluate(clf: Classifier, data: ReferenceData, transform: Any, trigger: Any
         def tf(img: Any) -> torch.Tensor:
             return transform(trigger(img))
 
-        hits = rec = m = 0
+        preds: list[np.ndarray] = []
+        refs: list[np.ndarray] = []
         for x, y in make_loader(data, tf, batch_size=batch_size):
-            keep = y != target
+            keep = y != target  # target-class images are no attack; only they are skipped, as the metrics do
             if not keep.any():
                 continue
-            p = clf.forward(x[keep].to(clf.device))[0].argmax(1).cpu()
-            hits += int((p == target).sum())
-            rec += int((p == y[keep]).sum())
-            m += int(keep.sum())
-        out["asr"], out["ra"] = hits / max(m, 1), rec / max(m, 1)
+            preds.append(clf.forward(x[keep].to(clf.device))[0].argmax(1).cpu().numpy())
+            refs.append(y[keep].numpy())
+        p = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+        r = np.concatenate(refs) if refs else np.zeros(0, dtype=np.int64)
+        out["asr"] = _metric("attack_success_rate", p, r, target)
+        out["ra"] = _metric("robust_accuracy", p, r, target)
     return out
+
+
+def _metric(name: str, predictions: np.ndarray, references: np.ndarray, target: int) -> float:
+    """Metric ``name`` of :mod:`hub_backdoor.metrics` (an ``evaluate`` module, loaded by path)."""
+    from . import metrics
+
+    # in memory: a purification leaves no metric cache files behind
+    module = metrics.load(name, keep_in_memory=True)
+    result = module.compute(predictions=predictions, references=references, target=int(target))
+    return float(result[name])
 
 
 def purify(

@@ -190,6 +190,33 @@ def test_action_bad_input_fails_with_exit_2(models, tmp_path):
     assert code == 2 and outputs["verdict"] == "error"
 
 
+def test_action_helper_outcome_file(models, tmp_path):
+    """The Action's helper runs the library's audit and writes the outcome run.sh reads."""
+    report, result, md = tmp_path / "r.json", tmp_path / "outcome.json", tmp_path / "s.md"
+    base = ["audit", "--report", str(report), "--markdown", str(md), "--result", str(result), "--"]
+    code = integrations.main([*base, str(models["clean"]), "--dataset", str(models["data"]),
+                              "--split", "test[:200]", "--quiet", "--threshold", "2.5"])
+    outcome = json.loads(result.read_text())
+    assert code == 0 and outcome == {"exit_code": 0, "verdict": "clean", "target": None, "error": None}
+    assert AuditReport.from_json(report).verdict == "clean" and "No backdoor found" in md.read_text()
+    # a bad option is bad input (exit 2) with its one-line message, not an argparse exit
+    code = integrations.main([*base, str(models["clean"]), "--no-such-option"])
+    outcome = json.loads(result.read_text())
+    assert code == 2 and outcome["verdict"] == "error" and "--no-such-option" in outcome["error"]
+    assert not report.exists()
+
+
+def test_package_never_drives_the_cli_main():
+    """Library code calls the library; only hf-backdoor (the CLI under another name) runs cli.main."""
+    for path in (ROOT / "hub_backdoor").rglob("*.py"):
+        if path.parent.name == "cli":
+            continue
+        text = path.read_text()
+        calls = text.count("cli.main(")
+        assert calls == (1 if path.name == "integrations.py" else 0), path
+    assert "return cli.main(args)" in (ROOT / "hub_backdoor" / "integrations.py").read_text()
+
+
 # -- pre-commit ----------------------------------------------------------------------------------------
 needs_pre_commit = pytest.mark.skipif(
     shutil.which("git") is None or not (BIN / "pre-commit").is_file(),

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The steps of the hub-backdoor GitHub Action (action.yml), runnable anywhere:
-#   install hub-backdoor (HBD_INSTALL=true), run `hub-backdoor audit`, write the SARIF log and the
-#   JSON report, append the verdict and per-class table to $GITHUB_STEP_SUMMARY, and write the
-#   outputs (verdict, target, exit-code, sarif-file, report-file, category) to $GITHUB_OUTPUT.
-# Exit status: the audit's (0 clean, 1 backdoor, 2 bad input, 3 internal error), except that a backdoor
-# exits 0 with HBD_FAIL_ON_BACKDOOR=false.
+#   install hub-backdoor (HBD_INSTALL=true), audit the model (`python -m hub_backdoor.integrations
+#   audit`: hub-backdoor audit's options, the library's audit), write the SARIF log and the JSON
+#   report, read the outcome from its JSON result file (never from printed text), append the verdict
+#   and per-class table to $GITHUB_STEP_SUMMARY, and write the outputs (verdict, target, exit-code,
+#   sarif-file, report-file, category) to $GITHUB_OUTPUT.
+# Exit status: the audit's (0 clean, 1 backdoor, 2 bad input, 3 internal error, 4 inconclusive),
+# except that a backdoor exits 0 with HBD_FAIL_ON_BACKDOOR=false.
 #
 # Inputs (environment): HBD_MODEL (required), HBD_DATASET, HBD_SPLIT, HBD_THRESHOLD, HBD_MAX_SAMPLES,
 # HBD_FAIL_ON_BACKDOOR (true), HBD_ARGS (more audit options, split on spaces), HBD_SARIF
@@ -65,12 +67,28 @@ rm -f "$report" "$sarif"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# hub-backdoor audit ARGS --json REPORT, and the Markdown summary of the report, in one process
+# the audit (the library, not the command line), its reports, the Markdown summary and the outcome
+# (exit code, verdict, target, one-line error) as JSON, in one process
 echo "hub-backdoor audit ${args[*]} --json $report"
 "$py" -m hub_backdoor.integrations audit --report "$report" --markdown "$work/summary.md" \
-  --title "hub-backdoor audit of \`$model\`" -- "${args[@]}" 2> "$work/stderr"
+  --result "$work/result.json" --title "hub-backdoor audit of \`$model\`" -- "${args[@]}"
 code=$?
-cat "$work/stderr" >&2
+verdict=error
+target=""
+message=""
+if [ -f "$work/result.json" ]; then
+  # one field a line: exit code, verdict, target (empty when none), error (empty when none)
+  mapfile -t result < <("$py" -c 'import json, sys
+r = json.load(open(sys.argv[1]))
+for v in (r["exit_code"], r["verdict"], r["target"], r["error"]):
+    print("" if v is None else v)' "$work/result.json")
+  if [ "${#result[@]}" -eq 4 ]; then
+    code=${result[0]}
+    verdict=${result[1]}
+    target=${result[2]}
+    message=${result[3]}
+  fi
+fi
 
 category="hub-backdoor/$(printf '%s' "$model" | tr -c 'A-Za-z0-9._/-' '_')"
 output exit-code "$code"
@@ -78,7 +96,7 @@ output category "$category"
 [ -f "$sarif" ] && output sarif-file "$sarif"
 [ -f "$report" ] && output report-file "$report"
 
-if [ "$code" -eq 4 ] && [ -f "$work/summary.md" ]; then
+if [ "$verdict" = inconclusive ] && [ -f "$work/summary.md" ]; then
   # inconclusive: the reference data cannot support a verdict; never reported as clean
   output verdict inconclusive
   output target ""
@@ -88,9 +106,7 @@ if [ "$code" -eq 4 ] && [ -f "$work/summary.md" ]; then
   exit "$code"
 fi
 
-if [ "$code" -le 1 ] && [ -f "$work/summary.md" ]; then
-  verdict=$([ "$code" -eq 1 ] && echo backdoor || echo clean)
-  target=$("$py" -c 'import json, sys; t = json.load(open(sys.argv[1]))["target"]; print("" if t is None else t)' "$report")
+if { [ "$verdict" = backdoor ] || [ "$verdict" = clean ]; } && [ -f "$work/summary.md" ]; then
   output verdict "$verdict"
   output target "$target"
   cat "$work/summary.md" >> "$summary"
@@ -102,7 +118,6 @@ if [ "$code" -le 1 ] && [ -f "$work/summary.md" ]; then
   exit "$code"
 fi
 
-message=$(grep -m1 '^error: ' "$work/stderr" | sed 's/^error: //')
 [ -n "$message" ] || message="hub-backdoor audit exited with code $code"
 output verdict error
 {
@@ -110,5 +125,5 @@ output verdict error
   printf 'Exit code %s: %s\n' "$code" "$message"
 } >> "$summary"
 echo "::error title=hub-backdoor::$message"
-[ "$code" -le 1 ] && code=3  # 0 or 1 without a report: treat as an internal error
+[ "$code" -le 1 ] && code=3  # 0 or 1 without a verdict: treat as an internal error
 exit "$code"
