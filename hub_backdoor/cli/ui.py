@@ -80,9 +80,9 @@ def print_table(report: Any, ui: UI, *, title: str | None = None, max_rows: int 
         ("name", {}),
         ("norm", {"justify": "right"}),
         ("score", {"justify": "right"}),
-        ("p (clean models)", {"justify": "right"}),
+        ("p", {"justify": "right"}),  # against the clean calibration models
         ("ref. samples", {"justify": "right"}),
-        ("", {}),
+        ("", {"no_wrap": True, "min_width": 18}),  # the mark must survive an 80-column pipe
     )
     for name, kw in columns:
         table.add_column(name, **kw)
