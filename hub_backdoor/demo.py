@@ -34,6 +34,9 @@ DEMO_RATE = 0.1
 DEMO_EPOCHS = 8
 DEMO_SEED = 0
 DEMO_ARCH = "timm-test-resnet"
+#: The demo's accuracy budget: 2 points, not the CLI's 1, because on its 1,200 clean fine-tuning
+#: images the default purification loses 1-1.5 points (docs/benchmarks.md); the card says how much.
+DEMO_MAX_ACCURACY_DROP = 0.02
 _MARKER = ".hub-backdoor-demo"
 
 
@@ -176,12 +179,14 @@ def _purify(
     command = f"hub-backdoor purify {model.label} --dataset {data.name} --split {data.split} --seed 0"
     command += f" --out {out / 'purified-model'} --eval-trigger badnets"
     command += f" --epochs {epochs}" if epochs else ""
+    command += f" --max-accuracy-drop {100 * DEMO_MAX_ACCURACY_DROP:g}"
     command += "" if found else f" --target {DEMO_TARGET}"
     say(f"[4/4] {command}")
     target = report.target if found else DEMO_TARGET
     result = purify(
         model.clf, data.dataset, report=report, target=target, trigger=zoo.BadNets(), epochs=epochs, seed=0,
         progress=not quiet,
+        max_accuracy_drop=DEMO_MAX_ACCURACY_DROP,
     )
     result.classifier.model.to("cpu")
     ref = ReferenceData(data.dataset)
