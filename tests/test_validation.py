@@ -34,8 +34,9 @@ NAN = float("nan")
 
 
 def test_exit_codes_keep_their_values():
-    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 5, 130]
-    assert (ExitCode.INCONCLUSIVE, ExitCode.TRANSIENT, ExitCode.INTERRUPTED) == (4, 5, 130)
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 5, 6, 130]
+    assert (ExitCode.INCONCLUSIVE, ExitCode.TRANSIENT, ExitCode.ACCURACY_BUDGET, ExitCode.INTERRUPTED) == (
+        4, 5, 6, 130)
 
 
 @pytest.mark.parametrize(
