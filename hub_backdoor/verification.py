@@ -17,8 +17,10 @@ the other classes), so it does not depend on the input's normalisation or size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +67,37 @@ class InputVerification:
         out = np.full(num_classes, np.nan)
         out[self.classes] = self.bounds
         return out
+
+
+@contextlib.contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode with no parameter gradients (only the input is optimised), restored after."""
+    was_training = model.training
+    grads = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _bar(progress: bool, total: int, desc: str, unit: str) -> Iterator[Any]:
+    """A tqdm bar when ``progress``, else None; closed on the way out."""
+    if not progress:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def _stratified(y: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -134,18 +167,8 @@ def verify_input_space(
     delta = torch.zeros((K, *pool.shape[1:]), device=x.device, dtype=pool.dtype)
     curve = np.zeros((K, steps))
     model = clf.model
-    was_training = model.training
-    model.eval()
-    grads = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     labels = kt.repeat_interleave(n)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="input-space verification", unit="bound", leave=False)
-    try:
+    with _frozen(model), _bar(progress, steps, "input-space verification", "bound") as bar:
         for i in range(steps + 1):
             d = delta.requires_grad_(i < steps)
             logits = clf.forward((pool[None] + d[:, None]).reshape(K * n, *pool.shape[1:]))[0].float()
@@ -166,12 +189,6 @@ def verify_input_space(
                 delta = delta * torch.clamp(eps[i] / dn.clamp_min(1e-12), max=1.0)
             if bar is not None:
                 bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        for p, g_ in zip(model.parameters(), grads):
-            p.requires_grad_(g_)
-        model.train(was_training)
     bounds = np.array([first_crossing(eps, curve[j], flip) for j in range(K)])
     reached = np.asarray((curve >= flip).any(1))
     return InputVerification(classes=ks, bounds=bounds, reached=reached, eps=eps, flip_curve=curve, flip=flip,
@@ -255,17 +272,7 @@ def verify_mask(
     # per class, the images not of that class (a stamp that "sends" k's own images proves nothing)
     pools = [torch.nonzero(y_t != k).flatten() for k in ks]
     model = clf.model
-    was_training = model.training
-    model.eval()
-    grads = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     labels = kt.to(dev).repeat_interleave(batch)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="mask verification", unit="step", leave=False)
 
     def stamped(idx: torch.Tensor) -> torch.Tensor:
         m = torch.sigmoid(m_raw)[:, None]
@@ -273,7 +280,7 @@ def verify_mask(
         xb = x[idx.to(dev)].view(K, batch, ch, H, W)
         return ((1 - m) * xb + m * pat).reshape(K * batch, ch, H, W)
 
-    try:
+    with _frozen(model), _bar(progress, steps, "mask verification", "step") as bar:
         for _ in range(steps):
             idx = torch.stack([pool[torch.randint(0, len(pool), (batch,), generator=g)] for pool in pools])
             logits = clf.forward(stamped(idx))[0].float()
@@ -289,12 +296,6 @@ def verify_mask(
             idx = torch.stack([pool[torch.randint(0, len(pool), (batch,), generator=g)] for pool in pools])
             hits = (clf.forward(stamped(idx))[0].argmax(1) == labels).float().view(K, batch).mean(1)
             l1 = torch.sigmoid(m_raw).flatten(1).sum(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        for p, g_ in zip(model.parameters(), grads):
-            p.requires_grad_(g_)
-        model.train(was_training)
     return MaskVerification(classes=ks, mask_l1=l1.double().cpu().numpy(), flip=hits.cpu().numpy(),
                             steps=steps, batch=batch, seconds=time.perf_counter() - t0, pixels=int(H * W))
 
