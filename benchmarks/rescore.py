@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from hub_backdoor.detection import DEFAULT_RULE, RULE_THRESHOLDS, RULES, anomaly_index
+from hub_backdoor.report import atomic_write_text
 
 from . import stats
 
@@ -207,7 +208,7 @@ def _cost(zs: list[dict[str, Any]], rule: str) -> float:
             t += (rec.get("verification") or {}).get("seconds", 0.0)
         if "mask" in needs:
             t += (rec.get("mask_verification") or {}).get("seconds", 0.0)
-        if rule not in REGISTRY and "NC" in rule or "mask log-ratio" in rule:
+        if rule not in REGISTRY and ("NC" in rule or "mask log-ratio" in rule):
             t += rec["nc"]["seconds"]
         if rule.startswith("neural cleanse"):
             t = rec["nc"]["seconds"]
@@ -246,10 +247,7 @@ def write_calibration(zs: list[dict[str, Any]], path: Path, *, suite: str) -> No
            "rules": {name: {"clean_max": sorted(float(np.max(v)) for v in sc.values()),
                             "families": sorted({family(z["spec"]) for z in clean})}
                      for name, sc in scores.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(out, indent=1) + "\n")
 
 
 def _f(x: float) -> str:

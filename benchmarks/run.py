@@ -31,6 +31,7 @@ import torch
 from hub_backdoor.defaults import PURIFY
 from hub_backdoor.detection import DEFAULT_RULE, RULES, DetectionInput
 from hub_backdoor.purification import auto_epochs
+from hub_backdoor.report import atomic_write_text
 from hub_backdoor.verification import verify_input_space, verify_mask
 
 from . import baselines, core, group, stats
@@ -658,9 +659,7 @@ def detections(inp: DetectionInput, threshold: float = 2.0) -> dict[str, list[in
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, default=float))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, default=float))
 
 
 def rescore(folder: Path) -> dict[str, np.ndarray]:

@@ -113,9 +113,9 @@ class Dist:
             return tensor.clone()
         import torch.distributed as tdist
 
-        ops = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}
+        reductions = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}
         out = tensor.detach().to(self._comm_device()).clone()
-        tdist.all_reduce(out, op=ops[op])
+        tdist.all_reduce(out, op=reductions[op])
         return out.to(tensor.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
