@@ -38,8 +38,8 @@ from .report import AuditReport
 from .validation import check_purify_options, check_report_matches
 
 __all__ = [
-    "PurifyResult", "auto_epochs", "head_parameters", "purification_loss", "purify",
-    "trainable_parameters",
+    "PurifyResult", "auto_epochs", "head_parameters", "last_stage_prefixes", "purification_loss",
+    "purify", "trainable_parameters", "warmup_factor",
 ]
 
 
@@ -97,6 +97,14 @@ def auto_epochs(steps_per_epoch: int) -> int:
     return max(int(PURIFY["epochs"]), -(-int(PURIFY["min_steps"]) // max(1, steps_per_epoch)))
 
 
+def warmup_factor(epoch: int, epochs: int, warmup: float) -> float:
+    """The share of ``scale * s_t`` used in epoch ``epoch`` (0-based) of ``epochs``: it grows
+    linearly over the first ``warmup`` of them and is 1 from there on."""
+    if warmup <= 0:
+        return 1.0
+    return min(1.0, (epoch + 1) / max(1.0, warmup * epochs))
+
+
 def head_parameters(clf: Classifier) -> list[torch.nn.Parameter]:
     """The parameters the linear head ``(W, b)`` is built from (a Linear's weight and bias, and a
     folded BatchNorm's too), found by differentiating :meth:`Classifier.head_affine`."""
@@ -113,14 +121,57 @@ def head_parameters(clf: Classifier) -> list[torch.nn.Parameter]:
     return [p for p, g in zip(params, grads) if g is not None]
 
 
+def last_stage_prefixes(clf: Classifier) -> list[str]:
+    """Parameter-name prefixes of the backbone's last stage and of the layers after it (a final
+    norm, a 1x1 projection), the head excluded, found from the module tree whatever the library.
+    Among a module's children that are themselves blocks of layers, the last one holding at least
+    a tenth of their parameters is the last stage; the search goes down into it when it holds
+    nearly all of them (a wrapper) or is a list of three or more blocks (a ViT's blocks, a list of
+    stages). PreAct-ResNet: ``layer4``, ``bn``; timm ViT:
+    ``blocks.<last>``, ``norm``; timm MobileNetV3-small: ``blocks.4.2``, ``blocks.5``, ``conv_head``
+    (the last stage is a single small block);
+    transformers ConvNeXt: ``convnext.encoder.stages.<last>``, ``convnext.layernorm``."""
+    head = {id(p) for p in head_parameters(clf)}
+
+    def size(m: torch.nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters() if id(p) not in head)
+
+    def is_block(m: torch.nn.Module) -> bool:
+        return any(size(c) > 0 for c in m.children())
+
+    prefix, module, out = "", clf.model, []
+    while True:
+        kids = [(n, c) for n, c in module.named_children() if size(c) > 0]
+        blocks = [j for j, (_, c) in enumerate(kids) if is_block(c)]
+        if not blocks:
+            out += [prefix + n for n, _ in kids]
+            break
+        total = sum(size(kids[j][1]) for j in blocks)
+        i = max(j for j in blocks if size(kids[j][1]) >= 0.1 * total)
+        name, child = kids[i]
+        out += [prefix + n for n, _ in kids[i + 1 :]]
+        listed = isinstance(child, (torch.nn.Sequential, torch.nn.ModuleList)) and sum(
+            is_block(c) for c in child.children()) >= 3
+        if size(child) <= 0.9 * total and not listed:
+            out.append(prefix + name)
+            break
+        prefix, module = prefix + name + ".", child
+    return out
+
+
 def trainable_parameters(clf: Classifier, train: str | list[str]) -> list[torch.nn.Parameter]:
-    """``"backbone"``: everything but the head; ``"all"``; or parameter-name prefixes."""
+    """``"last-stage"``: the backbone's last stage (:func:`last_stage_prefixes`), the head kept;
+    ``"backbone"``: everything but the head; ``"all"``; or parameter-name prefixes."""
     model = clf.model
     if train == "all":
         return list(model.parameters())
-    if train == "backbone":
+    if train in ("backbone", "last-stage"):
         head = {id(p) for p in head_parameters(clf)}
-        params = [p for p in model.parameters() if id(p) not in head]
+        if train == "last-stage":
+            pre = tuple(f"{q}." for q in last_stage_prefixes(clf))
+            params = [p for n, p in model.named_parameters() if n.startswith(pre) and id(p) not in head]
+        else:
+            params = [p for p in model.parameters() if id(p) not in head]
         if not params:
             raise HubBackdoorError(f"{type(model).__name__} has no parameters outside its head")
         return params
@@ -197,6 +248,7 @@ def purify(
     resolve_every: int | None = None,
     freeze_norm: bool = False,
     distill: float = float(PURIFY["distill"]),
+    warmup: float = float(PURIFY["warmup"]),
     seed: int = 0,
     transform: Any = None,
     image_column: str | None = None,
@@ -230,6 +282,9 @@ def purify(
         resolve_every: re-solve s_t on the current model every this many epochs (None: never).
         distill: weight of a KL term to the original model's clean predictions, which keeps
             clean behaviour when the clean set is small (0: the paper's loss).
+        warmup: share of the epochs over which the latent shift grows linearly from 0 to
+            ``scale * s_t`` (0: full size from the first step, the paper's setting). At full size
+            the first steps face a loss of tens of nats and wreck the features at once.
         freeze_norm: keep BatchNorm statistics fixed; a few hundred clean samples estimate them
             worse than the original training set did.
         accelerator: as for :func:`hub_backdoor.audit` (``None``: several processes when launched
@@ -249,7 +304,7 @@ def purify(
     check_purify_options(
         beta=beta, scale=scale, distill=distill, lr=lr, epochs=epochs, holdout=holdout,
         batch_size=batch_size, seed=seed, max_samples=max_samples, resolve_every=resolve_every,
-        device=device,
+        device=device, warmup=warmup,
     )
     torch.manual_seed(seed)
     original = load_classifier(source, **load_kw)
@@ -311,13 +366,15 @@ def purify(
     epochs = auto_epochs(steps) if epochs is None else epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps))
     margin = report.params.get("margin", 0.0)
-    s = scale * torch.as_tensor(s_t, dtype=torch.float32, device=clf.device)
+    s_now = torch.as_tensor(s_t, dtype=torch.float32, device=clf.device)
+    s = s_now
 
     def before_epoch(epoch: int) -> None:
-        nonlocal s
+        nonlocal s, s_now
         if resolve_every and epoch > 0 and epoch % resolve_every == 0:
             s_new = _solve_target(clf, fit, tf, target, batch_size, margin)
-            s = scale * torch.as_tensor(s_new, dtype=torch.float32, device=clf.device)
+            s_now = torch.as_tensor(s_new, dtype=torch.float32, device=clf.device)
+        s = warmup_factor(epoch, epochs, warmup) * scale * s_now
         clf.model.train()
         if freeze_norm:
             _freeze_batchnorm(clf.model)
@@ -356,7 +413,7 @@ def purify(
             "batch_size": batch_size,
             "train": train,
             "holdout": holdout, "resolve_every": resolve_every, "freeze_norm": freeze_norm,
-            "distill": distill,
+            "distill": distill, "warmup": warmup,
             "seed": seed, "max_accuracy_drop": max_accuracy_drop,
         },
         report=report,

@@ -173,8 +173,10 @@ def check_purify_options(
     max_samples: Any = None,
     resolve_every: Any = None,
     device: Any = None,
+    warmup: Any = 0.0,
 ) -> None:
     """The options of :func:`hub_backdoor.purify` (and ``hub-backdoor purify``)."""
+    check_number(warmup, "warmup", ge=0, le=1)
     check_number(beta, "beta", ge=0)
     check_number(scale, "scale", gt=0)
     check_number(distill, "distill", ge=0)

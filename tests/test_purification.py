@@ -38,3 +38,44 @@ def test_head_parameters_follow_the_head_not_the_names():
     assert len(rest) + len(names) == len(list(clf.model.parameters()))
     with pytest.raises(HubBackdoorError, match="matches no parameter"):
         trainable_parameters(clf, ["no_such_layer"])
+
+
+@pytest.mark.parametrize(("arch", "kw", "want"), [
+    ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2},
+     {"blocks.2", "norm"}),
+    ("mobilenetv3_small_050", {}, {"blocks.4.2", "blocks.5", "conv_head"}),
+    ("resnet10t", {}, {"layer4"}),
+])
+def test_last_stage_is_found_from_the_module_tree(arch, kw, want):
+    from hub_backdoor.purification import last_stage_prefixes
+
+    clf = load_classifier(timm.create_model(arch, pretrained=False, num_classes=5, **kw))
+    found = set(last_stage_prefixes(clf))
+    assert want == found, found
+    params = trainable_parameters(clf, "last-stage")
+    head = {id(p) for p in head_parameters(clf)}
+    backbone = trainable_parameters(clf, "backbone")
+    assert params and not head & {id(p) for p in params}
+    assert sum(p.numel() for p in params) < sum(p.numel() for p in backbone)
+
+
+def test_last_stage_of_a_transformers_convnext():
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    from hub_backdoor.purification import last_stage_prefixes
+
+    cfg = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1], num_labels=4,
+                         image_size=32)
+    clf = load_classifier(ConvNextForImageClassification(cfg).eval())
+    assert set(last_stage_prefixes(clf)) == {"convnext.encoder.stages.3", "convnext.layernorm"}
+
+
+def test_warmup_grows_the_latent_shift_then_holds_it():
+    from hub_backdoor.purification import warmup_factor
+
+    assert [warmup_factor(e, 10, 0.0) for e in range(3)] == [1.0, 1.0, 1.0]
+    grown = [warmup_factor(e, 10, 0.5) for e in range(10)]
+    assert grown[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and grown[5:] == [1.0] * 5
+    with pytest.raises(Exception, match="warmup"):
+        purify(TorchClassifier(w.make_model(), head="6"), w.make_data(), target=1, warmup=1.5,
+               progress=False)
