@@ -59,6 +59,7 @@ class WaNet(ArrayAttack):
     k: int = 4
     s: float = 0.5
     seed: int = 777
+    cross: float = 2.0  # noise-mode samples per poisoned one (the paper's cross ratio)
     name: str = "wanet"
 
     def _grid(self, h: int, w: int, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,9 +180,10 @@ def poison_arrays(
         y[idx] = target
     mask = np.zeros(len(y), dtype=bool)
     mask[idx] = True
-    if isinstance(attack, WaNet):
+    if isinstance(attack, WaNet) and attack.cross > 0:
         rest = np.flatnonzero(~mask)
-        cross = np.sort(rng.choice(rest, size=min(len(rest), 2 * k), replace=False))
+        n_cross = min(len(rest), int(round(attack.cross * k)))
+        cross = np.sort(rng.choice(rest, size=n_cross, replace=False))
         x[cross] = attack.noise(x[cross], seed)
     return x, y, mask
 

@@ -185,3 +185,18 @@ def clp(clf: Classifier, u: float = 3.0) -> tuple[Classifier, int]:
         elif isinstance(m, torch.nn.Conv2d):
             conv = m
     return clf, pruned if pairs else -1
+
+
+@torch.no_grad()
+def erase_direction(clf: Classifier, s_t: np.ndarray, X: torch.Tensor) -> Classifier:
+    """A reference point, not a defense: the linear head made blind to the direction u of s_t
+    (``W <- W (I - u u^T)``, the bias taking ``W u (u . mean h)`` so the clean mean's logits stay),
+    no training. It shows how much of a backdoor, and of clean accuracy, lives along u alone."""
+    lin = clf.model.get_submodule(head_name(clf))
+    u = torch.as_tensor(s_t, dtype=torch.float32, device=X.device)
+    u = u / u.norm().clamp_min(1e-12)
+    mu = torch.cat([clf.forward(X[i : i + 256])[1].float() for i in range(0, len(X), 256)]).mean(0)
+    Wu = lin.weight @ u  # (C,)
+    lin.weight.sub_(torch.outer(Wu, u))
+    lin.bias.add_(Wu * (u @ mu))
+    return clf

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from hub_backdoor.adapters.base import Classifier
 from hub_backdoor.detection import NEEDS_NONNEG, DetectionInput, dormant_share
-from hub_backdoor.purification import auto_epochs, purification_loss, trainable_parameters
+from hub_backdoor.purification import auto_epochs, purification_loss, trainable_parameters, warmup_factor
 from hub_backdoor.reconstruction import ConstraintState, reconstruct, solve_class
 
 
@@ -115,8 +115,13 @@ def evaluate(model: torch.nn.Module, Xte: torch.Tensor, Yte: torch.Tensor, Xtr: 
 
 def metrics(predict_fn: Callable[[torch.Tensor], torch.Tensor], Xte: torch.Tensor, Yte: torch.Tensor,
             Xtr: torch.Tensor | None, Ytr: torch.Tensor | None, target: int | None) -> dict[str, float]:
-    """:func:`evaluate` from ``predict_fn(X (N, ...)) -> labels (N,)``."""
-    out = {"acc": float((predict_fn(Xte) == Yte).float().mean())}
+    """:func:`evaluate` from ``predict_fn(X (N, ...)) -> labels (N,)``; with a target also
+    ``acc_target``, the accuracy on the target class's own clean images (where the latent loss
+    takes its accuracy from)."""
+    pred = predict_fn(Xte)
+    out = {"acc": float((pred == Yte).float().mean())}
+    if target is not None and bool((Yte == target).any()):
+        out["acc_target"] = float((pred[Yte == target] == target).float().mean())
     if Xtr is not None and target is not None:
         p = predict_fn(Xtr)
         out["asr"] = float((p == target).float().mean())
@@ -261,6 +266,7 @@ def finetune(
     augment: bool = False,
     sam_rho: float = 0.0,
     norm_frozen: bool = False,
+    warmup: float = 0.0,
 ) -> Classifier:
     """Fine-tune ``clf`` in place on clean data with the loss of ``hub_backdoor.purify``
     (:func:`hub_backdoor.purification.purification_loss`: ``CE(f(x), y) + beta CE(head(h(x) +
@@ -271,6 +277,7 @@ def finetune(
     otherwise memorised). ``sam_rho``: sharpness-aware steps (FT-SAM: the gradient is taken at
     the weights moved by ``rho`` along the normalised gradient). ``norm_frozen``: the affine
     parameters of every normalisation layer (BatchNorm, LayerNorm, GroupNorm) stay as they are.
+    ``warmup``: as purify's (the latent shift grows over that share of the epochs).
     """
     dev = X.device
     torch.manual_seed(seed)
@@ -290,11 +297,12 @@ def finetune(
         epochs = auto_epochs(n_steps(len(X), bs))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * n_steps(len(X), bs))
     g = torch.Generator(device="cpu").manual_seed(seed)
-    s = torch.zeros(clf.embed_dim, device=dev) if s_t is None else scale * torch.as_tensor(
+    s_now = torch.zeros(clf.embed_dim, device=dev) if s_t is None else torch.as_tensor(
         s_t, dtype=torch.float32, device=dev)
     for epoch in range(epochs):
         if resolve_every and epoch > 0 and epoch % resolve_every == 0 and target is not None:
-            s = scale * torch.as_tensor(solve_target(clf, X, Y, target), dtype=torch.float32, device=dev)
+            s_now = torch.as_tensor(solve_target(clf, X, Y, target), dtype=torch.float32, device=dev)
+        s = warmup_factor(epoch, epochs, warmup) * scale * s_now
         model.train()
         if freeze_norm:
             freeze_bn(model)

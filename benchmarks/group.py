@@ -26,7 +26,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from hub_backdoor.adapters.base import Classifier
-from hub_backdoor.purification import purification_loss, trainable_parameters
+from hub_backdoor.purification import purification_loss, trainable_parameters, warmup_factor
 
 from . import core
 from .core import autocast, batches, metrics, n_steps
@@ -44,6 +44,7 @@ class Member:
     scale: float = 1.0
     distill: float = 0.0
     s_t: np.ndarray | None = None  # (d,)
+    warmup: float = 0.0  # as purify's: the latent shift grows over this share of the epochs
     stamp: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (mask, pattern, share): NC unlearning
     X: torch.Tensor | None = None  # (N, ch, H, W) own data (zoo training); None: the group's shared set
     Y: torch.Tensor | None = None
@@ -156,7 +157,10 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
     Ys = torch.stack([y for _, y in data]) if own_data else None
     ar = torch.arange(G, device=dev)[:, None]
     losses: list[list[float]] = [[] for _ in members]
-    for _ in range(epochs):
+    s_full = s
+    for epoch in range(epochs):
+        grow = torch.tensor([warmup_factor(epoch, epochs, m.warmup) for m in members], device=dev)
+        s = s_full * grow[:, None]
         if len(seeds) == 1:  # one data order for all (and one gather)
             perm = torch.randperm(N, generator=gens[0]).to(dev)
             for g in gens[1:]:
@@ -220,7 +224,7 @@ def _alone(m: Member, X: torch.Tensor | None, Y: torch.Tensor | None, *, epochs:
             return _stamp(xb, *m.stamp)
 
     core.finetune(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed, train=m.train, beta=m.beta,
-                  scale=m.scale, distill=m.distill, s_t=m.s_t, stamp=stamp)
+                  scale=m.scale, distill=m.distill, s_t=m.s_t, stamp=stamp, warmup=m.warmup)
     return []
 
 

@@ -162,3 +162,43 @@ def test_nc_reverse_stacked_equals_alone():
     # each model kept its own seed: another seed starts from other patterns
     other = baselines.nc_reverse(clfs[0], X, steps=5, bs=4, seed=9)
     assert float((other["patterns"] - stacked[0]["patterns"]).abs().max()) > 0.1
+
+
+def test_suite_sets_its_own_attack_parameters_and_rates():
+    cfg = run.SUITES["standard"]
+    specs = run.model_specs(cfg)
+    wanet = sorted(s["rate"] for s in specs if s["attack"] == "wanet")
+    assert wanet == sorted(cfg["attack_rates"]["wanet"] * len(run.STANDARD_ARCHS))
+    assert {s["rate"] for s in specs if s["attack"] == "badnets"} == {0.05, 0.1}
+    # the parameters reach the attack, and change the cache key of that attack's models only
+    runner = run.Runner.__new__(run.Runner)
+    runner.cfg = cfg
+    runner.data = type("D", (), {"size": 32})()
+    atk = runner.attack("wanet")
+    assert (atk.s, atk.cross) == (cfg["attack_kw"]["wanet"]["s"], cfg["attack_kw"]["wanet"]["cross"])
+    w = next(s for s in specs if s["attack"] == "wanet")
+    b = next(s for s in specs if s["attack"] == "badnets")
+    plain = dict(cfg, attack_kw={})
+    other = run.Runner.__new__(run.Runner)
+    other.cfg = plain
+    assert runner.train_hash(w) != other.train_hash(w)
+    assert runner.train_hash(b) == other.train_hash(b)
+
+
+def test_head_blind_to_s_t_ignores_that_direction_and_keeps_the_mean():
+    from benchmarks import baselines
+    from benchmarks.models import build
+
+    torch.manual_seed(0)
+    clf = build("preact18-w8", 4, 1, 16, 0)
+    X = torch.randn(32, 1, 16, 16)
+    s_t = torch.randn(clf.embed_dim).numpy()
+    with torch.no_grad():
+        h = clf.forward(X)[1]
+    blind = baselines.erase_direction(clf.copy(), s_t, X)
+    W, b = (torch.as_tensor(a).double() for a in blind.head_numpy())
+    u = torch.as_tensor(s_t).double() / float(torch.as_tensor(s_t).norm())
+    assert float((W @ u).abs().max()) < 1e-4  # moving along s_t changes no logit
+    W0, b0 = (torch.as_tensor(a).double() for a in clf.head_numpy())
+    mu = h.mean(0).double()
+    assert torch.allclose(W @ mu + b, W0 @ mu + b0, atol=1e-4)  # the clean mean's logits stay
