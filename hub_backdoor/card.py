@@ -531,6 +531,14 @@ def build_card(report: AuditReport, ctx: CardContext, *, chart_file: str) -> Any
     purify_rows = [
         {"label": "Clean accuracy", "before": _fmt(m.get("acc_before")), "after": _fmt(m.get("acc_after"))}
     ]
+    if "acc_target_before" in m:
+        purify_rows.append(
+            {
+                "label": f"Clean accuracy on the purified class {pur.get('target')} itself",
+                "before": _fmt(m.get("acc_target_before")),
+                "after": _fmt(m.get("acc_target_after")),
+            }
+        )
     if "latent_trigger_before" in m:
         purify_rows.append(
             {

@@ -118,7 +118,7 @@ def test_group_equals_one_by_one():
     together = group.evaluate([m.clf for m in members], X, Y, Xtr, Y, 3)
     for m, got in zip(members, together):
         ref = core.evaluate(m.clf.model, X, Y, Xtr, Y, 3)
-        assert set(got) == {"acc", "asr", "ra"}
+        assert set(got) == {"acc", "acc_target", "asr", "ra"}
         assert all(abs(got[k] - ref[k]) <= 1 / len(X) for k in ref)
 
 

@@ -928,11 +928,13 @@ def test_purify_over_the_accuracy_budget_publishes_nothing(backdoored_folder, di
 def test_purification_metrics_say_what_happened(timm_backdoored, digits):
     from hub_backdoor import purify
 
-    res = purify(timm_backdoored.classifier, digits["test"], target=7, epochs=2, seed=0, progress=False,
+    res = purify(timm_backdoored.classifier, digits["test"], target=7, seed=0, progress=False,
                  max_accuracy_drop=0.5)
     m = res.metrics
-    want = {"acc_before", "acc_after", "acc_drop", "latent_trigger_before", "latent_trigger_after"}
+    want = {"acc_before", "acc_after", "acc_drop", "latent_trigger_before", "latent_trigger_after",
+            "acc_target_before", "acc_target_after"}
     assert want <= set(m)
+    assert 0.0 <= m["acc_target_after"] <= 1.0 and "on class 7 itself" in res.summary()
     assert m["latent_trigger_before"] > 0.9  # adding s_t sends the images to the target: that is s_t
     assert m["latent_trigger_after"] < m["latent_trigger_before"]  # what the fine-tune trains away
     assert res.within_budget == (m["acc_drop"] <= 0.5)
