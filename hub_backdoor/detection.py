@@ -215,13 +215,13 @@ _RULES = [
     Rule("agree-loo", _agree_loo, summary="'mad-loo' and 'dormant' flag the same class"),
     # the input-space rules' thresholds: just above the highest score of the 48 clean models of the
     # standard zoo (hub_backdoor/calibration/standard.json; p-values come from the same models)
-    Rule("input-ratio", _input_ratio, frozenset({"input"}), threshold=1.63,
+    Rule("input-ratio", _input_ratio, frozenset({"input"}), threshold=3.18,
          summary="input space: log(median bound of the other classes / bound of k), the bound being the "
          "smallest universal input change that sends 90 % of the reference images to k"),
-    Rule("mask-ratio", _mask_ratio, frozenset({"mask"}), threshold=1.05,
+    Rule("mask-ratio", _mask_ratio, frozenset({"mask"}), threshold=1.24,
          summary="input space: log(median mask of the other classes / mask of k), the mask being the "
          "smallest stamped patch or blend (Neural Cleanse's objective) that sends the images to k"),
-    Rule("mask+input", _mask_input, frozenset({"mask", "input"}), threshold=2.2,
+    Rule("mask+input", _mask_input, frozenset({"mask", "input"}), threshold=4.12,
          summary="the sum of the 'mask-ratio' and 'input-ratio' scores: a short cut in both searches"),
 ]
 

@@ -129,7 +129,7 @@ def verify_input_space(
     *,
     classes: list[int] | None = None,
     n_images: int = 40,
-    steps: int = 24,
+    steps: int = 20,  # as the standard zoo the thresholds and p-values are calibrated on
     eps_min: float = 0.1,
     eps_max: float = 40.0,
     flip: float = 0.9,
@@ -241,7 +241,7 @@ def verify_mask(
     y: torch.Tensor | np.ndarray,
     *,
     classes: list[int] | None = None,
-    steps: int = 30,
+    steps: int = 60,  # as the standard zoo the thresholds and p-values are calibrated on
     batch: int = 16,
     lr: float = 0.1,
     l1_weight: float = 2.0,
