@@ -433,10 +433,10 @@ class Runner:
         z = np.load(folder / "audit.npz")
         rev = self._load_nc(spec)
         assert rev is not None  # written by detect_part
+        trig = self.triggered(spec)[0]
         if "acc_target" not in rec["metrics"]["none"]:  # a detection record from before that field
-            (xt, yt), = self.triggered(spec)
-            rec["metrics"]["none"] = core.evaluate(clf.model, self.Xte, self.Yte, xt, yt, spec["target"])
-        self.remove(spec, clf, z["perturbations"], rev, rec["detection"], rec, self.triggered(spec)[0])
+            rec["metrics"]["none"] = core.evaluate(clf.model, self.Xte, self.Yte, *trig, spec["target"])
+        self.remove(spec, clf, z["perturbations"], rev, rec["detection"], rec, trig)
         rec["eval_seconds"] = rec.get("eval_seconds", 0.0) + time.perf_counter() - t_model
         _write_json(folder / "eval.json", rec)
         self.counters["evaluated"] += 1

@@ -113,9 +113,8 @@ class Dist:
             return tensor.clone()
         import torch.distributed as tdist
 
-        reductions = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}
         out = tensor.detach().to(self._comm_device()).clone()
-        tdist.all_reduce(out, op=reductions[op])
+        tdist.all_reduce(out, op=getattr(tdist.ReduceOp, op.upper()))
         return out.to(tensor.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:

@@ -187,7 +187,6 @@ def trainable_parameters(clf: Classifier, train: str | list[str]) -> list[torch.
 
 
 @torch.no_grad()
-@torch.no_grad()
 def _evaluate(clf: Classifier, data: ReferenceData, transform: Any, trigger: Any, target: int,
               batch_size: int, s_t: np.ndarray) -> dict[str, float]:
     """Held-out clean accuracy; the latent-trigger success (share of non-target images that
