@@ -216,6 +216,72 @@ def _cost(zs: list[dict[str, Any]], rule: str) -> float:
     return float(np.mean(vals)) if vals else 0.0
 
 
+def nested_lofo(zs: list[dict[str, Any]],
+                parts: tuple[str, str] = ("agree-mad", "input-gap")) -> dict[str, Any]:
+    """Leave-one-family-out for a rule that is the larger of two rules' scores, each in units of its
+    threshold (``latent-or-input``), with the units themselves set without the held-out family:
+    each part's unit is the highest clean score of the other families, so a class is flagged when
+    either part exceeds every clean score the other families reached."""
+    sc = score_all(zs, list(parts))
+    if len(sc) < 2:
+        return {}
+    single = [z for z in zs if len(z["spec"].get("targets") or []) == 1 and working(z)]
+    two = [z for z in zs if len(z["spec"].get("targets") or []) == 2 and len(working(z)) == 2]
+    clean = [z for z in zs if not z["spec"].get("targets")]
+    out = {"parts": list(parts), "tp": 0, "fp": 0, "two": 0, "n": len(single), "n_clean": len(clean),
+           "n_two": len(two)}
+    for f in sorted({family(z["spec"]) for z in zs}):
+        cal = [z for z in clean if family(z["spec"]) != f]
+        if not cal:  # one family only: nothing to set the units on
+            continue
+        units = [max(float(np.max(sc[p][z["spec"]["id"]])) for z in cal) for p in parts]
+
+        def score(z: dict[str, Any], units: list[float] = units) -> np.ndarray:
+            return np.maximum(*(sc[p][z["spec"]["id"]] / u for p, u in zip(parts, units)))
+
+        out["tp"] += sum(int(np.argmax(score(z))) == z["spec"]["targets"][0] and float(np.max(score(z))) > 1
+                         for z in single if family(z["spec"]) == f)
+        out["fp"] += sum(float(np.max(score(z))) > 1 for z in clean if family(z["spec"]) == f)
+        out["two"] += sum(all(score(z)[t] > 1 for t in z["spec"]["targets"])
+                          for z in two if family(z["spec"]) == f)
+    return out
+
+
+def end_to_end(records: list[dict[str, Any]], zs: list[dict[str, Any]], rules: list[str]) -> dict[str, Any]:
+    """What a user gets, per audit rule, from the stored removal records: each working single-trigger
+    model purified at the class the rule flags first (at its library threshold), or left as it is
+    when nothing is flagged. Models whose flagged class was never purified in the run are counted
+    in ``missing`` and left out of the means."""
+    from .run import aggregate  # here: run imports this module
+
+    by_id = {z["spec"]["id"]: z for z in zs}
+    out: dict[str, Any] = {}
+    for rule in rules:
+        vals, missing, flagged, right = [], [], 0, 0
+        for r in records:
+            z = by_id.get(r["spec"]["id"])
+            single = z is not None and len(z["spec"].get("targets") or []) == 1
+            if z is None or not single or not working(z) or not r.get("ours_by_class"):
+                continue
+            s = RULES[rule](stats.detection_input(z))
+            k = int(np.argmax(s))
+            before = r["metrics"]["none"]
+            if s[k] <= RULE_THRESHOLDS[rule]:
+                vals.append((before, before))
+                continue
+            flagged += 1
+            right += k == z["spec"]["targets"][0]
+            after = r["ours_by_class"].get(str(k))
+            if after is None:
+                missing.append(r["spec"]["id"])
+            else:
+                vals.append((before, after))
+        if vals:
+            out[rule] = aggregate(vals) | {"n": len(vals), "flagged": flagged, "right_class": right,
+                                           "missing": missing}
+    return out
+
+
 def detection_table(zs: list[dict[str, Any]], rules: list[str] | None = None) -> dict[str, Any]:
     scores = score_all(zs, rules)
     rows = {}
@@ -228,6 +294,7 @@ def detection_table(zs: list[dict[str, Any]], rules: list[str] | None = None) ->
     for z in zs:
         per_family_acc.setdefault(family(z["spec"]), []).append(z["record"]["metrics"]["none"]["acc"])
     return {"rules": rows, "planted_triggers": planted, "working_triggers": n_work,
+            "nested_lofo": nested_lofo(zs) if rules is None or "latent-or-input" in rules else {},
             "default_rule": DEFAULT_RULE, "families": sorted(per_family_acc),
             "clean_acc": {f: float(np.mean(v)) for f, v in per_family_acc.items()},
             "per_model": {z["spec"]["id"]: {"targets": z["spec"].get("targets") or [], "working": working(z),
@@ -279,6 +346,23 @@ def markdown(det: dict[str, Any]) -> str:
         cells = [f"{r['lofo'][f]['tp']}/{r['lofo'][f]['n']}, {r['lofo'][f]['fp']}/{r['lofo'][f]['n_clean']} "
                  f"({_f(r['lofo'][f]['thr'])})" for f in fams]
         L.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    nl = det.get("nested_lofo") or {}
+    if nl:
+        L += ["", f"`latent-or-input` with its two units also set without the held-out family (each part's "
+              f"unit: the highest clean score of the other families; nested LOFO): **{nl['tp']}/{nl['n']}** "
+              f"found, {nl['fp']}/{nl['n_clean']} false alarms, both targets of {nl['two']}/{nl['n_two']} "
+              "two-target models."]
+    e2e = det.get("end_to_end") or {}
+    if e2e:
+        L += ["", "End to end from the stored removal records (each working single-trigger backdoor purified "
+              "at the class the rule flags first, or left as it is when nothing is flagged; mean ACC / ASR "
+              "in %, DER in %):", "",
+              "| rule | flagged (right class) | ACC | ASR | ACC drop | DER | models without a stored "
+              "purification of the flagged class |", "|---|---|---|---|---|---|---|"]
+        for name, a in e2e.items():
+            L.append(f"| `{name}` | {a['flagged']} ({a['right_class']}) | {100 * a['acc']:.1f} | "
+                     f"{100 * a['asr']:.1f} | {100 * a['acc_drop']:.1f} | {100 * a['der']:.1f} | "
+                     f"{', '.join(a['missing']) or 'none'} |")
     L += ["", "Clean accuracy per family (mean over its models, %): "
           + ", ".join(f"{f} {100 * a:.1f}" for f, a in det["clean_acc"].items()), ""]
     return "\n".join(L) + "\n"
@@ -311,6 +395,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from .run import markdown as run_markdown
 
         out = json.loads(js.read_text())
+        det["end_to_end"] = end_to_end(out.get("records", []), zs,
+                                       list(dict.fromkeys([DEFAULT_RULE, "agree-mad", "mad"])))
         out["summary"]["detection_standard"] = det
         js.write_text(json.dumps(out, indent=1, default=float))
         (args.out / f"{args.suite}.md").write_text(run_markdown(out))

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from hub_backdoor.defaults import PURIFY
-from hub_backdoor.detection import DEFAULT_RULE, RULES, DetectionInput
+from hub_backdoor.detection import DEFAULT_RULE, REGISTRY, RULE_THRESHOLDS, RULES, DetectionInput
 from hub_backdoor.purification import auto_epochs
 from hub_backdoor.report import atomic_write_text
 from hub_backdoor.verification import verify_input_space, verify_mask
@@ -503,6 +503,12 @@ class Runner:
             au.inp.mask_l1 = mask.full_l1(view.num_classes)
             rec["mask_verification"] = {"l1": mask.mask_l1.tolist(), "flip": mask.flip.tolist(),
                                         "seconds": mask.seconds}
+        if ver is not None or mask is not None:  # the input-space rules, rescored from the cache too
+            with np.load(folder / "audit.npz") as z:
+                kept = dict(z)
+            np.savez(folder / "audit.npz", **kept,
+                     **({"input_bounds": au.inp.input_bounds} if ver is not None else {}),
+                     **({"mask_l1": au.inp.mask_l1} if mask is not None else {}))
         rec["detection"] = detections(au.inp)
         rev = self._load_nc(spec)
         if rev is None:  # not reversed with its group beforehand (reverse_pending)
@@ -678,8 +684,9 @@ class Runner:
                 "counters": self.counters, "missing": missing}
 
 
-def detections(inp: DetectionInput, threshold: float = 2.0) -> dict[str, list[int]]:
-    """Every rule's flags; rules whose input was not computed (no verification run) are left out."""
+def detections(inp: DetectionInput, threshold: float | None = None) -> dict[str, list[int]]:
+    """Every rule's flags (at its own threshold unless one is given); rules whose input was not
+    computed (no verification run) are left out."""
     from hub_backdoor.detection import detect
 
     out = {}
@@ -699,7 +706,9 @@ def rescore(folder: Path) -> dict[str, np.ndarray]:
     """All rules' scores from a model's stored audit (so new rules need no model re-run)."""
     z = np.load(folder / "audit.npz")
     inp = DetectionInput(norms=z["norms"], perturbations=z["perturbations"], h_std=z["h_std"],
-                         nonneg_norms=z["nonneg_norms"], quantile_norms=z["quantile_norms"])
+                         nonneg_norms=z["nonneg_norms"], quantile_norms=z["quantile_norms"],
+                         input_bounds=z["input_bounds"] if "input_bounds" in z.files else None,
+                         mask_l1=z["mask_l1"] if "mask_l1" in z.files else None)
     out = {}
     for name, fn in RULES.items():
         try:
@@ -718,7 +727,7 @@ def summarise(res: dict[str, Any], cache: Path, rule: str, working_only: bool = 
     recs = res["records"]
     bd = [r for r in recs if r["spec"]["attack"] is not None]
     cl = [r for r in recs if r["spec"]["attack"] is None]
-    # detection: each rule at threshold 2, and its best TPR at zero false positives over the zoo
+    # detection: each rule at its own threshold, and its best TPR at zero false positives over the zoo
     det: dict[str, dict[str, Any]] = {}
     scores = {r["spec"]["id"]: rescore(cache / r["spec"]["id"]) for r in recs}
     for name in [n for n in RULES if scores and all(n in v for v in scores.values())]:
@@ -727,9 +736,10 @@ def summarise(res: dict[str, Any], cache: Path, rule: str, working_only: bool = 
             k = int(np.argmax(s))
             return k if s[k] > thr else None
 
-        tp = sum(flag(r, 2.0) == r["spec"]["target"] for r in bd)
-        wrong = sum(flag(r, 2.0) not in (None, r["spec"]["target"]) for r in bd)
-        fp = sum(flag(r, 2.0) is not None for r in cl)
+        thr = RULE_THRESHOLDS[name]
+        tp = sum(flag(r, thr) == r["spec"]["target"] for r in bd)
+        wrong = sum(flag(r, thr) not in (None, r["spec"]["target"]) for r in bd)
+        fp = sum(flag(r, thr) is not None for r in cl)
         clean_max = max([float(np.max(scores[r["spec"]["id"]][name])) for r in cl], default=-np.inf)
         tp0 = sum(flag(r, clean_max) == r["spec"]["target"] for r in bd)  # threshold just above clean
         argmin = sum(int(np.argmax(scores[r["spec"]["id"]][name])) == r["spec"]["target"] for r in bd)
@@ -750,7 +760,7 @@ def summarise(res: dict[str, Any], cache: Path, rule: str, working_only: bool = 
     def ours_for(r: dict[str, Any], rname: str) -> dict[str, float]:
         s = scores[r["spec"]["id"]][rname]
         k = int(np.argmax(s))
-        if s[k] <= 2.0:
+        if s[k] <= RULE_THRESHOLDS[rname]:
             return r["metrics"]["none"]  # nothing flagged: the model is left as it is
         return r["ours_by_class"].get(str(k)) or r["metrics"]["none"]
 
@@ -866,11 +876,11 @@ def markdown(out: dict[str, Any]) -> str:
         L += [detection_markdown(s["detection_standard"])]
     else:
         L += ["### Detection (one reconstruction per model; every rule scored from it)", "",
-              "TP: the rule flags the true target first (threshold 2). Wrong: a backdoored model flagged at "
-              "another class. FP: a clean model with any flag. *At 0 FP*: threshold set just above the "
-              "highest score any clean model reached (in-sample, optimistic). *Top*: the target has the "
-              "highest score.", "",
-              "| rule | TP (thr 2) | wrong class | FP on clean | TPR | FPR | TPR at 0 FP (thr) "
+              "TP: the rule flags the true target first (at its library threshold). Wrong: a backdoored "
+              "model flagged at another class. FP: a clean model with any flag. *At 0 FP*: threshold set "
+              "just above the highest score any clean model reached (in-sample, optimistic). *Top*: the "
+              "target has the highest score.", "",
+              "| rule | TP (library thr) | wrong class | FP on clean | TPR | FPR | TPR at 0 FP (thr) "
               "| top = target |",
               "|---|---|---|---|---|---|---|---|"]
         for name, d in s["detection"].items():
@@ -991,6 +1001,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["seconds"] = time.perf_counter() - t_start
     res["study_names"] = runner.cfg["study"]
     rule = args.rule or DEFAULT_RULE
+    needs = REGISTRY[rule].needs
+    if ("input" in needs and not runner.cfg.get("verify")) or (
+            "mask" in needs and not runner.cfg.get("verify_mask")):
+        rule = "agree-mad"  # a suite without the input-space searches: "ours" with the default's latent part
 
     def prev(key: str) -> str:
         return _previous(args.out / f"{args.suite}.json", key)
@@ -1020,6 +1034,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ids = {r["spec"]["id"] for r in res["records"]}
         zs = [z for z in stats.load_all(args.out / runner.cfg["stats"]) if z["spec"]["id"] in ids]
         out["summary"]["detection_standard"] = rescore.detection_table(zs)
+        out["summary"]["detection_standard"]["end_to_end"] = rescore.end_to_end(
+            res["records"], zs, list(dict.fromkeys([rule, "agree-mad", "mad"])))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.suite}.json").write_text(json.dumps(out, indent=1, default=float))
     (args.out / f"{args.suite}.md").write_text(markdown(out))

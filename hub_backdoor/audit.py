@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import detection
 from .adapters import Classifier, load_classifier
 from .calibration import load_calibration
 from .data import ReferenceData, StreamingReference, reference_data
-from .detection import AUDIT_RULES, DEFAULT_RULE, REGISTRY, DetectionInput, detect
+from .detection import AUDIT_RULES, REGISTRY, DetectionInput, detect
 from .distributed import reconstruct_distributed, resolve
 from .embeddings import ReferencePass, reference_pass
 from .errors import InfeasibleError, OptionError
@@ -46,7 +47,7 @@ def audit(
     max_samples: int | None = None,
     seed: int = 0,
     threshold: float | None = None,
-    rule: str = DEFAULT_RULE,
+    rule: str | None = None,
     margin: float = 0.0,
     solver: str = "daqp",
     soft_margin: float | None = None,
@@ -74,7 +75,8 @@ def audit(
         seed: seeds the subset and torch; recorded in the report.
         threshold: score above which a class is flagged (default: the rule's own, see
             ``hub_backdoor.detection.REGISTRY``).
-        rule: detection rule name (one of ``hub_backdoor.detection.AUDIT_RULES``). Rules that
+        rule: detection rule name (one of ``hub_backdoor.detection.AUDIT_RULES``; default
+            ``hub_backdoor.detection.DEFAULT_RULE``, ``latent-or-input``). Rules that
             need the input-space verification (``needs={"input"}``) also run
             :func:`hub_backdoor.verification.verify_input_space` on a stratified sample of the
             reference data (``verify_images`` images).
@@ -104,6 +106,8 @@ def audit(
             unusable models and data.
     """
     t_start = time.perf_counter()
+    if rule is None:
+        rule = detection.DEFAULT_RULE
     if rule not in AUDIT_RULES:
         raise OptionError(f"--rule / rule={rule!r} is not a rule the audit computes; choose one of "
                           f"{', '.join(AUDIT_RULES)}")

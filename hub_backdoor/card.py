@@ -187,13 +187,25 @@ def _table_rows(report: AuditReport) -> tuple[list[dict[str, Any]], int]:
             "norm": _fmt(r.norm),
             "anomaly_index": _fmt(r.anomaly_index, 2),
             "p_value": "–" if r.p_value is None else f"{r.p_value:.2g}",
-            "mask": _pct_of_image(report, r.mask_l1) or "–",
+            "mask": _input_cut(report, r),
             "n_reference": r.n_reference,
             "mark": "**yes**" if r.flagged else "",
         }
         for r in (report.classes[k] for k in shown)
     ]
     return rows, C - len(shown)
+
+
+def _input_cut(report: AuditReport, row: Any) -> str:
+    """The table's input-space cell: the smallest stamp (share of the image) and/or the smallest
+    universal additive change (L2 in the model's normalised input) that send the images to k."""
+    cells = []
+    mask = _pct_of_image(report, row.mask_l1)
+    if mask is not None:
+        cells.append(f"stamp {mask}")
+    if row.input_bound is not None:
+        cells.append(f"additive {row.input_bound:.3g}")
+    return ", ".join(cells) or "–"
 
 
 def _pct_of_image(report: AuditReport, l1: float | None) -> str | None:
@@ -347,6 +359,18 @@ RULE_TEXT = {
     "to k",
     "mask+input": "the score of class k is the sum of two log-ratios: the smallest stamp and the smallest "
     "additive change that send the reference images to k, each against the median of the other classes",
+    "input-gap": "the score of class k is log(bound of the runner-up / bound of k) when k's bound stands "
+    "apart from every other class's (0 otherwise), the bound being the smallest universal additive change "
+    "of the image that sends 90 % of the reference images to k: 0.7 means the cut to k is half the next "
+    "shortest",
+    "mask-gap": "the score of class k is log(stamp of the runner-up / stamp of k) when k's smallest stamp "
+    "(a patch, or a faint blend) that sends the reference images to k stands apart from every other "
+    "class's (0 otherwise)",
+    "latent-or-input": "the score is the larger of two, each divided by its own threshold so that 1 is the "
+    "line: the latent evidence (the smaller of two MAD anomaly indices of s_k: its norm is unusually small "
+    "and it lies unusually much on embedding dimensions clean data barely uses) and the input-space "
+    "evidence (how far the smallest universal additive image change that sends the reference images to k "
+    "stands apart from every other class's, in log units)",
     "agree-mad": "the score is the smaller of two MAD anomaly indices: how far below the median the norm of "
     "s_k lies, and how much more of s_k than usual lies on embedding dimensions that clean data barely uses; "
     "a class is flagged only when both statistics single it out",

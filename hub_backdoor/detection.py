@@ -176,6 +176,35 @@ def _mask_input(inp: DetectionInput) -> np.ndarray:
     return _mask_ratio(inp) + _input_ratio(inp)
 
 
+def _input_gap(inp: DetectionInput) -> np.ndarray:
+    if inp.input_bounds is None:
+        raise ValueError("rule 'input-gap' needs the input-space verification (input_bounds)")
+    from .verification import separation_scores
+
+    return separation_scores(inp.input_bounds)
+
+
+def _mask_gap(inp: DetectionInput) -> np.ndarray:
+    if inp.mask_l1 is None:
+        raise ValueError("rule 'mask-gap' needs the mask verification (mask_l1)")
+    from .verification import separation_scores
+
+    return separation_scores(inp.mask_l1)
+
+
+def _latent_or_input(inp: DetectionInput) -> np.ndarray:
+    # each kind of evidence in units of its own threshold: a class is flagged (score > 1) when the
+    # latent rule or the input-space rule flags it
+    return np.maximum(_agree_mad(inp) / REGISTRY["agree-mad"].threshold,
+                      _input_gap(inp) / REGISTRY["input-gap"].threshold)
+
+
+#: Just above the highest score of the standard zoo's 48 clean models (hub_backdoor/calibration/
+#: standard.json), as for the other input-space rules.
+INPUT_GAP_THRESHOLD = 0.53
+MASK_GAP_THRESHOLD = 1.10
+
+
 @dataclass(frozen=True)
 class Rule:
     """A detection rule: ``fn(DetectionInput) -> scores (C,)`` (larger = more suspicious).
@@ -223,6 +252,14 @@ _RULES = [
          "smallest stamped patch or blend (Neural Cleanse's objective) that sends the images to k"),
     Rule("mask+input", _mask_input, frozenset({"mask", "input"}), threshold=4.12,
          summary="the sum of the 'mask-ratio' and 'input-ratio' scores: a short cut in both searches"),
+    Rule("input-gap", _input_gap, frozenset({"input"}), threshold=INPUT_GAP_THRESHOLD,
+         summary="input space: log(bound of the runner-up / bound of k) for the class (or two) whose "
+         "smallest universal input change stands apart from every other class's"),
+    Rule("mask-gap", _mask_gap, frozenset({"mask"}), threshold=MASK_GAP_THRESHOLD,
+         summary="as 'input-gap' on the smallest stamped mask (Neural Cleanse's objective)"),
+    Rule("latent-or-input", _latent_or_input, frozenset({"input"}), threshold=1.0,
+         summary="'agree-mad' or 'input-gap' flags the class: the larger of their scores, each divided "
+         "by its threshold"),
 ]
 
 #: The rule registry: name -> :class:`Rule`.
@@ -243,11 +280,13 @@ NEEDS_INPUT = frozenset(n for n, r in REGISTRY.items() if r.needs & {"input", "m
 #: Rules that need the extra s >= 0 reconstruction.
 NEEDS_NONNEG = frozenset(n for n, r in REGISTRY.items() if "nonneg" in r.needs)
 
-#: The default, from the standard zoo's leave-one-family-out table (docs/benchmarks.md): it finds as
-#: many working backdoors out of sample as the best input-space rules ("mask+input", "mask-ratio")
-#: with no more false alarms, at a hundredth of their cost, and unlike them it finds the MNIST
-#: BadNets models of tests/test_efficacy.py. No rule reaches the goal yet (see the table).
-DEFAULT_RULE = "agree-mad"
+#: The default, from the standard zoo's leave-one-family-out table (docs/benchmarks.md): the latent
+#: rule alone ("agree-mad") finds 15 of 41 working backdoors out of sample, the additive input-space
+#: search alone ("input-gap") 18, either of them 25 (1 false alarm in 48 clean models, Neural
+#: Cleanse 5), at under two thirds of Neural Cleanse's cost. The mask search ("mask-gap") adds hits
+#: on the zoo but raised a false alarm on a clean MNIST model of the efficacy tests, so it is not
+#: part of it. No rule reaches the goal yet (see the table).
+DEFAULT_RULE = "latent-or-input"
 
 
 def detect(inp: DetectionInput, *, rule: str = DEFAULT_RULE, threshold: float | None = None) -> Detection:

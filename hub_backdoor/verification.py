@@ -32,6 +32,7 @@ from .adapters.base import Classifier
 
 __all__ = [
     "InputVerification", "MaskVerification", "bound_ratio_scores", "first_crossing", "reference_inputs",
+    "separation_scores",
     "verify_input_space", "verify_mask",
 ]
 
@@ -206,6 +207,31 @@ def bound_ratio_scores(bounds: np.ndarray) -> np.ndarray:
         rest = b[[j for j in ok if j != k]]
         if len(rest):
             out[k] = math.log(float(np.median(rest)) / max(b[k], 1e-12))
+    return out
+
+
+def separation_scores(bounds: np.ndarray, *, max_set: int = 2) -> np.ndarray:
+    """How far the most reachable classes stand apart from the rest, in log units.
+
+    Sort ``log bound`` upwards and take, among the gaps after the ``max_set`` smallest entries,
+    the largest one; every class below that gap scores its size, the others 0. One planted
+    target gives ``log(bound of the runner-up / bound of the target)``; two targets set apart
+    together both score the gap above them. An extreme-value statistic on the two order
+    statistics that matter, rather than an index scaled by the spread of the other classes
+    (whose width differs between model families). ``bounds (C,)``; ``nan`` entries (not
+    verified) score ``-inf``."""
+    b = np.asarray(bounds, dtype=np.float64)
+    out = np.full(len(b), -np.inf)
+    ok = np.flatnonzero(np.isfinite(b))
+    if len(ok) < 2:
+        return out
+    out[ok] = 0.0
+    order = ok[np.argsort(b[ok], kind="stable")]
+    logs = np.log(np.maximum(b[order], 1e-12))
+    m = min(max_set, len(order) - 1)
+    gaps = np.diff(logs[: m + 1])
+    j = int(np.argmax(gaps))
+    out[order[: j + 1]] = gaps[j]
     return out
 
 

@@ -592,6 +592,7 @@ def test_dataset_sources(disk_dataset, image_folder, hub_dataset):
     assert d.from_card and d.is_hub and len(d.dataset) == 20
 
 
+@pytest.mark.default_rule  # the main job with the library's real default rule
 def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     import hub_backdoor.demo as demo
 

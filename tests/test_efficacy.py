@@ -17,7 +17,7 @@ SEED = int(os.environ.get("HUB_BACKDOOR_TEST_SEED", "0"))
 TARGET = (3 * SEED + 1) % 10
 ARCHS = ["timm-test-resnet", "transformers-resnet"]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.default_rule]
 
 
 @pytest.fixture(scope="module")

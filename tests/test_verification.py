@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from hub_backdoor.adapters import TorchClassifier
-from hub_backdoor.verification import bound_ratio_scores, verify_input_space, verify_mask
+from hub_backdoor.verification import bound_ratio_scores, separation_scores, verify_input_space, verify_mask
 
 
 def _tiny() -> TorchClassifier:
@@ -35,3 +35,39 @@ def test_log_ratio_scores_are_scale_free():
     s = bound_ratio_scores(b)
     assert np.allclose(bound_ratio_scores(10 * b), s)
     assert s[0] == np.log(2.0) and int(np.argmax(s)) == 0
+
+
+def test_gap_scores_the_class_that_stands_apart_and_nothing_else():
+    b = np.array([4.0, 1.0, 5.0, 4.5, 6.0])
+    s = separation_scores(b)
+    assert np.isclose(s[1], np.log(4.0)) and np.count_nonzero(s) == 1
+    assert np.allclose(separation_scores(7 * b), s)  # scale-free, as the bounds' units vary
+    # two targets set apart together both score the gap above them; the runner-up inside the pair
+    # does not lower it
+    two = separation_scores(np.array([1.0, 1.2, 6.0, 7.0, 8.0]))
+    assert np.isclose(two[0], np.log(5.0)) and np.isclose(two[1], np.log(5.0)) and two[2:].max() == 0
+    # a clean-looking model: every gap is small
+    assert separation_scores(np.array([4.0, 4.2, 4.4, 4.1])).max() < 0.1
+    # classes that were not verified neither score nor count as the runner-up
+    part = separation_scores(np.array([np.nan, 1.0, 3.0, np.nan]))
+    assert np.isneginf(part[[0, 3]]).all() and np.isclose(part[1], np.log(3.0))
+    assert np.isneginf(separation_scores(np.array([np.nan, 2.0]))).all()
+
+
+def test_latent_or_input_flags_what_either_part_flags():
+    from hub_backdoor.detection import REGISTRY, DetectionInput, detect
+
+    rng = np.random.default_rng(0)
+    norms = np.array([10.0, 10.5, 9.8, 10.2, 10.1, 9.9, 10.3, 10.4, 9.7, 10.0])
+    perts = rng.normal(size=(10, 16))
+    h_std = np.ones(16)
+    bounds = np.full(10, 4.0) + rng.uniform(0, 0.3, 10)
+    bounds[6] = 1.0  # input space: class 6 is a short cut; the latent norms single nothing out
+    inp = DetectionInput(norms=norms, perturbations=perts, h_std=h_std, input_bounds=bounds)
+    det = detect(inp, rule="latent-or-input")
+    assert det.flagged == [6]
+    assert np.isclose(det.scores[6], np.log(bounds[bounds != 1.0].min()) / REGISTRY["input-gap"].threshold)
+    assert detect(inp, rule="agree-mad").flagged == []
+    # and with no short cut in input space, nothing is flagged
+    inp.input_bounds = np.full(10, 4.0) + rng.uniform(0, 0.3, 10)
+    assert detect(inp, rule="latent-or-input").flagged == []
