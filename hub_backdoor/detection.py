@@ -156,20 +156,26 @@ def _agree_loo(inp: DetectionInput) -> np.ndarray:
     return np.minimum(_mad_loo(inp), _dormant(inp))
 
 
+def _searched(inp: DetectionInput, field: str, rule: str) -> np.ndarray:
+    """The input-space search result ``rule`` reads, or a clear error when the audit did not run it."""
+    value = getattr(inp, field)
+    if value is None:
+        what = "input-space verification" if field == "input_bounds" else "mask verification"
+        raise ValueError(f"rule {rule!r} needs the {what} ({field})")
+    return np.asarray(value, dtype=np.float64)
+
+
+# the score functions are imported when used: verification imports torch, this module only numpy
 def _input_ratio(inp: DetectionInput) -> np.ndarray:
-    if inp.input_bounds is None:
-        raise ValueError("rule 'input-ratio' needs the input-space verification (input_bounds)")
     from .verification import bound_ratio_scores
 
-    return bound_ratio_scores(inp.input_bounds)
+    return bound_ratio_scores(_searched(inp, "input_bounds", "input-ratio"))
 
 
 def _mask_ratio(inp: DetectionInput) -> np.ndarray:
-    if inp.mask_l1 is None:
-        raise ValueError("rule 'mask-ratio' needs the mask verification (mask_l1)")
     from .verification import bound_ratio_scores
 
-    return bound_ratio_scores(inp.mask_l1)
+    return bound_ratio_scores(_searched(inp, "mask_l1", "mask-ratio"))
 
 
 def _mask_input(inp: DetectionInput) -> np.ndarray:
@@ -177,19 +183,15 @@ def _mask_input(inp: DetectionInput) -> np.ndarray:
 
 
 def _input_gap(inp: DetectionInput) -> np.ndarray:
-    if inp.input_bounds is None:
-        raise ValueError("rule 'input-gap' needs the input-space verification (input_bounds)")
     from .verification import separation_scores
 
-    return separation_scores(inp.input_bounds)
+    return separation_scores(_searched(inp, "input_bounds", "input-gap"))
 
 
 def _mask_gap(inp: DetectionInput) -> np.ndarray:
-    if inp.mask_l1 is None:
-        raise ValueError("rule 'mask-gap' needs the mask verification (mask_l1)")
     from .verification import separation_scores
 
-    return separation_scores(inp.mask_l1)
+    return separation_scores(_searched(inp, "mask_l1", "mask-gap"))
 
 
 def _latent_or_input(inp: DetectionInput) -> np.ndarray:
