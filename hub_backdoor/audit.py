@@ -37,6 +37,25 @@ from .verification import (
 __all__ = ["audit", "build_report"]
 
 
+#: Up to this many classes every class is searched in input space; above it, the latent screen's
+#: ``VERIFY_TOP`` most suspicious classes (the search costs ``classes x verify_images`` images a step).
+VERIFY_ALL_UP_TO = 32
+VERIFY_TOP = 16
+
+
+def screened_classes(norms: np.ndarray, perturbations: np.ndarray, h_std: np.ndarray) -> list[int] | None:
+    """The classes the input-space searches run on: all (``None``) for ``C <= VERIFY_ALL_UP_TO``,
+    else the ``VERIFY_TOP`` classes the latent rule ``agree-mad`` scores highest (ties: smaller
+    norm first). ``norms (C,)``, ``perturbations (C, d)``, ``h_std (d,)``."""
+    C = len(norms)
+    if C <= VERIFY_ALL_UP_TO:
+        return None
+    latent = DetectionInput(norms=norms, perturbations=perturbations, h_std=h_std)
+    score = detection.RULES["agree-mad"](latent)
+    order = np.lexsort((np.asarray(norms), -np.asarray(score)))
+    return sorted(int(k) for k in order[:VERIFY_TOP])
+
+
 def audit(
     source: Any,
     dataset: Any,
@@ -79,7 +98,9 @@ def audit(
             ``hub_backdoor.detection.DEFAULT_RULE``, ``latent-or-input``). Rules that
             need the input-space verification (``needs={"input"}``) also run
             :func:`hub_backdoor.verification.verify_input_space` on a stratified sample of the
-            reference data (``verify_images`` images).
+            reference data (``verify_images`` images), on every class up to
+            ``VERIFY_ALL_UP_TO`` classes and on the latent screen's ``VERIFY_TOP`` most
+            suspicious ones above (:func:`screened_classes`).
         verify_images: reference images of the input-space verification.
         margin: logit margin m of the QP (0 in the paper).
         solver: ``"daqp"`` (fast) or ``"cvxpy"`` (reference).
@@ -145,10 +166,11 @@ def audit(
         if needs & {"input", "mask"}:  # the model runs again: a bounded sample, on the main process
             x, y = reference_inputs(data, transform or clf.preprocess, n_images=verify_images, seed=seed,
                                     device=clf.device)
+            classes = screened_classes(rec.norms, rec.perturbations, ref.h_std)
             if "input" in needs:
-                ver = verify_input_space(clf, x, y, seed=seed, progress=progress)
+                ver = verify_input_space(clf, x, y, classes=classes, seed=seed, progress=progress)
             if "mask" in needs:
-                mask = verify_mask(clf, x, y, seed=seed, progress=progress)
+                mask = verify_mask(clf, x, y, classes=classes, seed=seed, progress=progress)
         t0 = time.perf_counter()
         det = detect(
             DetectionInput(

@@ -71,3 +71,25 @@ def test_latent_or_input_flags_what_either_part_flags():
     # and with no short cut in input space, nothing is flagged
     inp.input_bounds = np.full(10, 4.0) + rng.uniform(0, 0.3, 10)
     assert detect(inp, rule="latent-or-input").flagged == []
+
+
+def test_many_classes_search_only_the_latent_screens_candidates():
+    from hub_backdoor import audit
+    from hub_backdoor.audit import VERIFY_ALL_UP_TO, VERIFY_TOP, screened_classes
+
+    rng = np.random.default_rng(0)
+    assert screened_classes(rng.uniform(5, 6, 10), rng.normal(size=(10, 8)), np.ones(8)) is None
+    norms = rng.uniform(5, 6, 50)
+    norms[[7, 31]] = 1.0  # the two classes the latent screen must keep
+    picked = screened_classes(norms, rng.normal(size=(50, 8)), np.ones(8))
+    assert picked is not None and len(picked) == VERIFY_TOP and {7, 31} <= set(picked)
+    # the audit searches exactly those in input space; the others have no input-space evidence
+    C = VERIFY_ALL_UP_TO + 8
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, C))
+    x, y = torch.rand(8 * C, 3, 8, 8), torch.arange(8 * C) % C
+    report = audit(TorchClassifier(net, head="4"), (x, y), rule="input-gap", progress=False,
+                   min_reference_accuracy=0.0)
+    searched = [r.index for r in report.classes if r.input_bound is not None]
+    assert len(searched) == VERIFY_TOP and len(report.classes) == C
