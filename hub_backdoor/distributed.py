@@ -113,8 +113,9 @@ class Dist:
             return tensor.clone()
         import torch.distributed as tdist
 
+        reduce_op = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}[op]
         out = tensor.detach().to(self._comm_device()).clone()
-        tdist.all_reduce(out, op=getattr(tdist.ReduceOp, op.upper()))
+        tdist.all_reduce(out, op=reduce_op)
         return out.to(tensor.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
