@@ -205,11 +205,11 @@ def audit(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, *, bs: int = 256, q
     t_q = time.perf_counter() - t0
     inp = DetectionInput(norms=rec.norms, perturbations=rec.perturbations, h_std=h_std,
                          nonneg_norms=rec_nn.norms, quantile_norms=rec_q.norms)
-    from hub_backdoor.detection import DEFAULT_RULE, NEEDS_INPUT, detect
+    from hub_backdoor.detection import DEFAULT_RULE, LATENT_RULE, NEEDS_INPUT, detect
 
     t0 = time.perf_counter()
     # a rule that runs the model again is timed by its verification stage; here its latent part
-    detect(inp, rule="agree-mad" if DEFAULT_RULE in NEEDS_INPUT else DEFAULT_RULE)
+    detect(inp, rule=LATENT_RULE if DEFAULT_RULE in NEEDS_INPUT else DEFAULT_RULE)
     t_det = time.perf_counter() - t0
     if DEFAULT_RULE in NEEDS_NONNEG:  # the library's audit solves the s >= 0 QP for this rule
         t_det += t_nn

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from hub_backdoor.detection import DEFAULT_RULE, RULE_THRESHOLDS, RULES, anomaly_index
+from hub_backdoor.detection import DEFAULT_RULE, LATENT_RULE, RULE_THRESHOLDS, RULES, anomaly_index
 from hub_backdoor.report import atomic_write_text
 
 from . import stats
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         out = json.loads(js.read_text())
         det["end_to_end"] = end_to_end(out.get("records", []), zs,
-                                       list(dict.fromkeys([DEFAULT_RULE, "agree-mad", "mad"])))
+                                       list(dict.fromkeys([DEFAULT_RULE, LATENT_RULE, "mad"])))
         out["summary"]["detection_standard"] = det
         js.write_text(json.dumps(out, indent=1, default=float))
         (args.out / f"{args.suite}.md").write_text(run_markdown(out))

@@ -31,7 +31,14 @@ import numpy as np
 import torch
 
 from hub_backdoor.defaults import PURIFY
-from hub_backdoor.detection import DEFAULT_RULE, REGISTRY, RULE_THRESHOLDS, RULES, DetectionInput
+from hub_backdoor.detection import (
+    DEFAULT_RULE,
+    LATENT_RULE,
+    REGISTRY,
+    RULE_THRESHOLDS,
+    RULES,
+    DetectionInput,
+)
 from hub_backdoor.purification import auto_epochs
 from hub_backdoor.report import atomic_write_text
 from hub_backdoor.verification import verify_input_space, verify_mask
@@ -485,11 +492,6 @@ class Runner:
             au = core.audit(view, self.Xc, self.Yc)
         rec["audit_timings"] = au.timings
         rec["audit_stats"] = core.audit_stats(au.inp)
-        W, b = view.head_numpy()
-        # per-sample logits and the head too: rules that need them can be studied without a rerun
-        np.savez(folder / "audit.npz", perturbations=au.perturbations, h_std=au.inp.h_std,
-                 norms=au.inp.norms, nonneg_norms=au.inp.nonneg_norms, quantile_norms=au.inp.quantile_norms,
-                 logits=au.logits.astype(np.float32), labels=self.Yc.cpu().numpy(), head_W=W, head_b=b)
         ver = None
         if self.cfg.get("verify"):
             with self.timed(rec, "input-space verification"):
@@ -503,12 +505,14 @@ class Runner:
             au.inp.mask_l1 = mask.full_l1(view.num_classes)
             rec["mask_verification"] = {"l1": mask.mask_l1.tolist(), "flip": mask.flip.tolist(),
                                         "seconds": mask.seconds}
-        if ver is not None or mask is not None:  # the input-space rules, rescored from the cache too
-            with np.load(folder / "audit.npz") as z:
-                kept = dict(z)
-            np.savez(folder / "audit.npz", **kept,
-                     **({"input_bounds": au.inp.input_bounds} if ver is not None else {}),
-                     **({"mask_l1": au.inp.mask_l1} if mask is not None else {}))
+        W, b = view.head_numpy()
+        # per-sample logits, the head and the input-space results too: rules that need them can be
+        # studied without a rerun
+        np.savez(folder / "audit.npz", perturbations=au.perturbations, h_std=au.inp.h_std,
+                 norms=au.inp.norms, nonneg_norms=au.inp.nonneg_norms, quantile_norms=au.inp.quantile_norms,
+                 logits=au.logits.astype(np.float32), labels=self.Yc.cpu().numpy(), head_W=W, head_b=b,
+                 **({"input_bounds": au.inp.input_bounds} if ver is not None else {}),
+                 **({"mask_l1": au.inp.mask_l1} if mask is not None else {}))
         rec["detection"] = detections(au.inp)
         rev = self._load_nc(spec)
         if rev is None:  # not reversed with its group beforehand (reverse_pending)
@@ -1004,7 +1008,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     needs = REGISTRY[rule].needs
     if ("input" in needs and not runner.cfg.get("verify")) or (
             "mask" in needs and not runner.cfg.get("verify_mask")):
-        rule = "agree-mad"  # a suite without the input-space searches: "ours" with the default's latent part
+        rule = LATENT_RULE  # a suite without the input-space searches: "ours" with the default's latent part
 
     def prev(key: str) -> str:
         return _previous(args.out / f"{args.suite}.json", key)
@@ -1035,7 +1039,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         zs = [z for z in stats.load_all(args.out / runner.cfg["stats"]) if z["spec"]["id"] in ids]
         out["summary"]["detection_standard"] = rescore.detection_table(zs)
         out["summary"]["detection_standard"]["end_to_end"] = rescore.end_to_end(
-            res["records"], zs, list(dict.fromkeys([rule, "agree-mad", "mad"])))
+            res["records"], zs, list(dict.fromkeys([rule, LATENT_RULE, "mad"])))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.suite}.json").write_text(json.dumps(out, indent=1, default=float))
     (args.out / f"{args.suite}.md").write_text(markdown(out))

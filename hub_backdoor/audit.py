@@ -45,13 +45,13 @@ VERIFY_TOP = 16
 
 def screened_classes(norms: np.ndarray, perturbations: np.ndarray, h_std: np.ndarray) -> list[int] | None:
     """The classes the input-space searches run on: all (``None``) for ``C <= VERIFY_ALL_UP_TO``,
-    else the ``VERIFY_TOP`` classes the latent rule ``agree-mad`` scores highest (ties: smaller
+    else the ``VERIFY_TOP`` classes the latent rule (``detection.LATENT_RULE``) scores highest (ties: smaller
     norm first). ``norms (C,)``, ``perturbations (C, d)``, ``h_std (d,)``."""
     C = len(norms)
     if C <= VERIFY_ALL_UP_TO:
         return None
     latent = DetectionInput(norms=norms, perturbations=perturbations, h_std=h_std)
-    score = detection.RULES["agree-mad"](latent)
+    score = detection.RULES[detection.LATENT_RULE](latent)
     order = np.lexsort((np.asarray(norms), -np.asarray(score)))
     return sorted(int(k) for k in order[:VERIFY_TOP])
 

@@ -194,10 +194,15 @@ def _mask_gap(inp: DetectionInput) -> np.ndarray:
     return separation_scores(_searched(inp, "mask_l1", "mask-gap"))
 
 
+#: The latent part of the default: what the audit can say without running the model again (the
+#: input-space searches' class screen, and suites or tests that run no search, use it).
+LATENT_RULE = "agree-mad"
+
+
 def _latent_or_input(inp: DetectionInput) -> np.ndarray:
     # each kind of evidence in units of its own threshold: a class is flagged (score > 1) when the
     # latent rule or the input-space rule flags it
-    return np.maximum(_agree_mad(inp) / REGISTRY["agree-mad"].threshold,
+    return np.maximum(RULES[LATENT_RULE](inp) / REGISTRY[LATENT_RULE].threshold,
                       _input_gap(inp) / REGISTRY["input-gap"].threshold)
 
 

@@ -57,9 +57,10 @@ def local_hub() -> LocalHub:
 def _latent_default_rule(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """The library's default rule runs an input-space search that costs seconds per audit, and the
     plumbing tests (CLI, Hub, cards, integrations) audit dozens of times: in-process they run the
-    latent rule ``agree-mad`` as their default. Tests marked ``default_rule`` (the efficacy tests,
-    the default's own tests) run the library's real default; subprocesses always do."""
+    latent rule (``detection.LATENT_RULE``, ``agree-mad``) as their default. Tests marked
+    ``default_rule`` (the efficacy tests, the default's own tests) run the library's real default;
+    subprocesses always do."""
     if request.node.get_closest_marker("default_rule") is None:
         from hub_backdoor import detection
 
-        monkeypatch.setattr(detection, "DEFAULT_RULE", "agree-mad")
+        monkeypatch.setattr(detection, "DEFAULT_RULE", detection.LATENT_RULE)
