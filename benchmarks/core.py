@@ -259,6 +259,7 @@ def finetune(
     beta: float = 0.0,
     scale: float = 1.0,
     distill: float = 0.0,
+    keep: float = 0.0,
     s_t: np.ndarray | None = None,
     target: int | None = None,
     resolve_every: int | None = None,
@@ -271,7 +272,8 @@ def finetune(
 ) -> Classifier:
     """Fine-tune ``clf`` in place on clean data with the loss of ``hub_backdoor.purify``
     (:func:`hub_backdoor.purification.purification_loss`: ``CE(f(x), y) + beta CE(head(h(x) +
-    scale s_t), y) + distill KL(f_0(x) || f(x))``) and its optimiser: SGD momentum 0.9, wd 5e-4,
+    scale s_t), y) + distill KL(f_0(x) || f(x))`` + ``keep`` times the KL over the classes but
+    ``target``) and its optimiser: SGD momentum 0.9, wd 5e-4,
     one-cycle, BatchNorm in train mode unless ``freeze_norm``. ``beta = distill = 0`` is plain
     fine-tuning (FT). ``stamp``: adds a trigger to part of each batch, labels kept (NC unlearning).
     ``augment``: random 2-pixel shifts and horizontal flips of each batch (a small clean set is
@@ -283,7 +285,7 @@ def finetune(
     dev = X.device
     torch.manual_seed(seed)
     model = clf.model
-    teacher = clf.copy().model.eval() if distill > 0 else None
+    teacher = clf.copy().model.eval() if distill > 0 or keep > 0 else None
     params = trainable_parameters(clf, train)
     if norm_frozen:
         norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
@@ -322,7 +324,8 @@ def finetune(
                         with torch.no_grad():
                             t_logits = teacher(xb)
                     loss, _, _ = purification_loss(clf, xb, yb, s, beta=beta if s_t is not None else 0.0,
-                                                   teacher_logits=t_logits, distill=distill)
+                                                   teacher_logits=t_logits, distill=distill, keep=keep,
+                                                   target=target)
                 return loss
 
             opt.zero_grad(set_to_none=True)

@@ -256,6 +256,7 @@ def purify(
     resolve_every: int | None = None,
     freeze_norm: bool = False,
     distill: float = float(PURIFY["distill"]),
+    keep: float = float(PURIFY["keep"]),
     warmup: float = float(PURIFY["warmup"]),
     seed: int = 0,
     transform: Any = None,
@@ -290,6 +291,9 @@ def purify(
         resolve_every: re-solve s_t on the current model every this many epochs (None: never).
         distill: weight of a KL term to the original model's clean predictions, which keeps
             clean behaviour when the clean set is small (0: the paper's loss).
+        keep: weight of a second KL term to the original predictions over every class but the
+            target, so the other classes keep their order while the target's logit is lowered
+            (0: off; docs/purification.md has what it changed).
         warmup: share of the epochs over which the latent shift grows linearly from 0 to
             ``scale * s_t`` (0: full size from the first step, the paper's setting). At full size
             the first steps face a loss of tens of nats and wreck the features at once.
@@ -312,7 +316,7 @@ def purify(
     check_purify_options(
         beta=beta, scale=scale, distill=distill, lr=lr, epochs=epochs, holdout=holdout,
         batch_size=batch_size, seed=seed, max_samples=max_samples, resolve_every=resolve_every,
-        device=device, warmup=warmup,
+        device=device, warmup=warmup, keep=keep,
     )
     torch.manual_seed(seed)
     original = load_classifier(source, **load_kw)
@@ -364,7 +368,8 @@ def purify(
         loader.dataset, batch_size=batch_size, shuffle=True, generator=loader.generator,
         drop_last=len(fit) > batch_size, collate_fn=loader.collate_fn,
     )
-    teacher = original.copy() if distill > 0 else None  # a copy: the caller's model stays as it was
+    # a copy: the caller's model stays as it was
+    teacher = original.copy() if distill > 0 or keep > 0 else None
     if teacher is not None:
         teacher.model.to(clf.device).eval()
     # several processes (torchrun / accelerate launch): each takes its share of every epoch and
@@ -393,7 +398,7 @@ def purify(
             with torch.no_grad():
                 t_logits = teacher.forward(x)[0]
         loss, loss_clean, loss_trig = purification_loss(
-            clf, x, y, s, beta=beta, teacher_logits=t_logits, distill=distill
+            clf, x, y, s, beta=beta, teacher_logits=t_logits, distill=distill, keep=keep, target=target
         )
         return {"loss": loss, "loss_clean": loss_clean, "loss_trigger": loss_trig}
 
@@ -421,7 +426,7 @@ def purify(
             "batch_size": batch_size,
             "train": train,
             "holdout": holdout, "resolve_every": resolve_every, "freeze_norm": freeze_norm,
-            "distill": distill, "warmup": warmup,
+            "distill": distill, "keep": keep, "warmup": warmup,
             "seed": seed, "max_accuracy_drop": max_accuracy_drop,
         },
         report=report,
@@ -440,22 +445,43 @@ def purification_loss(
     beta: float | torch.Tensor,
     teacher_logits: torch.Tensor | None = None,
     distill: float | torch.Tensor = 0.0,
+    keep: float | torch.Tensor = 0.0,
+    target: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The stage-2 loss on one batch ``x (B, ...)``, ``y (B,)``; ``s (d,)`` is ``scale * s_t``.
 
-    Returns ``(loss, CE(f(x), y), CE(head(h(x) + s), y))``; the KL term is added only when
-    ``teacher_logits (B, C)`` (the original model's, no grad) are given. The benchmarks train
-    with this same function, so the table measures the library's loss.
+    Returns ``(loss, CE(f(x), y), CE(head(h(x) + s), y))``; the KL terms are added only when
+    ``teacher_logits (B, C)`` (the original model's, no grad) are given: ``distill`` weighs the
+    KL over all classes, ``keep`` the KL over every class but ``target`` (:func:`_kl`). The
+    benchmarks train with this same function, so the table measures the library's loss.
     """
     logits, h = clf.forward(x)
     loss_clean = F.cross_entropy(logits, y)
     loss_trig = F.cross_entropy(clf.head_logits(h + s.to(h.dtype)), y)
     loss = loss_clean + beta * loss_trig
-    if teacher_logits is not None:  # no test on distill: a tensor of per-model weights under vmap
-        # KL(f_0 || f) written out: torch's kl_div has no vmap batching rule (benchmarks/group.py)
-        log_t, log_s = F.log_softmax(teacher_logits.float(), 1), F.log_softmax(logits.float(), 1)
-        loss = loss + distill * (log_t.exp() * (log_t - log_s)).sum() / len(logits)
+    if teacher_logits is not None:  # no test on the weights: tensors of per-model weights under vmap
+        loss = loss + distill * _kl(teacher_logits, logits)
+        if target is not None and not (isinstance(keep, (int, float)) and keep == 0):
+            others = torch.arange(logits.shape[1], device=logits.device) != target
+            loss = loss + keep * _kl(teacher_logits, logits, others)
     return loss, loss_clean, loss_trig
+
+
+def _kl(teacher_logits: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor | None = None
+        ) -> torch.Tensor:
+    """Mean KL(f_0 || f) over the batch, of the softmax over ``classes (C,)`` (bool; all: None).
+
+    Over the non-target classes it holds their order as the original had it while the latent term
+    lowers the target's logit: the latent term's pull is the same direction, away from the target,
+    for every sample, and with the plain KL alone it dragged clean images of every class into the
+    class opposite the target (docs/purification.md). Written out: torch's kl_div has no vmap
+    batching rule (benchmarks/group.py).
+    """
+    t, s = teacher_logits.float(), logits.float()
+    if classes is not None:  # a class left out gets probability 0 in both: it adds nothing
+        t, s = torch.where(classes, t, -1e9), torch.where(classes, s, -1e9)
+    log_t, log_s = F.log_softmax(t, 1), F.log_softmax(s, 1)
+    return (log_t.exp() * (log_t - log_s)).sum() / len(logits)
 
 
 def _freeze_batchnorm(model: torch.nn.Module) -> None:

@@ -174,12 +174,14 @@ def check_purify_options(
     resolve_every: Any = None,
     device: Any = None,
     warmup: Any = 0.0,
+    keep: Any = 0.0,
 ) -> None:
     """The options of :func:`hub_backdoor.purify` (and ``hub-backdoor purify``)."""
     check_number(warmup, "warmup", ge=0, le=1)
     check_number(beta, "beta", ge=0)
     check_number(scale, "scale", gt=0)
     check_number(distill, "distill", ge=0)
+    check_number(keep, "keep", ge=0)
     check_number(lr, "lr", gt=0)
     if epochs is not None:
         check_int(epochs, "epochs")

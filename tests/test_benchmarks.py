@@ -92,6 +92,8 @@ def test_group_equals_one_by_one():
     src = alone[0][0]
     s_t = np.random.default_rng(0).normal(size=src.embed_dim)
     variants = [{"lr": 0.003, "train": "backbone", "beta": 10.0, "scale": 2.0, "distill": 3.0, "s_t": s_t},
+                {"lr": 0.003, "train": "backbone", "beta": 5.0, "scale": 2.0, "keep": 10.0, "target": 3,
+                 "s_t": s_t},
                 {"lr": 0.01, "train": "all", "beta": 3.0, "s_t": s_t}, {"lr": 0.003},
                 {"lr": 0.003, "train": "last-stage", "beta": 10.0, "s_t": s_t, "warmup": 1.0}]
     mask, pattern = torch.zeros(1, 16, 16), torch.ones(1, 16, 16)

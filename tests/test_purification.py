@@ -79,3 +79,31 @@ def test_warmup_grows_the_latent_shift_then_holds_it():
     with pytest.raises(Exception, match="warmup"):
         purify(TorchClassifier(w.make_model(), head="6"), w.make_data(), target=1, warmup=1.5,
                progress=False)
+
+
+def test_keep_term_ignores_the_target_logit_and_holds_the_others():
+    """``keep`` is a KL to the original over the non-target classes: moving only the target's
+    logit costs nothing, reordering the others costs, and ``distill`` sees both."""
+    from hub_backdoor.purification import purification_loss
+
+    clf = TorchClassifier(w.make_model(), head="6")
+    X, y = w.make_data()
+    x, y = X[:16], y[:16]
+    with torch.no_grad():
+        logits = clf.forward(x)[0]
+    s = torch.zeros(clf.embed_dim)
+
+    def extra(teacher: torch.Tensor, **kw: float) -> float:
+        base = purification_loss(clf, x, y, s, beta=0.0)[0].detach()
+        got = purification_loss(clf, x, y, s, beta=0.0, teacher_logits=teacher, target=3, **kw)[0]
+        return float(got.detach() - base)
+
+    lowered = logits.clone()
+    lowered[:, 3] -= 5.0  # what the latent term does: the target's logit goes down
+    swapped = logits[:, [1, 0, 2, 3, 4, 5, 6, 7, 8, 9]]  # two other classes trade places
+    assert abs(extra(lowered, keep=10.0)) < 1e-4
+    assert extra(lowered, distill=1.0) > 1e-3
+    assert extra(swapped, keep=10.0) > 1e-3
+    assert abs(extra(logits, keep=10.0, distill=3.0)) < 1e-4  # the original itself: no cost
+    with pytest.raises(Exception, match="keep"):
+        purify(clf, (X, y), target=1, keep=-1.0, progress=False)
