@@ -10,7 +10,7 @@ PURIFY: dict[str, float | int | str] = {
     "beta": 10.0,  # weight of CE(head(h + scale * s_t), y)
     "scale": 2.0,  # s_t multiplier; 1 is the paper
     "distill": 3.0,  # KL to the original model's clean predictions; 0 is the paper
-    "keep": 0.0,  # KL to them over the non-target classes only; 0 is off
+    "keep": 10.0,  # KL to them over the non-target classes only; 0 is the earlier loss
     "lr": 0.003,
     "epochs": 10,  # or more: see min_steps
     "min_steps": 100,  # epochs=None runs max(epochs, enough epochs for this many optimizer steps)
