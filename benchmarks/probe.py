@@ -7,8 +7,8 @@ models of every family, solves s_t as the audit does, and fine-tunes each with t
 named (``benchmarks.run.STUDY``) through the library's loss (:func:`benchmarks.core.finetune`).
 Per model and variant it prints ACC / ASR, the target class's own accuracy and the held-out
 latent-trigger share at scales 1 and 2 (clean test images of the other classes that ``h + scale
-* s_t`` sends to the target). Twelve models and four variants take about 10 minutes on 2 cores
-with the models cached (about 20 more to train them). It is a probe, not the study: the study's
+* s_t`` sends to the target). Twelve models and three variants take about 10 minutes in one
+process with the models cached (about 20 more to train them). It is a probe, not the study: the study's
 table (``--suite standard``) decides the defaults.
 """
 

@@ -113,9 +113,10 @@ class Dist:
             return tensor.clone()
         import torch.distributed as tdist
 
-        reduce_op = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}[op]
+        if op not in ("sum", "max"):
+            raise ValueError(f"all_reduce: op must be 'sum' or 'max', got {op!r}")
         out = tensor.detach().to(self._comm_device()).clone()
-        tdist.all_reduce(out, op=reduce_op)
+        tdist.all_reduce(out, op=getattr(tdist.ReduceOp, op.upper()))
         return out.to(tensor.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:

@@ -464,7 +464,7 @@ def purification_loss(
     loss = loss_clean + beta * loss_trig
     if teacher_logits is not None:  # no test on the weights: tensors of per-model weights under vmap
         loss = loss + distill * _kl(teacher_logits, logits)
-        if target is not None and not (isinstance(keep, (int, float)) and keep == 0):
+        if target is not None:  # keep = 0 adds exactly 0
             others = torch.arange(logits.shape[1], device=logits.device) != target
             loss = loss + keep * _kl(teacher_logits, logits, others)
     return loss, loss_clean, loss_trig

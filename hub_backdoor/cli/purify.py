@@ -73,7 +73,7 @@ def _purification_options(p: argparse.ArgumentParser) -> None:
                    help=f"weight of a KL term to the original model (default {d['distill']}; 0 = paper)")
     g.add_argument("--keep", type=float, default=d["keep"],
                    help=f"weight of a KL term to the original model over the non-target classes only "
-                        f"(default {d['keep']}; 0 = off)")
+                        f"(default {d['keep']}; 0 = the loss without it)")
     g.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default {d['lr']})")
     g.add_argument("--warmup", type=float, default=d["warmup"],
                    help=f"share of the epochs over which the latent shift grows from 0 (default "
