@@ -216,10 +216,11 @@ def separation_scores(bounds: np.ndarray, *, max_set: int = 2) -> np.ndarray:
     Sort ``log bound`` upwards and take, among the gaps after the ``max_set`` smallest entries,
     the largest one; every class below that gap scores its size, the others 0. One planted
     target gives ``log(bound of the runner-up / bound of the target)``; two targets set apart
-    together both score the gap above them. An extreme-value statistic on the two order
-    statistics that matter, rather than an index scaled by the spread of the other classes
-    (whose width differs between model families). ``bounds (C,)``; ``nan`` entries (not
-    verified) score ``-inf``."""
+    together both score the gap above them, the shorter cut a hair (1e-9 per place) ahead, so
+    that the class an audit names first is the more reachable one rather than the lower index.
+    An extreme-value statistic on the two order statistics that matter, rather than an index
+    scaled by the spread of the other classes (whose width differs between model families).
+    ``bounds (C,)``; ``nan`` entries (not verified) score ``-inf``."""
     b = np.asarray(bounds, dtype=np.float64)
     out = np.full(len(b), -np.inf)
     ok = np.flatnonzero(np.isfinite(b))
@@ -231,8 +232,11 @@ def separation_scores(bounds: np.ndarray, *, max_set: int = 2) -> np.ndarray:
     m = min(max_set, len(order) - 1)
     gaps = np.diff(logs[: m + 1])
     j = int(np.argmax(gaps))
-    out[order[: j + 1]] = gaps[j]
+    out[order[: j + 1]] = gaps[j] - _TIE * np.arange(j + 1)
     return out
+
+
+_TIE = 1e-9  # orders the classes of a set that share one gap; far below any threshold's precision
 
 
 @dataclass

@@ -46,6 +46,9 @@ def test_gap_scores_the_class_that_stands_apart_and_nothing_else():
     # does not lower it
     two = separation_scores(np.array([1.0, 1.2, 6.0, 7.0, 8.0]))
     assert np.isclose(two[0], np.log(5.0)) and np.isclose(two[1], np.log(5.0)) and two[2:].max() == 0
+    # inside the set the shorter cut ranks first, whatever its index
+    pair = separation_scores(np.array([20.0, 3.0, 25.0, 2.5, 30.0]))
+    assert np.argmax(pair) == 3 and pair[3] > pair[1] > 0 and np.isclose(pair[1], np.log(20.0 / 3.0))
     # a clean-looking model: every gap is small
     assert separation_scores(np.array([4.0, 4.2, 4.4, 4.1])).max() < 0.1
     # classes that were not verified neither score nor count as the runner-up
