@@ -113,10 +113,11 @@ class Dist:
             return tensor.clone()
         import torch.distributed as tdist
 
-        if op not in ("sum", "max"):
+        ops = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}
+        if op not in ops:
             raise ValueError(f"all_reduce: op must be 'sum' or 'max', got {op!r}")
         out = tensor.detach().to(self._comm_device()).clone()
-        tdist.all_reduce(out, op=getattr(tdist.ReduceOp, op.upper()))
+        tdist.all_reduce(out, op=ops[op])
         return out.to(tensor.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:

@@ -210,6 +210,9 @@ def bound_ratio_scores(bounds: np.ndarray) -> np.ndarray:
     return out
 
 
+_TIE = 1e-9  # orders the classes of a set that share one gap; far below any threshold's precision
+
+
 def separation_scores(bounds: np.ndarray, *, max_set: int = 2) -> np.ndarray:
     """How far the most reachable classes stand apart from the rest, in log units.
 
@@ -234,9 +237,6 @@ def separation_scores(bounds: np.ndarray, *, max_set: int = 2) -> np.ndarray:
     j = int(np.argmax(gaps))
     out[order[: j + 1]] = gaps[j] - _TIE * np.arange(j + 1)
     return out
-
-
-_TIE = 1e-9  # orders the classes of a set that share one gap; far below any threshold's precision
 
 
 @dataclass

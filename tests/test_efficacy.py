@@ -39,10 +39,14 @@ def models(data):
     poisoned = zoo.poison(data["train"], zoo.BadNets(), target=TARGET, rate=0.1, seed=SEED)
     for arch in ARCHS:
         for kind, train_set in (("backdoored", poisoned), ("clean", data["train"])):
-            clf = zoo.MODELS[arch](seed=SEED)
-            zoo.train(clf, train_set, epochs=8, lr=0.05, seed=SEED)
-            out[arch, kind] = clf
+            out[arch, kind] = _trained(arch, train_set)
     return out
+
+
+def _trained(arch, train_set):
+    clf = zoo.MODELS[arch](seed=SEED)
+    zoo.train(clf, train_set, epochs=8, lr=0.05, seed=SEED)
+    return clf
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +84,7 @@ def blend_reports(data):
     poisoned = zoo.poison(data["train"], zoo.Blend(), target=TARGET, rate=0.1, seed=SEED)
     out = {}
     for arch in ARCHS:
-        clf = zoo.MODELS[arch](seed=SEED)
-        zoo.train(clf, poisoned, epochs=8, lr=0.05, seed=SEED)
+        clf = _trained(arch, poisoned)
         asr, _ = zoo.attack_success(clf, data["eval"], zoo.Blend(), target=TARGET)
         out[arch] = (asr, audit(clf, data["defend"], seed=SEED, progress=False))
     return out
