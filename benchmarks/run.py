@@ -218,6 +218,17 @@ def model_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return [m for group in itertools.zip_longest(*per_arch) for m in group if m is not None]
 
 
+def share(specs: list[dict[str, Any]], i: int, n: int) -> list[dict[str, Any]]:
+    """The ``i``-th of ``n`` workers' share of ``specs``, in ``specs``' order: each family's
+    backdoored models, then its clean ones, dealt out in turn, so every worker gets an even share
+    of every family (their costs differ several-fold) and of the fine-tunes (backdoored models
+    only). Dealing the interleaved list itself gave one worker every second family."""
+    dealt = [m for arch in dict.fromkeys(s["arch"] for s in specs)
+             for clean in (False, True) for m in specs if m["arch"] == arch and (not m["attack"]) == clean]
+    mine = {m["id"] for m in dealt[i::n]}
+    return [m for m in specs if m["id"] in mine]
+
+
 def finetune_variant(clf: Any, X: torch.Tensor, Y: torch.Tensor, p: dict[str, Any], s_t: np.ndarray,
                      target: int, *, epochs: int | None = None) -> Any:
     """``clf`` fine-tuned in place, one by one, with the purification settings ``p`` (OURS with a
@@ -675,9 +686,7 @@ class Runner:
             # the parent listed the models still to do, so the shares are even
             pending = set(json.loads((self.cache / "pending.json").read_text()))
             specs = [m for m in specs if m["id"] in pending]
-            # backdoored and clean models dealt out separately: the backdoored ones cost the fine-tunes
-            i, n = shard
-            specs = [m for m in specs if m["attack"]][i::n] + [m for m in specs if not m["attack"]][i::n]
+            specs = share(specs, *shard)
         t0 = time.perf_counter()
         if not cached_only:
             self.train_pending(specs, deadline, t0)

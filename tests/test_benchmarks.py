@@ -188,6 +188,21 @@ def test_suite_sets_its_own_attack_parameters_and_rates():
     assert runner.train_hash(b) == other.train_hash(b)
 
 
+def test_worker_shares_split_every_family_evenly():
+    from collections import Counter
+
+    specs = run.model_specs(run.SUITES["standard"])
+    shares = [run.share(specs, i, 2) for i in range(2)]
+    assert sorted(m["id"] for sh in shares for m in sh) == sorted(m["id"] for m in specs)
+    for key in ("arch", "attack"):  # per family, and backdoored / clean within it
+        counts = [Counter((m["arch"], bool(m[key])) for m in sh) for sh in shares]
+        assert all(abs(counts[0][k] - counts[1][k]) <= 1 for k in counts[0] | counts[1])
+    # a share keeps the zoo's interleaved order (a deadline leaves every family partly done)
+    order = {m["id"]: i for i, m in enumerate(specs)}
+    assert all([order[m["id"]] for m in sh] == sorted(order[m["id"]] for m in sh) for sh in shares)
+    assert {m["arch"] for m in shares[0][:4]} == set(run.STANDARD_ARCHS)
+
+
 def test_head_blind_to_s_t_ignores_that_direction_and_keeps_the_mean():
     from benchmarks import baselines
     from benchmarks.models import build
