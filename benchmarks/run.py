@@ -153,7 +153,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "epochs": 4, "lr": 0.05, "bs": 128, "ft_epochs": 10, "nc_steps": 60, "nc_bs": 16,
         "verify": {"n_images": 40, "steps": 20}, "verify_mask": {"steps": 60, "batch": 16},
         "study": STANDARD_STUDY, "study_rates": [0.1],
-        "clean_fraction": 0.05, "group": 1, "stacked": False, "stats": "standard",
+        "clean_fraction": 0.05, "group": 1, "stacked": False, "stats": "standard", "channels_last": True,
     },
     # the standard suite's code paths on a sliver (tests and a CPU dry run in minutes)
     "standard-smoke": {
@@ -166,6 +166,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "study": ["library default", "paper loss (scale 1, distill 0)", "augment (shift + flip)",
                   "SAM (rho 0.05)", "norm layers frozen"], "study_rates": [0.1],
         "clean_fraction": 0.05, "group": 1, "stacked": False, "stats": "standard-smoke",
+        "channels_last": True,
     },
     # GPU full suite (Fashion-MNIST padded to 32x32; 20k-sample training subset to fit the budget)
     "full": {
@@ -264,6 +265,7 @@ class Runner:
         # models trained / fine-tuned stacked (benchmarks/group.py) or one by one; a CPU suite sets
         # "stacked": False (on a CPU stacking measured 0.7-1.0x at real batch sizes)
         self.stacked = stacked and self.cfg.get("stacked", True)
+        self.channels_last = not self.stacked and self.cfg.get("channels_last", False)
         self.cache = out / "cache" / suite
         self.log_on = log
         name, kw = self.cfg["data"]
@@ -298,6 +300,8 @@ class Runner:
         kw = {atk: cfg["attack_kw"][atk] for atk, _ in planted(spec) if atk in cfg.get("attack_kw", {})}
         if kw:
             extra["attack_kw"] = kw
+        if getattr(self, "channels_last", False):
+            extra["channels_last"] = True
         return _hash({"spec": spec, "data": cfg["data"], "epochs": cfg["epochs"], "lr": cfg["lr"],
                       "bs": cfg["bs"], "arch": a["kw"], **extra})
 
@@ -326,7 +330,8 @@ class Runner:
         meta = self._train_meta(spec)
         if meta is None:
             return None
-        clf = build(spec["arch"], d.num_classes, d.channels, d.size, spec["seed"])
+        clf = build(spec["arch"], d.num_classes, d.channels, d.size, spec["seed"],
+                    channels_last=self.channels_last)
         clf.model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
         clf.model.to(self.dev).eval()
         self.counters["train_cached"] += 1
@@ -346,7 +351,8 @@ class Runner:
                 x, y, mask = poison_arrays(x, y, self.attack(atk), target=target, rate=spec["rate"],
                                            clean_label=ATTACKS[atk][1], seed=spec["seed"] + 1000 * j)
                 n += int(mask.sum())
-            clf = build(spec["arch"], d.num_classes, d.channels, d.size, spec["seed"])
+            clf = build(spec["arch"], d.num_classes, d.channels, d.size, spec["seed"],
+                    channels_last=self.channels_last)
             if backbone is not None:  # a fine-tune: every weight but the new head from the backbone
                 own = clf.model.state_dict()
                 clf.model.load_state_dict({k: v for k, v in backbone.items()
@@ -386,7 +392,7 @@ class Runner:
             if saved.get("hash") == key:
                 return saved["state"]
         n_coarse = (d.num_classes + 1) // 2
-        clf = build(arch, n_coarse, d.channels, d.size, seed=9999)
+        clf = build(arch, n_coarse, d.channels, d.size, seed=9999, channels_last=self.channels_last)
         clf.model.to(self.dev)
         t0 = time.perf_counter()
         core.train_model(clf, core.to_tensor(d.x_other, self.dev),
