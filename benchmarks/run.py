@@ -300,7 +300,7 @@ class Runner:
         kw = {atk: cfg["attack_kw"][atk] for atk, _ in planted(spec) if atk in cfg.get("attack_kw", {})}
         if kw:
             extra["attack_kw"] = kw
-        if getattr(self, "channels_last", False):
+        if cfg.get("channels_last"):  # absent: older hashes stay valid
             extra["channels_last"] = True
         return _hash({"spec": spec, "data": cfg["data"], "epochs": cfg["epochs"], "lr": cfg["lr"],
                       "bs": cfg["bs"], "arch": a["kw"], **extra})
@@ -352,7 +352,7 @@ class Runner:
                                            clean_label=ATTACKS[atk][1], seed=spec["seed"] + 1000 * j)
                 n += int(mask.sum())
             clf = build(spec["arch"], d.num_classes, d.channels, d.size, spec["seed"],
-                    channels_last=self.channels_last)
+                        channels_last=self.channels_last)
             if backbone is not None:  # a fine-tune: every weight but the new head from the backbone
                 own = clf.model.state_dict()
                 clf.model.load_state_dict({k: v for k, v in backbone.items()
