@@ -4,8 +4,9 @@ A score alone ("log-ratio 1.4") means little to a reader. What it means is how o
 model reaches it. The benchmark's standard zoo holds clean models of several families (plain
 torch, timm ViT and MobileNetV3, a transformers ConvNeXt fine-tuned from a shared backbone); for
 each rule, the highest class score of each clean model is shipped in ``calibration/<name>.json``
-(written by ``python -m benchmarks.rescore --write-calibration``). The conformal p-value of a
-class score s is
+(written by ``python -m benchmarks.rescore --write-calibration``), one entry per training of the
+zoo; the null pools them, so it holds the variation between trainings as well as between seeds.
+The conformal p-value of a class score s is
 
     p = (1 + #{clean models whose highest score >= s}) / (n + 1),
 
@@ -69,12 +70,15 @@ def _read(name: str) -> dict:
 
 
 def load_calibration(rule: str, name: str = DEFAULT) -> Calibration | None:
-    """The shipped calibration of ``rule`` (None when the rule has none)."""
-    d = _read(name).get("rules", {}).get(rule)
-    if not d:
+    """The shipped calibration of ``rule``, pooled over the trainings the file holds (None when
+    the rule has none)."""
+    d = _read(name)
+    parts = [t["rules"][rule] for t in d.get("trainings", []) if rule in t.get("rules", {})]
+    if not parts:
         return None
-    return Calibration(rule=rule, clean_max=tuple(sorted(float(v) for v in d["clean_max"])),
-                       families=tuple(d.get("families", ())), source=str(_read(name).get("source", name)))
+    return Calibration(rule=rule, clean_max=tuple(sorted(float(v) for p in parts for v in p["clean_max"])),
+                       families=tuple(sorted({f for p in parts for f in p.get("families", ())})),
+                       source=str(d.get("source", name)))
 
 
 def p_values(rule: str, scores: np.ndarray, name: str = DEFAULT) -> np.ndarray | None:

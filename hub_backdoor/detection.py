@@ -206,9 +206,10 @@ def _latent_or_input(inp: DetectionInput) -> np.ndarray:
                       _input_gap(inp) / REGISTRY["input-gap"].threshold)
 
 
-#: Just above the highest score of the standard zoo's 48 clean models (hub_backdoor/calibration/
-#: standard.json), as for the other input-space rules.
-INPUT_GAP_THRESHOLD = 0.53
+#: Just above the highest score of the standard zoo's clean models over three trainings (144 models,
+#: hub_backdoor/calibration/standard.json; 0.53, 0.49 and 0.55 per training), as for the other
+#: input-space rules.
+INPUT_GAP_THRESHOLD = 0.55
 MASK_GAP_THRESHOLD = 1.10
 
 
@@ -249,12 +250,13 @@ _RULES = [
          summary="95 % quantile instead of the max in the collapse (benchmarks only)"),
     Rule("agree-mad", _agree_mad, summary="'mad' and 'dormant' flag the same class"),
     Rule("agree-loo", _agree_loo, summary="'mad-loo' and 'dormant' flag the same class"),
-    # the input-space rules' thresholds: just above the highest score of the 48 clean models of the
-    # standard zoo (hub_backdoor/calibration/standard.json; p-values come from the same models)
+    # the input-space rules' thresholds: just above the highest score of the 144 clean models of the
+    # standard zoo's three trainings (hub_backdoor/calibration/standard.json; p-values come from the
+    # same models)
     Rule("input-ratio", _input_ratio, frozenset({"input"}), threshold=3.18,
          summary="input space: log(median bound of the other classes / bound of k), the bound being the "
          "smallest universal input change that sends 90 % of the reference images to k"),
-    Rule("mask-ratio", _mask_ratio, frozenset({"mask"}), threshold=1.24,
+    Rule("mask-ratio", _mask_ratio, frozenset({"mask"}), threshold=1.31,
          summary="input space: log(median mask of the other classes / mask of k), the mask being the "
          "smallest stamped patch or blend (Neural Cleanse's objective) that sends the images to k"),
     Rule("mask+input", _mask_input, frozenset({"mask", "input"}), threshold=4.12,
@@ -289,9 +291,10 @@ NEEDS_NONNEG = frozenset(n for n, r in REGISTRY.items() if "nonneg" in r.needs)
 
 #: The default, from the standard zoo's leave-one-family-out table (docs/benchmarks.md): the latent
 #: rule alone ("agree-mad") finds 15 of 44 working backdoors out of sample, the additive input-space
-#: search alone ("input-gap") 20, either of them 28 (2 false alarms in 48 clean models; Neural
-#: Cleanse 7), at about Neural Cleanse's cost. The mask search ("mask-gap") adds hits on the zoo
-#: but raised a false alarm on a clean MNIST model of the efficacy tests, so it is not part of it.
+#: search alone ("input-gap") 20, either of them 28 (3 false alarms in 48 clean models; Neural
+#: Cleanse 7), at about Neural Cleanse's cost; at the library thresholds it finds 27 with none.
+#: The mask search ("mask-gap") adds hits on the zoo but raised a false alarm on a clean MNIST
+#: model of the efficacy tests, so it is not part of it.
 #: No rule reaches the goal yet (see the table).
 DEFAULT_RULE = "latent-or-input"
 

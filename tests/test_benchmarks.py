@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from benchmarks import rescore, run
+from benchmarks import rescore, run, stats
 
 
 def _metrics(out: dict) -> list[float]:
@@ -55,6 +55,19 @@ def test_micro_suite_end_to_end_and_resumes(tmp_path):
         assert "input-ratio" in det["rules"] and "neural cleanse (mask L1, MAD)" in det["rules"]
         assert det["rules"]["mad"]["n_clean"] == 1 and det["planted_triggers"] == 1
         assert "LOFO" in (tmp_path / "micro.md").read_text()
+
+        # the calibration file pools trainings: a training written again replaces its own entry only
+        cal = tmp_path / "cal.json"
+        other = {"key": "another-training", "source": "x",
+                 "rules": {"mad": {"clean_max": [9.0], "families": ["f"]}}}
+        cal.write_text(json.dumps({"trainings": [other]}))
+        zs = stats.load_all(tmp_path / "micro")
+        clean = [z for z in zs if not z["spec"].get("targets")]
+        for _ in range(2):
+            rescore.write_calibration([(zs, "micro")], cal, suite="micro")
+        entries = json.loads(cal.read_text())["trainings"]
+        assert [e["key"] for e in entries] == ["another-training", rescore.training_key(clean)]
+        assert len(entries[1]["rules"]["mad"]["clean_max"]) == 1  # the micro zoo's one clean model
     finally:
         torch.set_num_threads(threads)
 

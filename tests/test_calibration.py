@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 
-from hub_backdoor.calibration import Calibration, load_calibration
+from hub_backdoor.calibration import _DIR, Calibration, load_calibration
 from hub_backdoor.detection import AUDIT_RULES, REGISTRY
 
 
@@ -28,3 +29,14 @@ def test_shipped_calibration_covers_the_audit_rules_and_sets_the_input_threshold
         assert cal is not None
         assert max(cal.clean_max) < REGISTRY[rule].threshold <= max(cal.clean_max) + 0.02, rule
         assert cal.p_values(np.array([REGISTRY[rule].threshold]))[0] == 1 / (cal.n + 1)
+
+
+def test_shipped_calibration_pools_every_training_of_the_zoo():
+    trainings = json.loads((_DIR / "standard.json").read_text())["trainings"]
+    assert len(trainings) >= 2 and len({t["key"] for t in trainings}) == len(trainings)
+    for rule in AUDIT_RULES:
+        cal = load_calibration(rule)
+        assert cal is not None
+        pooled = sorted(v for t in trainings for v in t["rules"][rule]["clean_max"])
+        assert list(cal.clean_max) == pooled
+        assert cal.n == sum(len(t["rules"][rule]["clean_max"]) for t in trainings)
