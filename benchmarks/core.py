@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from hub_backdoor.adapters.base import Classifier
 from hub_backdoor.detection import NEEDS_NONNEG, DetectionInput, dormant_share
+from hub_backdoor.guard import guarded_logits
 from hub_backdoor.purification import auto_epochs, purification_loss, trainable_parameters, warmup_factor
 from hub_backdoor.reconstruction import ConstraintState, reconstruct, solve_class
 
@@ -105,6 +106,24 @@ def predict(model: torch.nn.Module, X: torch.Tensor, bs: int = 512) -> torch.Ten
         with autocast(X.device):
             out.append(model(X[i : i + bs]).argmax(1))
     return torch.cat(out)
+
+
+def guarded_predict(original: torch.nn.Module, purified: torch.nn.Module, target: int, bs: int = 512
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``predict_fn`` of the guarded model (:mod:`hub_backdoor.guard`): ``original``'s class
+    unless it is ``target``, there ``purified``'s."""
+    def fn(X: torch.Tensor) -> torch.Tensor:
+        original.eval()
+        purified.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(X), bs):
+                xb = X[i : i + bs]
+                with autocast(X.device):
+                    out.append(guarded_logits(original(xb), purified(xb), target).argmax(1))
+        return torch.cat(out)
+
+    return fn
 
 
 def evaluate(model: torch.nn.Module, Xte: torch.Tensor, Yte: torch.Tensor, Xtr: torch.Tensor | None,

@@ -100,12 +100,16 @@ STUDY: dict[str, dict[str, Any]] = {
     # beta 5 breaks the backdoor with less
     "no non-target KL (keep 0)": {"keep": 0.0},
     "beta 5": {"beta": 5.0},
+    # augmentation removed more of the backdoor on the quick suite (ASR 0.8 % against 10.2 %): does
+    # it let a weaker latent term do the job?
+    "augment, beta 5": {"augment": True, "beta": 5.0},
 }
 
 #: variants run on the standard suite only (CI's quick suite runs the rest: with these it took
 #: 8 min instead of 5.5)
 STANDARD_ONLY = ("warm-up (s_t grows over half the epochs)", "paper loss, warm-up", "last stage only",
-                 "last stage only, warm-up", "no non-target KL (keep 0)", "beta 5")
+                 "last stage only, warm-up", "no non-target KL (keep 0)", "beta 5",
+                 "augment, beta 5")
 
 STANDARD_ARCHS = ("preact18-w8", "vit-e64d4", "mnv3-050", "hf-convnext")
 #: the standard suite's purification study (on its 10 % models): the paper's loss, the head
@@ -181,7 +185,7 @@ SUITES: dict[str, dict[str, Any]] = {
     },
 }
 
-EVAL_VERSION = 4  # 4: detection and removal cached apart; several triggers per model
+EVAL_VERSION = 5  # 4: detection and removal cached apart; several triggers per model; 5: the guarded model
 FT_BS = 64  # batch size of every fine-tune (the clean sets are small)
 WORKING_ASR = 0.5  # a backdoor "works" when its ASR before defense reaches this
 
@@ -516,7 +520,7 @@ class Runner:
         trig = self.triggered(spec)
         rec: dict[str, Any] = {"hash": self.detect_hash(meta["hash"]), "spec": spec,
                                "train_seconds": meta["seconds"], "n_poison": meta["n_poison"], "metrics": {},
-                               "ours_by_class": {}, "study": {}, "phases": {}}
+                               "ours_by_class": {}, "guarded_by_class": {}, "study": {}, "phases": {}}
         with self.timed(rec, "evaluations"):
             ev = [core.evaluate(clf.model, self.Xte, self.Yte, x, y, t)
                   for (x, y), (_, t) in zip(trig, planted(spec))] or [
@@ -633,6 +637,11 @@ class Runner:
                 evs = ev_group([m.clf for _, m in part])
             for ((where, name), _), ev in zip(part, evs):
                 rec[where][name] = ev
+        with self.timed(rec, "evaluations"):  # the guarded model: the original unless it says k
+            for (where, k), _, m in jobs:
+                if where == "ours_by_class":
+                    fn = core.guarded_predict(clf.model, m.clf.model, int(k))
+                    rec["guarded_by_class"][k] = core.metrics(fn, self.Xte, self.Yte, *trig, target)
         for name in study:
             if not STUDY[name]:
                 rec["study"][name] = rec["ours_by_class"][str(target)]
@@ -792,12 +801,14 @@ def summarise(res: dict[str, Any], cache: Path, rule: str, working_only: bool = 
             int(np.argmax(r["nc"]["scores"])) == r["spec"]["target"] for r in bd)}
 
     # removal: per model and defense
-    def ours_for(r: dict[str, Any], rname: str) -> dict[str, float]:
+    def ours_for(r: dict[str, Any], rname: str, kind: str = "ours_by_class") -> dict[str, float] | None:
         s = scores[r["spec"]["id"]][rname]
         k = int(np.argmax(s))
         if s[k] <= RULE_THRESHOLDS[rname]:
             return r["metrics"]["none"]  # nothing flagged: the model is left as it is
-        return r["ours_by_class"].get(str(k)) or r["metrics"]["none"]
+        if kind not in r:
+            return None  # a record of a run before the guarded model was measured
+        return r[kind].get(str(k)) or r["metrics"]["none"]
 
     # removal: single-trigger backdoored models whose backdoor works (ASR >= 50 % before defense)
     bd = [r for r in bd if Runner.removable(r["spec"]) and "ft" in r["metrics"]
@@ -815,6 +826,8 @@ def summarise(res: dict[str, Any], cache: Path, rule: str, working_only: bool = 
         row = {"id": r["spec"]["id"], "target": r["spec"]["target"], "none": r["metrics"]["none"],
                f"ours ({rule})": ours_for(r, rule), "ours (mad)": ours_for(r, "mad"),
                "ours (true target)": r["ours_by_class"][str(r["spec"]["target"])],
+               f"ours guarded ({rule})": ours_for(r, rule, "guarded_by_class"),
+               "ours guarded (true target)": (r.get("guarded_by_class") or {}).get(str(r["spec"]["target"])),
                **({f"ours ({extra}, true target)": r["study"].get(extra)} if extra else {}),
                "ft": r["metrics"]["ft"], "nc": r["metrics"]["nc"], "fst": r["metrics"].get("fst"),
                "clp": r["metrics"]["clp"]}

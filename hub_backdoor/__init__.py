@@ -11,6 +11,8 @@ Public API::
 from .adapters import Classifier, load_classifier
 from .audit import audit
 from .errors import HubBackdoorError
+from .guard import GuardedModel
+from .publish import load_guarded
 from .purification import PurifyResult, purify
 from .report import AuditReport
 
@@ -19,9 +21,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AuditReport",
     "Classifier",
+    "GuardedModel",
     "HubBackdoorError",
     "PurifyResult",
     "audit",
     "load_classifier",
+    "load_guarded",
     "purify",
 ]

@@ -586,6 +586,18 @@ def build_card(report: AuditReport, ctx: CardContext, *, chart_file: str) -> Any
                 "after": _fmt(m.get("ra_after")),
             }
         )
+    guarded_rows = []
+    if "acc_guarded_after" in m:
+        guarded_rows.append({"label": "Clean accuracy", "before": _fmt(m.get("acc_before")),
+                             "after": _fmt(m.get("acc_guarded_after"))})
+        if "acc_target_guarded_after" in m:
+            guarded_rows.append({"label": f"Clean accuracy on class {pur.get('target')} itself",
+                                 "before": _fmt(m.get("acc_target_before")),
+                                 "after": _fmt(m.get("acc_target_guarded_after"))})
+        if "asr_guarded_after" in m:
+            guarded_rows.append({"label": f"Attack success rate ({pur.get('trigger') or 'trigger'})",
+                                 "before": _fmt(m.get("asr_before")),
+                                 "after": _fmt(m.get("asr_guarded_after"))})
     after_verdict = None
     if ctx.report_after is not None:
         after_verdict = ctx.report_after.summary().splitlines()[0].split(": ", 1)[-1]
@@ -621,6 +633,7 @@ def build_card(report: AuditReport, ctx: CardContext, *, chart_file: str) -> Any
         load_hint=ctx.load_hint or "same library, same code",
         n_holdout=int(m.get("n_holdout", 0)),
         purify_rows=purify_rows,
+        guarded_rows=guarded_rows,
         has_asr="asr_before" in m,
         after_verdict=after_verdict,
         threshold=p.get("threshold", 2.0),

@@ -43,6 +43,7 @@ from .errors import (
 
 __all__ = [
     "MODEL_FILE_PATTERNS",
+    "PURIFICATION_FILE",
     "PICKLE_SUFFIXES",
     "TRANSIENT_STATUS",
     "card_data",
@@ -53,11 +54,15 @@ __all__ = [
     "raise_hub_error",
 ]
 
+#: The purification record a purified copy ships with (hub_backdoor.publish writes it); fetched
+#: with the weights so that a guarded model can be built from the repo alone.
+PURIFICATION_FILE = "backdoor_purification.json"
 #: Files a classifier folder needs, downloaded by :func:`download_model`.
 MODEL_FILE_PATTERNS = [
     "config.json",
     "preprocessor_config.json",
     "README.md",
+    PURIFICATION_FILE,
     "*.safetensors",
     "*.safetensors.index.json",
 ]

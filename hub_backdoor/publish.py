@@ -28,7 +28,8 @@ from . import card
 from .card import CardContext
 from .datasets_io import LoadedDataset
 from .errors import AccuracyBudgetError, HubBackdoorError, OutputPathError, ReportError, UnsupportedModelError
-from .hub import check_repo_id, push_folder
+from .guard import GuardedModel
+from .hub import PURIFICATION_FILE, check_repo_id, push_folder
 from .loading import LoadedModel
 from .purification import PurifyResult
 from .report import AuditReport, atomic_write_text, current_umask, jsonable, library_versions
@@ -43,6 +44,7 @@ __all__ = [
     "PurificationRecord",
     "card_context",
     "check_destinations",
+    "load_guarded",
     "load_hint",
     "open_purification_pr",
     "publish",
@@ -52,7 +54,6 @@ __all__ = [
 
 #: Files written next to the weights of a purified model (the names the command line uses).
 AUDIT_FILE = "backdoor_audit.json"
-PURIFICATION_FILE = "backdoor_purification.json"
 PURIFICATION_SCHEMA_VERSION = "1"
 PURIFICATION_KIND = "hub-backdoor-purification"
 #: Metadata of the audited model's card that its security card keeps.
@@ -195,6 +196,50 @@ class Published:
     url: str | None
     pr_url: str | None
     record: PurificationRecord
+
+
+def load_guarded(purified: Any, *, original: Any = None, target: int | None = None, **load_kw: Any
+                 ) -> GuardedModel:
+    """The guarded model (:mod:`hub_backdoor.guard`) of a purified copy and the model it came from.
+
+    ``purified``: a folder or Hub repo (``org/name@refs/pr/N`` too) written by :func:`publish`; or
+    anything :func:`hub_backdoor.load_classifier` accepts, with ``original`` and ``target`` given.
+    ``original``: the audited model; ``None`` loads the one the purification record names, pinned
+    to the audited commit. ``target``: the purified class; ``None`` takes the record's.
+    ``load_kw`` goes to both loads (``allow_pickle=``, ``token=``, ...). Returned in eval mode.
+    """
+    from .adapters import load_classifier
+    from .loading import load_model
+
+    record: PurificationRecord | None = None
+    if isinstance(purified, (str, Path)):
+        loaded = load_model(str(purified), **load_kw)
+        pur = loaded.clf
+        path = loaded.folder / PURIFICATION_FILE
+        if target is None or original is None:
+            if not path.is_file():
+                raise HubBackdoorError(
+                    f"{loaded.label} has no {PURIFICATION_FILE}: pass original= and target=, or point at a "
+                    "model written by `hub-backdoor purify`")
+            try:
+                record = PurificationRecord.from_dict(json.loads(path.read_text()))
+            except (ValueError, ReportError) as e:  # bad JSON, another schema, bad fields
+                raise ReportError(f"{loaded.label}/{PURIFICATION_FILE}: {e}") from e
+    else:
+        pur = load_classifier(purified, **load_kw)
+        if target is None or original is None:
+            raise HubBackdoorError("original= and target= are required when the purified model is not a "
+                                   "folder or a Hub repo written by `hub-backdoor purify`")
+    if original is None:
+        assert record is not None
+        repo, sha = record.audited_model.get("repo_id"), record.audited_model.get("sha")
+        original = f"{repo}@{sha}" if repo and sha else repo or record.audited_model.get("label")
+        if not original:
+            raise HubBackdoorError(f"{PURIFICATION_FILE} names no audited model; pass original=")
+    if target is None:
+        assert record is not None
+        target = record.target
+    return GuardedModel(load_classifier(original, **load_kw), pur, int(target)).eval()
 
 
 def load_hint(kind: str, where: str, *, local: bool = False, revision: str | None = None) -> str:

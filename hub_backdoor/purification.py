@@ -36,6 +36,7 @@ from .defaults import PURIFY
 from .distributed import finetune_loop, resolve, steps_per_epoch
 from .embeddings import reference_pass
 from .errors import HubBackdoorError, OptionError
+from .guard import GuardedModel, guarded_logits
 from .reconstruction import solve_class
 from .report import AuditReport
 from .validation import check_purify_options, check_report_matches
@@ -67,6 +68,16 @@ class PurifyResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     max_accuracy_drop: float = 0.01
+    original: Classifier | None = field(default=None, repr=False)
+
+    def guarded(self) -> GuardedModel:
+        """The guarded model: :attr:`original`'s predictions unless it predicts :attr:`target`,
+        there the purified model's (:mod:`hub_backdoor.guard`; ``acc_guarded_after`` and
+        ``asr_guarded_after`` in :attr:`metrics` are its held-out numbers)."""
+        if self.original is None:
+            raise HubBackdoorError(
+                "this result does not hold the original model; use hub_backdoor.load_guarded")
+        return GuardedModel(self.original, self.classifier, self.target).eval()
 
     @property
     def within_budget(self) -> bool:
@@ -90,6 +101,11 @@ class PurifyResult:
             out += f"; latent trigger {m['latent_trigger_before']:.3f} -> {m['latent_trigger_after']:.3f}"
         if "asr_before" in m:
             out += f"; attack success rate {m['asr_before']:.3f} -> {m['asr_after']:.3f}"
+        if "acc_guarded_after" in m:
+            out += (f"; guarded (the original unless it predicts {self.target}): clean accuracy "
+                    f"{m['acc_guarded_after']:.3f}")
+            if "asr_guarded_after" in m:
+                out += f", attack success rate {m['asr_guarded_after']:.3f}"
         if not self.within_budget:
             out += (f"; OVER the accuracy budget (lost {100 * float(m['acc_drop']):.1f} points, "
                     f"allowed {100 * self.max_accuracy_drop:.1f})")
@@ -191,13 +207,17 @@ def trainable_parameters(clf: Classifier, train: str | list[str]) -> list[torch.
 
 @torch.no_grad()
 def _evaluate(clf: Classifier, data: ReferenceData, transform: Any, trigger: Any, target: int,
-              batch_size: int, s_t: np.ndarray) -> dict[str, float]:
+              batch_size: int, s_t: np.ndarray, original: Classifier | None = None) -> dict[str, float]:
     """Held-out clean accuracy; the latent-trigger success (share of non-target images that
     ``head(h(x) + s_t)`` sends to the target: what the purification trains away); ASR / RA of a
-    known trigger."""
+    known trigger. With ``original`` (the model ``clf`` was purified from) also the same numbers
+    for the guarded model (:mod:`hub_backdoor.guard`), as ``acc_guarded``, ``asr_guarded``, ..."""
     clf.model.eval()
+    if original is not None:
+        original.model.eval()
     out: dict[str, float] = {}
-    right = n = lat_hits = lat_n = right_t = n_t = 0
+    right = n = lat_hits = lat_n = 0
+    right_t = n_t = right_g = right_gt = 0
     s = torch.as_tensor(s_t, dtype=torch.float32, device=clf.device)
     for x, y in make_loader(data, transform, batch_size=batch_size):
         logits, h = clf.forward(x.to(clf.device))
@@ -206,6 +226,11 @@ def _evaluate(clf: Classifier, data: ReferenceData, transform: Any, trigger: Any
         n += len(y)
         right_t += int((pred[y == target] == target).sum())
         n_t += int((y == target).sum())
+        if original is not None:
+            g = guarded_logits(original.forward(x.to(original.device))[0].to(logits.device), logits, target)
+            pg = g.argmax(1).cpu()
+            right_g += int((pg == y).sum())
+            right_gt += int((pg[y == target] == target).sum())
         keep = (y != target).to(clf.device)
         lat_hits += int((clf.head_logits(h[keep] + s.to(h.dtype)).argmax(1) == target).sum())
         lat_n += int(keep.sum())
@@ -213,22 +238,34 @@ def _evaluate(clf: Classifier, data: ReferenceData, transform: Any, trigger: Any
     if n_t:  # the latent loss takes its accuracy from the target class first (docs/purification.md)
         out["acc_target"] = right_t / n_t
     out["latent_trigger"] = lat_hits / max(lat_n, 1)
+    if original is not None:
+        out["acc_guarded"] = right_g / max(n, 1)
+        if n_t:
+            out["acc_target_guarded"] = right_gt / n_t
     if trigger is not None:
         def tf(img: Any) -> torch.Tensor:
             return transform(trigger(img))
 
         preds: list[np.ndarray] = []
+        preds_g: list[np.ndarray] = []
         refs: list[np.ndarray] = []
         for x, y in make_loader(data, tf, batch_size=batch_size):
             keep = y != target  # target-class images are no attack; only they are skipped, as the metrics do
             if not keep.any():
                 continue
-            preds.append(clf.forward(x[keep].to(clf.device))[0].argmax(1).cpu().numpy())
+            logits = clf.forward(x[keep].to(clf.device))[0]
+            preds.append(logits.argmax(1).cpu().numpy())
+            if original is not None:
+                lo = original.forward(x[keep].to(original.device))[0].to(logits.device)
+                preds_g.append(guarded_logits(lo, logits, target).argmax(1).cpu().numpy())
             refs.append(y[keep].numpy())
-        p = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
         r = np.concatenate(refs) if refs else np.zeros(0, dtype=np.int64)
-        out["asr"] = _metric("attack_success_rate", p, r, target)
-        out["ra"] = _metric("robust_accuracy", p, r, target)
+        for suffix, got in (("", preds), ("_guarded", preds_g)):
+            if suffix and original is None:
+                continue
+            p = np.concatenate(got) if got else np.zeros(0, dtype=np.int64)
+            out[f"asr{suffix}"] = _metric("attack_success_rate", p, r, target)
+            out[f"ra{suffix}"] = _metric("robust_accuracy", p, r, target)
     return out
 
 
@@ -414,9 +451,15 @@ def purify(
     for p in clf.model.parameters():
         p.requires_grad_(True)
     clf.model.eval()
-    after = _evaluate(clf, held, tf, trigger, target, batch_size, s_t)
+    # the guarded model's numbers need the original beside it: the teacher is its copy on the
+    # device; the caller's model itself is never moved or switched to eval mode
+    if teacher is None:
+        teacher = original.copy()
+        teacher.model.to(clf.device).eval()
+    after = _evaluate(clf, held, tf, trigger, target, batch_size, s_t, original=teacher)
     metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
     metrics["acc_drop"] = before["acc"] - after["acc"]
+    metrics["acc_drop_guarded"] = before["acc"] - after["acc_guarded"]
     metrics["n_finetune"], metrics["n_holdout"] = len(fit), len(held)  # counts stay integers
     clf.source = {**original.source, "purified_from": original.name}
     return PurifyResult(
@@ -436,6 +479,7 @@ def purify(
         history=history,
         seconds=time.perf_counter() - t_start,
         max_accuracy_drop=float(max_accuracy_drop),
+        original=original,
     )
 
 

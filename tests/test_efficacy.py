@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hub_backdoor import AuditReport, audit, purify, zoo
+from hub_backdoor.data import ReferenceData, make_loader
 
 SEED = int(os.environ.get("HUB_BACKDOOR_TEST_SEED", "0"))
 TARGET = (3 * SEED + 1) % 10
@@ -121,6 +122,28 @@ def test_purify_removes_backdoor_and_keeps_accuracy(arch, models, reports, data)
     assert acc0 - acc1 <= 0.03, (acc0, acc1, res.metrics)
     # the metrics purify reports on its own held-out split agree in direction
     assert res.metrics["asr_before"] > 0.9 and res.metrics["asr_after"] <= 0.05
+    # the guarded model answers with the original outside the target: by construction no more
+    # attack success than the purified model, and within the same accuracy bar
+    guarded = res.guarded()
+    acc_g = _accuracy(guarded, clf, data["eval"])
+    asr_g = 1 - _accuracy(guarded, clf, zoo.triggered(data["eval"], zoo.BadNets(), target=TARGET),
+                          label=TARGET)
+    assert asr_g <= asr1 + 1e-9, (asr_g, asr1)
+    assert acc0 - acc_g <= 0.03, (acc0, acc1, acc_g)
+    assert res.metrics["asr_guarded_after"] <= res.metrics["asr_after"] + 1e-9
+    m = res.metrics
+    assert m["acc_drop_guarded"] == pytest.approx(m["acc_before"] - m["acc_guarded_after"])
+
+
+def _accuracy(model, clf, dataset, label=None):
+    """Accuracy of ``model`` (inputs preprocessed as ``clf``'s); with ``label``: the share of
+    predictions that are not ``label``."""
+    right = n = 0
+    for x, y in make_loader(ReferenceData(dataset), clf.preprocess, batch_size=256):
+        p = model.predict(x.to(clf.device)).cpu()
+        right += int((p != label).sum()) if label is not None else int((p == y).sum())
+        n += len(y)
+    return right / n
 
 
 def test_report_records_provenance_and_round_trips(reports, tmp_path):

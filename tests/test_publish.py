@@ -89,6 +89,15 @@ def test_open_purification_pr(local_hub, models, tmp_path):
     assert "license: apache-2.0" in card and "Original text." in card and "hub-backdoor" in card
     assert "refs/pr/N" in card  # the load hint points at the pull request
 
+    # the guarded model is built from the pull request alone: its record names the target and the
+    # audited commit, which is loaded beside it
+    guarded = hub_backdoor.load_guarded(f"{repo}@refs/pr/{pr['num']}")
+    assert guarded.target == 7 and not guarded.training
+    x = torch.stack([result.classifier.preprocess(data.dataset[i]["image"]) for i in range(64)])
+    with torch.no_grad():
+        orig, pur = clf.forward(x)[0].argmax(1), result.classifier.forward(x)[0].argmax(1)
+    assert torch.equal(guarded.predict(x), torch.where(orig == 7, pur, orig))
+
 
 def test_refuses_what_it_cannot_publish(tmp_path, models):
     data = load_reference_dataset(str(models["data"]), split="test")
