@@ -288,6 +288,7 @@ def finetune(
     sam_rho: float = 0.0,
     norm_frozen: bool = False,
     warmup: float = 0.0,
+    target_weight: float = 1.0,
 ) -> Classifier:
     """Fine-tune ``clf`` in place on clean data with the loss of ``hub_backdoor.purify``
     (:func:`hub_backdoor.purification.purification_loss`: ``CE(f(x), y) + beta CE(head(h(x) +
@@ -300,6 +301,7 @@ def finetune(
     the weights moved by ``rho`` along the normalised gradient). ``norm_frozen``: the affine
     parameters of every normalisation layer (BatchNorm, LayerNorm, GroupNorm) stay as they are.
     ``warmup``: as purify's (the latent shift grows over that share of the epochs).
+    ``target_weight``: as purify's (the clean CE of the target's own samples weighs this much).
     """
     dev = X.device
     torch.manual_seed(seed)
@@ -344,7 +346,7 @@ def finetune(
                             t_logits = teacher(xb)
                     loss, _, _ = purification_loss(clf, xb, yb, s, beta=beta if s_t is not None else 0.0,
                                                    teacher_logits=t_logits, distill=distill, keep=keep,
-                                                   target=target)
+                                                   target=target, target_weight=target_weight)
                 return loss
 
             opt.zero_grad(set_to_none=True)

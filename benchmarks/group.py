@@ -47,6 +47,7 @@ class Member:
     target: int | None = None  # the class s_t leads to (the keep term leaves it out)
     s_t: np.ndarray | None = None  # (d,)
     warmup: float = 0.0  # as purify's: the latent shift grows over this share of the epochs
+    target_weight: float = 1.0  # as purify's: clean-CE weight of the target's own samples
     stamp: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (mask, pattern, share): NC unlearning
     X: torch.Tensor | None = None  # (N, ch, H, W) own data (zoo training); None: the group's shared set
     Y: torch.Tensor | None = None
@@ -67,11 +68,11 @@ class _Loss(torch.nn.Module):
         self.head = head  # the linear head's module path (FST's anchor term)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, beta: torch.Tensor,
-                distill: torch.Tensor, keep: torch.Tensor, target: torch.Tensor,
+                distill: torch.Tensor, keep: torch.Tensor, target: torch.Tensor, tw: torch.Tensor,
                 t_logits: torch.Tensor | None, anchor: torch.Tensor | None,
                 alpha: torch.Tensor) -> torch.Tensor:
         loss = purification_loss(self.clf, x, y, s, beta=beta, teacher_logits=t_logits, distill=distill,
-                                 keep=keep, target=target)[0]
+                                 keep=keep, target=target, target_weight=tw)[0]
         if anchor is not None:
             loss = loss + alpha * (self.model.get_submodule(self.head).weight * anchor).sum()
         return loss
@@ -139,6 +140,7 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
     distill = torch.tensor([m.distill for m in members], device=dev)
     keep = torch.tensor([m.keep if m.target is not None else 0.0 for m in members], device=dev)
     target = torch.tensor([-1 if m.target is None else m.target for m in members], device=dev)
+    tw = torch.tensor([m.target_weight for m in members], device=dev)
     # the originals
     teacher = frozen([m.clf for m in members]) if bool((distill > 0).any() or (keep > 0).any()) else None
 
@@ -151,11 +153,11 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
         norm0 = torch.stack([w[i].detach().norm() if m.anchor is None else m.anchor[0].norm().to(w)
                              for i, m in enumerate(members)])
 
-    def step_loss(p, b, x, y, s, beta, distill, keep, target, t, anchor, alpha):  # noqa: ANN001, ANN202
-        return functional_call(loss_mod, (p, b), (x, y, s, beta, distill, keep, target, t, anchor, alpha))
+    def step_loss(p, b, x, y, s, beta, distill, keep, target, tw, t, anchor, alpha):  # noqa: ANN001, ANN202
+        return functional_call(loss_mod, (p, b), (x, y, s, beta, distill, keep, target, tw, t, anchor, alpha))
 
     opt_in = [0 if t is not None else None for t in (teacher, anchor, alpha)]
-    v_loss = vmap(step_loss, in_dims=(0, 0, 0, 0, 0, 0, 0, 0, 0, *opt_in), randomness="different")
+    v_loss = vmap(step_loss, in_dims=(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, *opt_in), randomness="different")
     own_data = any(m.X is not None for m in members)
     seeds = {m.seed for m in members}
     gens = [torch.Generator(device="cpu").manual_seed(m.seed) for m in members]
@@ -185,7 +187,8 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
                 if teacher is not None:
                     with torch.no_grad():
                         t_logits = vmap(teacher[0])(teacher[1], teacher[2], xb)
-                loss = v_loss(params, bufs, xb, yb, s, beta, distill, keep, target, t_logits, anchor, alpha)
+                loss = v_loss(params, bufs, xb, yb, s, beta, distill, keep, target, tw, t_logits, anchor,
+                              alpha)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             grads = [params[k].grad for k in pkeys]
@@ -232,7 +235,7 @@ def _alone(m: Member, X: torch.Tensor | None, Y: torch.Tensor | None, *, epochs:
 
     core.finetune(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed, train=m.train, beta=m.beta,
                   scale=m.scale, distill=m.distill, keep=m.keep, target=m.target, s_t=m.s_t, stamp=stamp,
-                  warmup=m.warmup)
+                  warmup=m.warmup, target_weight=m.target_weight)
     return []
 
 

@@ -7,9 +7,10 @@ models of every family, solves s_t as the audit does, and fine-tunes each with t
 named (``benchmarks.run.STUDY``) through the library's loss (:func:`benchmarks.core.finetune`).
 Per model and variant it prints ACC / ASR, the target class's own accuracy and the held-out
 latent-trigger share at scales 1 and 2 (clean test images of the other classes that ``h + scale
-* s_t`` sends to the target). Twelve models and three variants take about 10 minutes in one
-process with the models cached (about 20 more to train them). It is a probe, not the study: the study's
-table (``--suite standard``) decides the defaults.
+* s_t`` sends to the target), and ACC / ASR of the guarded model (:mod:`hub_backdoor.guard`).
+Twelve models and three variants take about 10 minutes in one process with the models cached
+(about 2 more to train them). It is a probe, not the study: the study's table (``--suite
+standard``) decides the defaults.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def probe(runner: Runner, spec: dict[str, Any], variants: list[str]) -> dict[str
     def measure(c: Any) -> dict[str, float]:
         out = core.evaluate(c.model, runner.Xte, runner.Yte, *trig, t)
         out |= {f"latent_x{k:g}": latent_share(c, Xh, Yh, s_t, t, k) for k in (1.0, 2.0)}
+        if c is not clf:  # the guarded model (hub_backdoor.guard): the original unless it says t
+            g = core.metrics(core.guarded_predict(clf.model, c.model, t), runner.Xte, runner.Yte, *trig, t)
+            out |= {f"{k}_guarded": v for k, v in g.items()}
         return out
 
     res = {"none": measure(clf)}
@@ -80,9 +84,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for mid in args.models.split(","):
         out[mid] = rec = probe(runner, specs[mid], variants)
         for name, m in rec.items():
+            guarded = (f" guarded ACC {100 * m['acc_guarded']:5.1f} ASR {100 * m['asr_guarded']:5.1f}"
+                       if "acc_guarded" in m else "")
             print(f"{mid:28s} {name:44s} ACC {100 * m['acc']:5.1f} ASR {100 * m['asr']:5.1f} "
                   f"target-class ACC {100 * m['acc_target']:5.1f} latent x1 {m['latent_x1']:.2f} "
-                  f"x2 {m['latent_x2']:.2f}", flush=True)
+                  f"x2 {m['latent_x2']:.2f}{guarded}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(out, indent=1))
     return out

@@ -103,20 +103,31 @@ STUDY: dict[str, dict[str, Any]] = {
     # augmentation removed more of the backdoor on the quick suite (ASR 0.8 % against 10.2 %): does
     # it let a weaker latent term do the job?
     "augment, beta 5": {"augment": True, "beta": 5.0},
+    # the purified model loses most on the target class itself (about 40 points): its clean images
+    # lie along s_t too; weigh their clean CE up
+    "target weight 3": {"target_weight": 3.0},
+    "target weight 10": {"target_weight": 10.0},
+    "target weight 30": {"target_weight": 30.0},
+    "target weight 10, beta 20": {"target_weight": 10.0, "beta": 20.0},
+    "target weight 10, beta 5": {"target_weight": 10.0, "beta": 5.0},
+    "target weight 10, scale 1": {"target_weight": 10.0, "scale": 1.0},
 }
 
 #: variants run on the standard suite only (CI's quick suite runs the rest: with these it took
 #: 8 min instead of 5.5)
 STANDARD_ONLY = ("warm-up (s_t grows over half the epochs)", "paper loss, warm-up", "last stage only",
                  "last stage only, warm-up", "no non-target KL (keep 0)", "beta 5",
-                 "augment, beta 5")
+                 "augment, beta 5", "target weight 3", "target weight 10",
+                 "target weight 30", "target weight 10, beta 20", "target weight 10, beta 5",
+                 "target weight 10, scale 1")
 
 STANDARD_ARCHS = ("preact18-w8", "vit-e64d4", "mnv3-050", "hf-convnext")
 #: the standard suite's purification study (on its 10 % models): the paper's loss, the head
-#: trained too, and the variants that keep the first steps from wrecking the features
+#: trained too, the variants that keep the first steps from wrecking the features, and the
+#: target's own clean samples weighed up
 STANDARD_STUDY = ["library default", "paper loss (scale 1, distill 0)", "head trained too",
                   "warm-up (s_t grows over half the epochs)", "paper loss, warm-up", "last stage only",
-                  "last stage only, warm-up", "no non-target KL (keep 0)", "beta 5"]
+                  "last stage only, warm-up", "no non-target KL (keep 0)", "beta 5", "target weight 10"]
 
 SUITES: dict[str, dict[str, Any]] = {
     # the test's micro suite: 2 models, 1-2 epochs
@@ -185,7 +196,8 @@ SUITES: dict[str, dict[str, Any]] = {
     },
 }
 
-EVAL_VERSION = 5  # 4: detection and removal cached apart; several triggers per model; 5: the guarded model
+EVAL_VERSION = 6  # 4: detection and removal cached apart; several triggers per model; 5: the guarded
+# model; 6: the guarded model of every study variant
 FT_BS = 64  # batch size of every fine-tune (the clean sets are small)
 WORKING_ASR = 0.5  # a backdoor "works" when its ASR before defense reaches this
 
@@ -242,7 +254,8 @@ def finetune_variant(clf: Any, X: torch.Tensor, Y: torch.Tensor, p: dict[str, An
         clf, X, Y, epochs=epochs, lr=p["lr"], bs=FT_BS, seed=0, train=p["train"], beta=p["beta"],
         scale=p["scale"], distill=p["distill"], keep=p["keep"], s_t=s_t, target=target,
         resolve_every=p["resolve_every"], freeze_norm=p["freeze_norm"], augment=p["augment"],
-        sam_rho=p["sam_rho"], norm_frozen=p["norm_frozen"], warmup=p["warmup"])
+        sam_rho=p["sam_rho"], norm_frozen=p["norm_frozen"], warmup=p["warmup"],
+        target_weight=p["target_weight"])
 
 
 def planted(spec: dict[str, Any]) -> list[tuple[str, int]]:
@@ -520,7 +533,8 @@ class Runner:
         trig = self.triggered(spec)
         rec: dict[str, Any] = {"hash": self.detect_hash(meta["hash"]), "spec": spec,
                                "train_seconds": meta["seconds"], "n_poison": meta["n_poison"], "metrics": {},
-                               "ours_by_class": {}, "guarded_by_class": {}, "study": {}, "phases": {}}
+                               "ours_by_class": {}, "guarded_by_class": {}, "study": {}, "study_guarded": {},
+                               "phases": {}}
         with self.timed(rec, "evaluations"):
             ev = [core.evaluate(clf.model, self.Xte, self.Yte, x, y, t)
                   for (x, y), (_, t) in zip(trig, planted(spec))] or [
@@ -604,7 +618,8 @@ class Runner:
             epochs = p["epochs"] or cfg.get("ours_epochs") or auto_epochs(core.n_steps(len(self.Xc), FT_BS))
             return epochs, group.Member(clf=clf.copy(), lr=p["lr"], train=train, beta=p["beta"],
                                         scale=p["scale"], distill=p["distill"], keep=p["keep"], target=k,
-                                        s_t=perturbations[k], warmup=p["warmup"])
+                                        s_t=perturbations[k], warmup=p["warmup"],
+                                        target_weight=p["target_weight"])
 
         for k in sorted({target} | {f[0] for f in flagged.values() if f}):
             jobs.append((("ours_by_class", str(k)), *ours(OURS, k)))
@@ -637,20 +652,29 @@ class Runner:
                 evs = ev_group([m.clf for _, m in part])
             for ((where, name), _), ev in zip(part, evs):
                 rec[where][name] = ev
-        with self.timed(rec, "evaluations"):  # the guarded model: the original unless it says k
+
+        def guarded(c: Any, k: int) -> dict[str, float]:  # the original unless it says k
+            fn = core.guarded_predict(clf.model, c.model, k)
+            return core.metrics(fn, self.Xte, self.Yte, *trig, target)
+
+        with self.timed(rec, "evaluations"):
             for (where, k), _, m in jobs:
                 if where == "ours_by_class":
-                    fn = core.guarded_predict(clf.model, m.clf.model, int(k))
-                    rec["guarded_by_class"][k] = core.metrics(fn, self.Xte, self.Yte, *trig, target)
+                    rec["guarded_by_class"][k] = guarded(m.clf, int(k))
+                elif where == "study":
+                    rec["study_guarded"][k] = guarded(m.clf, target)
         for name in study:
             if not STUDY[name]:
                 rec["study"][name] = rec["ours_by_class"][str(target)]
+                rec["study_guarded"][name] = rec["guarded_by_class"][str(target)]
         for name in alone:
             p = {**OURS, **STUDY[name]}
             with self.timed(rec, "fine-tunes (alone: frozen BN, re-solve)"):
-                rec["study"][name] = ev_model(finetune_variant(
-                    clf.copy(), self.Xc, self.Yc, p, perturbations[target], target,
-                    epochs=p["epochs"] or cfg.get("ours_epochs")))
+                tuned = finetune_variant(clf.copy(), self.Xc, self.Yc, p, perturbations[target], target,
+                                         epochs=p["epochs"] or cfg.get("ours_epochs"))
+            with self.timed(rec, "evaluations"):
+                rec["study"][name] = ev_model(tuned)
+                rec["study_guarded"][name] = guarded(tuned, target)
         with self.timed(rec, "evaluations"):
             rec["metrics"]["head blind to s_t (reference)"] = ev_model(
                 baselines.erase_direction(clf.copy(), perturbations[target], self.Xc))
@@ -818,6 +842,10 @@ def summarise(res: dict[str, Any], cache: Path, rule: str, working_only: bool = 
         vals = [(r["metrics"]["none"], r["study"][name]) for r in bd if name in r["study"]]
         if vals:
             study[name] = aggregate(vals)
+            gvals = [(r["metrics"]["none"], r["study_guarded"][name]) for r in bd
+                     if name in r.get("study_guarded", {})]
+            # the guarded model of the same fine-tune (records before it was measured: none)
+            study[name]["guarded"] = aggregate(gvals) if len(gvals) == len(vals) else None
     best = pick(study, {name: {r["spec"]["id"]: der(r["metrics"]["none"], r["study"][name])
                                for r in bd if name in r["study"]} for name in study})
     rows = []
@@ -965,14 +993,17 @@ def markdown(out: dict[str, Any]) -> str:
               "it meets the goal on at least as many models and its DER gain over the default, paired "
               "per model, exceeds two standard errors.", "",
               "| variant | ACC | ASR | RA | ACC drop | target-class ACC drop | DER "
-              "| DER gain vs default (SE) | goal met |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| DER gain vs default (SE) | goal met | guarded: ACC drop / ASR / DER / goal met |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for name, a in s["study"].items():
             gain = "–" if "der_gain" not in a or name == DEFAULT_VARIANT else (
                 f"{100 * a['der_gain']:+.1f} ({100 * a['der_gain_se']:.1f})")
+            g = a.get("guarded")
+            gcell = "–" if not g else (f"{pct(g['acc_drop'])} / {pct(g['asr'])} / {pct(g['der'])} / "
+                                       f"{g['goal_met']}/{g['n']}")
             L.append(f"| {name} | {pct(a['acc'])} | {pct(a['asr'])} | {pct(a['ra'])} | "
                      f"{pct(a['acc_drop'])} | {pct(a.get('target_drop'))} | {pct(a['der'])} | {gain} | "
-                     f"{a['goal_met']}/{a['n']} |")
+                     f"{a['goal_met']}/{a['n']} | {gcell} |")
     t = s["timings"]
     if t:
         L += ["", "### Audit wall time (mean per model, seconds)", "",

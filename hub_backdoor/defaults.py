@@ -15,5 +15,6 @@ PURIFY: dict[str, float | int | str] = {
     "epochs": 10,  # or more: see min_steps
     "min_steps": 100,  # epochs=None runs max(epochs, enough epochs for this many optimizer steps)
     "warmup": 0.0,  # share of the epochs over which scale * s_t grows from 0; 0 is the paper
+    "target_weight": 1.0,  # clean-CE weight of the target class's own samples; 1 is the paper
     "train": "backbone",  # the linear head stays as it is; "all" trains it too
 }

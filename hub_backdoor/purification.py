@@ -298,6 +298,7 @@ def purify(
     distill: float = float(PURIFY["distill"]),
     keep: float = float(PURIFY["keep"]),
     warmup: float = float(PURIFY["warmup"]),
+    target_weight: float = float(PURIFY["target_weight"]),
     seed: int = 0,
     transform: Any = None,
     image_column: str | None = None,
@@ -337,6 +338,9 @@ def purify(
         warmup: share of the epochs over which the latent shift grows linearly from 0 to
             ``scale * s_t`` (0: full size from the first step, the paper's setting). At full size
             the first steps face a loss of tens of nats and wreck the features at once.
+        target_weight: weight of the clean CE of the target class's own samples against 1 for the
+            others (1: the paper). The latent term lowers the target's logit along s_t, and the
+            target's own clean images lie along it too: they lose most (docs/purification.md).
         freeze_norm: keep BatchNorm statistics fixed; a few hundred clean samples estimate them
             worse than the original training set did.
         accelerator: as for :func:`hub_backdoor.audit` (``None``: several processes when launched
@@ -356,7 +360,7 @@ def purify(
     check_purify_options(
         beta=beta, scale=scale, distill=distill, lr=lr, epochs=epochs, holdout=holdout,
         batch_size=batch_size, seed=seed, max_samples=max_samples, resolve_every=resolve_every,
-        device=device, warmup=warmup, keep=keep,
+        device=device, warmup=warmup, keep=keep, target_weight=target_weight,
     )
     torch.manual_seed(seed)
     original = load_classifier(source, **load_kw)
@@ -438,7 +442,8 @@ def purify(
             with torch.no_grad():
                 t_logits = teacher.forward(x)[0]
         loss, loss_clean, loss_trig = purification_loss(
-            clf, x, y, s, beta=beta, teacher_logits=t_logits, distill=distill, keep=keep, target=target
+            clf, x, y, s, beta=beta, teacher_logits=t_logits, distill=distill, keep=keep, target=target,
+            target_weight=target_weight,
         )
         return {"loss": loss, "loss_clean": loss_clean, "loss_trigger": loss_trig}
 
@@ -472,7 +477,7 @@ def purify(
             "batch_size": batch_size,
             "train": train,
             "holdout": holdout, "resolve_every": resolve_every, "freeze_norm": freeze_norm,
-            "distill": distill, "keep": keep, "warmup": warmup,
+            "distill": distill, "keep": keep, "warmup": warmup, "target_weight": target_weight,
             "seed": seed, "max_accuracy_drop": max_accuracy_drop,
         },
         report=report,
@@ -494,6 +499,7 @@ def purification_loss(
     distill: float | torch.Tensor = 0.0,
     keep: float | torch.Tensor = 0.0,
     target: int | torch.Tensor | None = None,
+    target_weight: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The stage-2 loss on one batch ``x (B, ...)``, ``y (B,)``; ``s (d,)`` is ``scale * s_t``.
 
@@ -501,9 +507,16 @@ def purification_loss(
     ``teacher_logits (B, C)`` (the original model's, no grad) are given: ``distill`` weighs the
     KL over all classes, ``keep`` the KL over every class but ``target`` (:func:`_kl`). The
     benchmarks train with this same function, so the table measures the library's loss.
+    ``target_weight``: weight of the clean CE of the samples of ``target`` against 1 for the
+    others (a weighted mean): the latent term lowers the target's logit along s_t, which its own
+    clean images share.
     """
     logits, h = clf.forward(x)
-    loss_clean = F.cross_entropy(logits, y)
+    if target is None:
+        loss_clean = F.cross_entropy(logits, y)
+    else:  # written out, not CE's weight=: per-model weights under vmap (benchmarks/group.py)
+        w = 1.0 + (target_weight - 1.0) * (y == target).to(logits.dtype)
+        loss_clean = (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
     loss_trig = F.cross_entropy(clf.head_logits(h + s.to(h.dtype)), y)
     loss = loss_clean + beta * loss_trig
     if teacher_logits is not None:  # no test on the weights: tensors of per-model weights under vmap

@@ -175,6 +175,7 @@ def check_purify_options(
     device: Any = None,
     warmup: Any = 0.0,
     keep: Any = 0.0,
+    target_weight: Any = 1.0,
 ) -> None:
     """The options of :func:`hub_backdoor.purify` (and ``hub-backdoor purify``)."""
     check_number(warmup, "warmup", ge=0, le=1)
@@ -182,6 +183,7 @@ def check_purify_options(
     check_number(scale, "scale", gt=0)
     check_number(distill, "distill", ge=0)
     check_number(keep, "keep", ge=0)
+    check_number(target_weight, "target_weight", gt=0)
     check_number(lr, "lr", gt=0)
     if epochs is not None:
         check_int(epochs, "epochs")

@@ -80,7 +80,8 @@ def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 def test_group_equals_one_by_one():
     """benchmarks.group: models stepped together by one vmapped step end where each would alone
     (the zoo's training with own data and seeds; fine-tunes with their own learning rate, frozen
-    head, loss weights, distillation, NC's stamped trigger and FST's anchored, re-normed head)."""
+    head, loss weights, the target's clean-CE weight, distillation, NC's stamped trigger and FST's
+    anchored, re-normed head)."""
     import numpy as np
 
     from benchmarks import baselines, core, group
@@ -107,6 +108,8 @@ def test_group_equals_one_by_one():
     variants = [{"lr": 0.003, "train": "backbone", "beta": 10.0, "scale": 2.0, "distill": 3.0, "s_t": s_t},
                 {"lr": 0.003, "train": "backbone", "beta": 5.0, "scale": 2.0, "keep": 10.0, "target": 3,
                  "s_t": s_t},
+                {"lr": 0.003, "train": "backbone", "beta": 10.0, "keep": 10.0, "target": 3,
+                 "target_weight": 10.0, "s_t": s_t},
                 {"lr": 0.01, "train": "all", "beta": 3.0, "s_t": s_t}, {"lr": 0.003},
                 {"lr": 0.003, "train": "last-stage", "beta": 10.0, "s_t": s_t, "warmup": 1.0}]
     mask, pattern = torch.zeros(1, 16, 16), torch.ones(1, 16, 16)

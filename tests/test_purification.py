@@ -107,3 +107,28 @@ def test_keep_term_ignores_the_target_logit_and_holds_the_others():
     assert abs(extra(logits, keep=10.0, distill=3.0)) < 1e-4  # the original itself: no cost
     with pytest.raises(Exception, match="keep"):
         purify(clf, (X, y), target=1, keep=-1.0, progress=False)
+
+
+def test_target_weight_is_a_weighted_mean_of_the_clean_loss():
+    """``target_weight`` w weighs the clean CE of the target's own samples w against 1 (a weighted
+    mean: w = 1 is the plain mean), and leaves the latent term as it is."""
+    import torch.nn.functional as F
+
+    from hub_backdoor.purification import purification_loss
+
+    clf = TorchClassifier(w.make_model(), head="6")
+    X, y = w.make_data()
+    x, y = X[:32], y[:32]
+    t = int(y[0])
+    s = torch.zeros(clf.embed_dim)
+    with torch.no_grad():
+        ce = F.cross_entropy(clf.forward(x)[0], y, reduction="none")
+        plain = purification_loss(clf, x, y, s, beta=0.0, target=t)[1]
+        heavy = purification_loss(clf, x, y, s, beta=0.0, target=t, target_weight=4.0)
+    on_t = y == t
+    assert 0 < int(on_t.sum()) < len(y)
+    assert torch.allclose(plain, ce.mean(), atol=1e-6)
+    want = (4.0 * ce[on_t].sum() + ce[~on_t].sum()) / (4.0 * on_t.sum() + (~on_t).sum())
+    assert torch.allclose(heavy[1], want, atol=1e-6)
+    with pytest.raises(Exception, match="target_weight"):
+        purify(clf, (X, y), target=1, target_weight=0.0, progress=False)

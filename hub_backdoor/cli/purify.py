@@ -74,6 +74,9 @@ def _purification_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep", type=float, default=d["keep"],
                    help=f"weight of a KL term to the original model over the non-target classes only "
                         f"(default {d['keep']}; 0 = the loss without it)")
+    g.add_argument("--target-weight", type=float, default=d["target_weight"],
+                   help=f"weight of the clean loss on the target class's own samples against 1 for the "
+                        f"others (default {d['target_weight']}; 1 = the paper)")
     g.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default {d['lr']})")
     g.add_argument("--warmup", type=float, default=d["warmup"],
                    help=f"share of the epochs over which the latent shift grows from 0 (default "
@@ -118,7 +121,7 @@ def _check_args(args: argparse.Namespace) -> list[tuple[Any, str]]:
     check_purify_options(
         beta=args.beta, scale=args.scale, distill=args.distill, lr=args.lr, epochs=args.epochs,
         holdout=args.holdout, batch_size=args.batch_size, seed=args.seed, max_samples=args.max_samples,
-        device=args.device, warmup=args.warmup, keep=args.keep,
+        device=args.device, warmup=args.warmup, keep=args.keep, target_weight=args.target_weight,
     )
     named = [(args.report, "the --report file")] if args.report else []
     check_outputs([(args.json, "--json")], named)
@@ -199,6 +202,7 @@ def _fine_tune(args: argparse.Namespace, ui: UI, *, model: Any, data: Any, repor
     result = purification.purify(
         model.clf, data, report=report, target=target, trigger=trigger, beta=args.beta, scale=args.scale,
         distill=args.distill, keep=args.keep, warmup=args.warmup, epochs=args.epochs, lr=args.lr,
+        target_weight=args.target_weight,
         train=args.train, batch_size=args.batch_size,
         holdout=args.holdout, seed=args.seed, image_column=args.image_column, label_column=args.label_column,
         device=args.device, progress=not ui.quiet, max_accuracy_drop=args.max_accuracy_drop / 100.0,
