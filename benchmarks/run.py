@@ -848,6 +848,12 @@ def summarise(res: dict[str, Any], cache: Path, rule: str, working_only: bool = 
             study[name]["guarded"] = aggregate(gvals) if len(gvals) == len(vals) else None
     best = pick(study, {name: {r["spec"]["id"]: der(r["metrics"]["none"], r["study"][name])
                                for r in bd if name in r["study"]} for name in study})
+    best_guarded = None
+    if study and all(a["guarded"] for a in study.values()):
+        best_guarded = pick({n: a["guarded"] for n, a in study.items()},
+                            {name: {r["spec"]["id"]: der(r["metrics"]["none"], r["study_guarded"][name])
+                                    for r in bd if name in r["study"]} for name in study})
+        best = settle(study, best, best_guarded)
     rows = []
     extra = best if best and best != DEFAULT_VARIANT else None
     for r in bd:
@@ -883,7 +889,7 @@ def summarise(res: dict[str, Any], cache: Path, rule: str, working_only: bool = 
         for k, v in r.get("phases", {}).items():
             spent[k] = spent.get(k, 0.0) + v
     return {"detection": det, "rows": rows, "aggregate": agg, "study": study, "best_study": best,
-            "timings": timings, "spent": spent,
+            "best_guarded": best_guarded, "timings": timings, "spent": spent,
             "clean_models": clean_acc}
 
 
@@ -910,6 +916,16 @@ def pick(study: dict[str, dict[str, Any]], ders: dict[str, dict[str, float]]) ->
                 (a["goal_met"], a["der"]) > (study[best]["goal_met"], study[best]["der"])):
             best = name
     return best
+
+
+def settle(study: dict[str, dict[str, Any]], best: str | None, best_guarded: str | None) -> str | None:
+    """The library default's pick from the purified weights' pick ``best`` and the guarded
+    model's ``best_guarded`` (:func:`pick` on each): the purified pick when it moves the default;
+    else the guarded pick, when its purified weights' DER is no lower than the default's (the
+    guard is what a user keeps within the accuracy budget; the weights alone must not lose)."""
+    if best != DEFAULT_VARIANT or best_guarded in (None, DEFAULT_VARIANT) or DEFAULT_VARIANT not in study:
+        return best
+    return best_guarded if study[best_guarded].get("der_gain", -1.0) >= 0 else best
 
 
 def aggregate(vals: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float]:
@@ -991,7 +1007,10 @@ def markdown(out: dict[str, Any]) -> str:
         L += ["", f"### Purification study (true target given; mean over backdoored models{on})", "",
               f"The table's pick: **{s['best_study']}**. A variant replaces the library default only when "
               "it meets the goal on at least as many models and its DER gain over the default, paired "
-              "per model, exceeds two standard errors.", "",
+              "per model, exceeds two standard errors: on the purified weights, or on the guarded model "
+              "(its own goal and DER) with the purified weights' DER no lower than the default's"
+              + (f" (the guarded model's pick alone: {s['best_guarded']})" if s.get("best_guarded") else "")
+              + ".", "",
               "| variant | ACC | ASR | RA | ACC drop | target-class ACC drop | DER "
               "| DER gain vs default (SE) | goal met | guarded: ACC drop / ASR / DER / goal met |",
               "|---|---|---|---|---|---|---|---|---|---|"]

@@ -143,7 +143,8 @@ def test_group_equals_one_by_one():
 
 def test_study_pick_needs_a_clear_paired_gain():
     """The purification study replaces the library default only by a variant that meets the goal
-    as often and whose per-model DER gain exceeds two standard errors."""
+    as often and whose per-model DER gain exceeds two standard errors (on the purified weights, or
+    on the guarded model where the weights' DER is no lower)."""
     models = [f"m{i}" for i in range(6)]
     base = {m: 0.80 + 0.02 * i for i, m in enumerate(models)}
     noisy = {m: v + (0.03 if i % 2 else -0.02) for i, (m, v) in enumerate(base.items())}  # +0.005 mean
@@ -158,6 +159,14 @@ def test_study_pick_needs_a_clear_paired_gain():
     assert s["noisy"]["der_gain"] > 0 and s["noisy"]["der_gain"] < 2 * s["noisy"]["der_gain_se"]
     # a clear DER gain that meets the goal on fewer models does not replace the default
     assert run.pick(study({run.DEFAULT_VARIANT: 2, "noisy": 2, "steady": 1}), ders) == run.DEFAULT_VARIANT
+
+    # the guarded model's pick moves the default only where the purified weights lose nothing
+    s = study({run.DEFAULT_VARIANT: 1, "noisy": 1, "steady": 1})
+    run.pick(s, {run.DEFAULT_VARIANT: base, "noisy": base, "steady": noisy})
+    assert run.settle(s, run.DEFAULT_VARIANT, "steady") == "steady"  # +0.005 on the weights
+    s["steady"]["der_gain"] = -0.001
+    assert run.settle(s, run.DEFAULT_VARIANT, "steady") == run.DEFAULT_VARIANT
+    assert run.settle(s, "noisy", "steady") == "noisy"  # the weights' own pick comes first
 
 
 def test_nc_reverse_stacked_equals_alone():
