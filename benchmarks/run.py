@@ -116,6 +116,8 @@ STUDY: dict[str, dict[str, Any]] = {
     # the backdoor out (6.4 % ASR): a stronger latent term
     "head trained too, beta 30": {"train": "all", "beta": 30.0},
     "head trained too, scale 4": {"train": "all", "scale": 4.0},
+    "target weight 10, keep 0": {"target_weight": 10.0, "keep": 0.0},
+    "target weight 10, 20 epochs": {"target_weight": 10.0, "epochs": 20},
 }
 
 #: variants run on the standard suite only (CI's quick suite runs the rest: with these it took
@@ -125,7 +127,8 @@ STANDARD_ONLY = ("warm-up (s_t grows over half the epochs)", "paper loss, warm-u
                  "augment, beta 5", "target weight 3", "target weight 10",
                  "target weight 30", "target weight 10, beta 20", "target weight 10, beta 5",
                  "target weight 10, scale 1", "target weight 10, head trained too",
-                 "head trained too, beta 30", "head trained too, scale 4")
+                 "head trained too, beta 30", "head trained too, scale 4", "target weight 10, keep 0",
+                 "target weight 10, 20 epochs")
 
 STANDARD_ARCHS = ("preact18-w8", "vit-e64d4", "mnv3-050", "hf-convnext")
 #: the standard suite's purification study (on its 10 % models): the paper's loss, the head
