@@ -103,8 +103,11 @@ STUDY: dict[str, dict[str, Any]] = {
     # augmentation removed more of the backdoor on the quick suite (ASR 0.8 % against 10.2 %): does
     # it let a weaker latent term do the job?
     "augment, beta 5": {"augment": True, "beta": 5.0},
-    # the purified model loses most on the target class itself (about 40 points): its clean images
-    # lie along s_t too; weigh their clean CE up
+}
+#: variants for the guarded model (standard suite only): the purified model loses most on the
+#: target class itself (about 40 points), whose clean images lie along s_t too; weigh their clean
+#: CE up
+_GUARD_STUDY: dict[str, dict[str, Any]] = {
     "target weight 3": {"target_weight": 3.0},
     "target weight 10": {"target_weight": 10.0},
     "target weight 30": {"target_weight": 30.0},
@@ -119,16 +122,13 @@ STUDY: dict[str, dict[str, Any]] = {
     "target weight 10, keep 0": {"target_weight": 10.0, "keep": 0.0},
     "target weight 10, 20 epochs": {"target_weight": 10.0, "epochs": 20},
 }
+STUDY |= _GUARD_STUDY
 
 #: variants run on the standard suite only (CI's quick suite runs the rest: with these it took
 #: 8 min instead of 5.5)
 STANDARD_ONLY = ("warm-up (s_t grows over half the epochs)", "paper loss, warm-up", "last stage only",
                  "last stage only, warm-up", "no non-target KL (keep 0)", "beta 5",
-                 "augment, beta 5", "target weight 3", "target weight 10",
-                 "target weight 30", "target weight 10, beta 20", "target weight 10, beta 5",
-                 "target weight 10, scale 1", "target weight 10, head trained too",
-                 "head trained too, beta 30", "head trained too, scale 4", "target weight 10, keep 0",
-                 "target weight 10, 20 epochs")
+                 "augment, beta 5", *_GUARD_STUDY)
 
 STANDARD_ARCHS = ("preact18-w8", "vit-e64d4", "mnv3-050", "hf-convnext")
 #: the standard suite's purification study (on its 10 % models): the paper's loss, the head
@@ -855,13 +855,15 @@ def summarise(res: dict[str, Any], cache: Path, rule: str, working_only: bool = 
                      if name in r.get("study_guarded", {})]
             # the guarded model of the same fine-tune (records before it was measured: none)
             study[name]["guarded"] = aggregate(gvals) if len(gvals) == len(vals) else None
-    best = pick(study, {name: {r["spec"]["id"]: der(r["metrics"]["none"], r["study"][name])
-                               for r in bd if name in r["study"]} for name in study})
+
+    def per_model_der(kind: str) -> dict[str, dict[str, float]]:  # kind: "study" or "study_guarded"
+        return {name: {r["spec"]["id"]: der(r["metrics"]["none"], r[kind][name])
+                       for r in bd if name in r.get(kind, {})} for name in study}
+
+    best = pick(study, per_model_der("study"))
     best_guarded = None
     if study and all(a["guarded"] for a in study.values()):
-        best_guarded = pick({n: a["guarded"] for n, a in study.items()},
-                            {name: {r["spec"]["id"]: der(r["metrics"]["none"], r["study_guarded"][name])
-                                    for r in bd if name in r["study"]} for name in study})
+        best_guarded = pick({n: a["guarded"] for n, a in study.items()}, per_model_der("study_guarded"))
         best = settle(study, best, best_guarded)
     rows = []
     extra = best if best and best != DEFAULT_VARIANT else None

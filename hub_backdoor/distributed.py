@@ -113,11 +113,11 @@ class Dist:
             return tensor.clone()
         import torch.distributed as tdist
 
-        reduce_op = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}
-        if op not in reduce_op:
+        by_name = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}
+        if op not in by_name:
             raise ValueError(f"all_reduce: op must be 'sum' or 'max', got {op!r}")
         out = tensor.detach().to(self._comm_device()).clone()
-        tdist.all_reduce(out, op=reduce_op[op])
+        tdist.all_reduce(out, op=by_name[op])
         return out.to(tensor.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:

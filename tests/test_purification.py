@@ -111,7 +111,7 @@ def test_keep_term_ignores_the_target_logit_and_holds_the_others():
 
 def test_target_weight_is_a_weighted_mean_of_the_clean_loss():
     """``target_weight`` w weighs the clean CE of the target's own samples w against 1 (a weighted
-    mean: w = 1 is the plain mean), and leaves the latent term as it is."""
+    mean: w = 1 is the plain mean)."""
     import torch.nn.functional as F
 
     from hub_backdoor.purification import purification_loss
