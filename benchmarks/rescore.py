@@ -324,6 +324,7 @@ def calibration_entry(zs: list[dict[str, Any]], *, suite: str, label: str) -> di
     fams = sorted({family(z["spec"]) for z in clean})
     return {"key": training_key(clean), "source": f"benchmarks {suite} zoo ({label}): {len(clean)} clean "
                                                   f"models of {len(fams)} families",
+            "num_classes": sorted({len(z["norms"]) for z in clean}),
             "rules": {name: {"clean_max": sorted(float(np.max(v)) for v in sc.values()), "families": fams}
                       for name, sc in scores.items()}}
 

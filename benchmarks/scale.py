@@ -3,6 +3,7 @@
     python -m benchmarks.scale all --out docs/scale-results.json   # everything (~15-25 min, 2 CPUs)
     python -m benchmarks.scale qp --classes 100,1000,10000
     python -m benchmarks.scale head            # timm resnet50 (random weights), C = 1000, d = 2048
+    python -m benchmarks.scale classes         # the default audit of a 224-px ResNet-18 at C = 10, 100, 1000
     python -m benchmarks.scale overhead        # audit time / plain inference time
     python -m benchmarks.scale memory --sizes 2000,20000   # streaming audit peak RSS, one process per size
     python -m benchmarks.scale group           # fine-tunes one by one against stacked (benchmarks/group.py)
@@ -159,7 +160,6 @@ def bench_head(*, n: int = 64, res: int = 64, cvxpy_sample: int = 2, soft_sample
     from hub_backdoor.adapters import load_classifier
     from hub_backdoor.data import ReferenceData
     from hub_backdoor.embeddings import reference_pass
-    from hub_backdoor.errors import InfeasibleError
     from hub_backdoor.reconstruction import reconstruct
 
     torch.manual_seed(0)
@@ -185,20 +185,82 @@ def bench_head(*, n: int = 64, res: int = 64, cvxpy_sample: int = 2, soft_sample
     small = load_classifier(timm.create_model("resnet18", pretrained=False, num_classes=1000))
     ref18 = reference_pass(small, data, transform=Normalize(), batch_size=32, progress=False)
     W, b = small.head_numpy()
-    try:
-        reconstruct(W, b, ref18.state)
-        raised = None
-    except InfeasibleError as e:
-        raised = str(e)
+    exact = reconstruct(W, b, ref18.state)
     soft = reconstruct(W, b, ref18.state, soft_margin=1.0, classes=list(range(soft_sample)))
     emit({
-        "part": "head-infeasible", "model": "timm resnet18 (random weights)", "C": small.num_classes,
-        "d": small.embed_dim, "infeasible_error": raised, "soft_margin_notes": soft.notes,
+        "part": "head-c-above-d", "model": "timm resnet18 (random weights)", "C": small.num_classes,
+        "d": small.embed_dim, "exact_seconds": exact.seconds, "notes": exact.notes,
+        "unreachable_classes": int(np.isinf(exact.norms).sum()),
         "soft_margin_per_class_seconds": [soft.per_class_seconds[k] for k in range(soft_sample)],
     }, sink)
 
 
-# -- audit time / plain inference time --------------------------------------------------------------------
+def fitted_resnet18(C: int, *, res: int, per_class: int, seed: int = 0) -> tuple[Any, Any, Any]:
+    """A timm ResNet-18 (random backbone) whose head is fitted to its reference features, so that
+    the audit passes the reference gate and runs every stage; and its reference set.
+
+    The images are ``per_class`` noisy copies of one random prototype per class (uint8, ``res``
+    px); the head is the nearest-class-mean classifier of their embeddings (``w_k = mu_k``,
+    ``b_k = -||mu_k||^2 / 2``). Returns ``(model, images, labels)``.
+    """
+    import timm
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=C).eval()
+    proto = torch.randint(0, 256, (C, 3, res, res), generator=g).float()
+    y = torch.arange(C).repeat_interleave(per_class)
+    noise = 12.0 * torch.randn(len(y), 3, res, res, generator=g)
+    X = (proto[y] + noise).clamp(0, 255).to(torch.uint8)
+    norm = Normalize()
+    with torch.no_grad():
+        batches = [torch.stack([norm(x) for x in X[i:i + 64]]) for i in range(0, len(X), 64)]
+        H = torch.cat([model.forward_head(model.forward_features(xb), pre_logits=True) for xb in batches])
+        mu = torch.stack([H[y == k].mean(0) for k in range(C)])
+        model.get_classifier().weight.copy_(mu)
+        model.get_classifier().bias.copy_(-0.5 * (mu * mu).sum(1))
+    return model, X, y
+
+
+def bench_classes(*, classes: list[int], res: int, per_class: int, sink: list[dict[str, Any]]) -> str:
+    """The default audit (every stage) of a 224-px ResNet-18 at several class counts, side by side:
+    ``per_class`` reference images a class, a head fitted to its reference features
+    (:func:`fitted_resnet18`) so that no data gate stops it early."""
+    from hub_backdoor import audit
+
+    rows = []
+    for C in classes:
+        model, X, y = fitted_resnet18(C, res=res, per_class=per_class)
+        t0 = time.perf_counter()
+        r = audit(model, (X, y), transform=Normalize(), progress=False)
+        total = time.perf_counter() - t0
+        stages = [st["stage"] for st in r.evidence.get("stages", [])]
+        rec = {"part": "classes", "model": "timm resnet18 (random backbone, fitted head)", "C": C,
+               "d": int(r.model["embed_dim"]), "input": f"{res}x{res}", "n_ref": int(r.data["n"]),
+               "reference_accuracy": float(r.data["accuracy"]), "verdict": r.verdict, "reason": r.reason,
+               "stages": stages, "timings": r.timings, "seconds": total,
+               "unreachable_classes": int(sum(1 for c in r.classes if not np.isfinite(c.norm))),
+               "searched": next((int(st.get("classes", 0)) for st in r.evidence.get("stages", [])
+                                 if st["stage"] == "additive verification"), 0)}
+        emit(rec, sink)
+        rows.append(rec)
+    lines = [f"Default audit of a timm ResNet-18 at {res} px, {per_class} reference images a class, head "
+             f"fitted to its reference features; {machine()['cpus']} CPUs, torch threads "
+             f"{torch.get_num_threads()}.", "",
+             "| C | d | images | classes searched | reference pass s | QP s | input search s | total s "
+             "| verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for rec in rows:
+        t = rec["timings"]
+        lines.append(f"| {rec['C']} | {rec['d']} | {rec['n_ref']} | {rec['searched']} | "
+                     f"{t.get('reference_pass', 0):.0f} | {t.get('qp', 0):.1f} | "
+                     f"{t.get('input_verification', float('nan')):.0f} | {rec['seconds']:.0f} | "
+                     f"{rec['verdict']} |")
+    table = "\n".join(lines) + "\n"
+    print("\n" + table)
+    return table
+
+
 def _plain_inference(
     clf: Any, data: Any, transform: Any, batch_size: int, device: str
 ) -> tuple[float, float]:
@@ -393,9 +455,12 @@ def bench_memory(*, sizes: list[int], res: int = 32, batch_size: int = 64,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["all", "qp", "head", "overhead", "memory", "group", "_memory_child"])
+    ap.add_argument("part", choices=["all", "qp", "head", "classes", "overhead", "memory", "group",
+                                     "_memory_child"])
     ap.add_argument("--out", type=Path, default=None, help="write all results to this JSON file")
-    ap.add_argument("--classes", default="100,1000,10000", help="qp: class counts (default 100,1000,10000)")
+    ap.add_argument("--classes", default=None,
+                    help="qp: class counts (default 100,1000,10000); classes: (default 10,100,1000)")
+    ap.add_argument("--per-class", type=int, default=2, help="classes: reference images a class")
     ap.add_argument("--sizes", default="2000,20000", help="memory: numbers of streamed images")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--res", type=int, default=32)
@@ -420,12 +485,20 @@ def main(argv: list[str] | None = None) -> int:
     parts = ["qp", "head", "overhead", "memory"] if args.part == "all" else [args.part]
     for part in parts:
         if part == "qp":
-            classes = [20, 60] if args.quick else [int(c) for c in args.classes.split(",")]
+            spec = args.classes or "100,1000,10000"
+            classes = [20, 60] if args.quick else [int(c) for c in spec.split(",")]
             bench_qp(classes, d=64 if args.quick else 2048, n_ref=32 if args.quick else 128,
                      sample=10 if args.quick else 200, sink=sink)
         elif part == "head":
             bench_head(n=8 if args.quick else 64, res=32 if args.quick else 64,
                        cvxpy_sample=0 if args.quick else 2, soft_sample=1 if args.quick else 3, sink=sink)
+        elif part == "classes":
+            spec = args.classes or "10,100,1000"
+            table = bench_classes(classes=[3, 12] if args.quick else [int(c) for c in spec.split(",")],
+                                  res=32 if args.quick else 224, per_class=args.per_class, sink=sink)
+            if args.out is not None:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.with_suffix(".md").write_text(table)
         elif part == "overhead":
             spec = "resnet18:10:32:64" if args.quick else args.overhead
             configs = [(m, int(c), int(r), int(n)) for m, c, r, n in (s.split(":") for s in spec.split(","))]

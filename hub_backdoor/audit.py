@@ -13,11 +13,12 @@ from . import detection
 from .adapters import Classifier, load_classifier
 from .calibration import load_calibration
 from .data import ReferenceData, StreamingReference, reference_data
+from .defaults import VERIFY
 from .detection import AUDIT_RULES, REGISTRY, DetectionInput, detect
 from .distributed import reconstruct_distributed, resolve
 from .embeddings import ReferencePass, reference_pass
-from .errors import InfeasibleError, OptionError
-from .reconstruction import Reconstruction, dimension_reason
+from .errors import OptionError
+from .reconstruction import Reconstruction
 from .report import AuditReport, ClassRow, Verdict, library_versions
 from .validation import (
     MIN_CLASS_SAMPLES,
@@ -37,15 +38,16 @@ from .verification import (
 __all__ = ["audit", "build_report"]
 
 
-#: Up to this many classes every class is searched in input space; above it, the latent screen's
-#: ``VERIFY_TOP`` most suspicious classes (the search costs ``classes x verify_images`` images a step).
-VERIFY_ALL_UP_TO = 32
-VERIFY_TOP = 16
+#: The input-space search's defaults (:data:`hub_backdoor.defaults.VERIFY`).
+VERIFY_ALL_UP_TO = VERIFY["all_up_to"]
+VERIFY_TOP = VERIFY["top"]
+VERIFY_IMAGES = VERIFY["images"]
 
 
-def screened_classes(norms: np.ndarray, perturbations: np.ndarray, h_std: np.ndarray) -> list[int] | None:
+def screened_classes(norms: np.ndarray, perturbations: np.ndarray, h_std: np.ndarray, *,
+                     top: int = VERIFY_TOP) -> list[int] | None:
     """The classes the input-space searches run on: all (``None``) for ``C <= VERIFY_ALL_UP_TO``,
-    else the ``VERIFY_TOP`` classes the latent rule (``detection.LATENT_RULE``) scores highest (ties: smaller
+    else the ``top`` classes the latent rule (``detection.LATENT_RULE``) scores highest (ties: smaller
     norm first). ``norms (C,)``, ``perturbations (C, d)``, ``h_std (d,)``."""
     C = len(norms)
     if C <= VERIFY_ALL_UP_TO:
@@ -53,7 +55,7 @@ def screened_classes(norms: np.ndarray, perturbations: np.ndarray, h_std: np.nda
     latent = DetectionInput(norms=norms, perturbations=perturbations, h_std=h_std)
     score = detection.RULES[detection.LATENT_RULE](latent)
     order = np.lexsort((np.asarray(norms), -np.asarray(score)))
-    return sorted(int(k) for k in order[:VERIFY_TOP])
+    return sorted(int(k) for k in order[:top])
 
 
 def audit(
@@ -76,7 +78,8 @@ def audit(
     accelerator: Any = None,
     min_reference_accuracy: float | None = None,
     min_class_samples: int = MIN_CLASS_SAMPLES,
-    verify_images: int = 40,
+    verify_images: int = VERIFY_IMAGES,
+    verify_top: int = VERIFY_TOP,
     **load_kw: Any,
 ) -> AuditReport:
     """Audit a classifier for a single-target backdoor.
@@ -102,9 +105,15 @@ def audit(
             ``VERIFY_ALL_UP_TO`` classes and on the latent screen's ``VERIFY_TOP`` most
             suspicious ones above (:func:`screened_classes`).
         verify_images: reference images of the input-space verification.
+        verify_top: above ``VERIFY_ALL_UP_TO`` classes, how many classes the input-space search
+            covers (those the latent rule ranks most suspicious; its cost grows with this, not C).
         margin: logit margin m of the QP (0 in the paper).
         solver: ``"daqp"`` (fast) or ``"cvxpy"`` (reference).
-        soft_margin: solve the soft-margin QP with this penalty when Theorem 1 fails (else error).
+        soft_margin: solve the soft-margin QP with this penalty for every class. ``None`` (the
+            default) solves the exact problem; where Theorem 1 fails (``C - 1 >= d``, e.g. a
+            1000-class head on a 512-wide embedding) each class is solved on its own and a class
+            no universal latent change reaches carries no latent evidence
+            (:mod:`hub_backdoor.reconstruction`); the input-space search still runs.
         accelerator: run over several processes / on a GPU with ``accelerate``: ``None`` (auto:
             an ``Accelerator`` under ``torchrun`` / ``accelerate launch``, else one plain
             process), ``True``, ``False`` or an ``accelerate.Accelerator``. The reference pass
@@ -138,13 +147,11 @@ def audit(
     check_audit_options(
         threshold=threshold, soft_margin=soft_margin, margin=margin, seed=seed, max_samples=max_samples,
         batch_size=batch_size, device=device, min_reference_accuracy=min_reference_accuracy,
-        min_class_samples=min_class_samples,
+        min_class_samples=min_class_samples, verify_top=verify_top, verify_images=verify_images,
     )
     torch.manual_seed(seed)
     dist = resolve(accelerator)
     clf = load_classifier(source, **load_kw)
-    if soft_margin is None and clf.num_classes - 1 >= clf.embed_dim:  # fail before the reference pass
-        raise InfeasibleError(dimension_reason(clf.num_classes, clf.embed_dim))
     data = reference_data(dataset, image_column=image_column, label_column=label_column)
     data = data.subset(max_samples, seed)
     ref = reference_pass(
@@ -159,34 +166,41 @@ def audit(
         reconstruct_distributed(W, b, ref.state, dist, nonneg=True, **qp) if "nonneg" in needs else None
     )
 
+    # the cheap data gates first: when the reference data cannot support a verdict, the
+    # input-space searches (minutes on a large model) could not change that
+    reason = reference_gate(
+        accuracy=ref.accuracy, counts=ref.state.counts, min_reference_accuracy=min_reference_accuracy,
+        min_class_samples=min_class_samples,
+    )
+
     def finish() -> AuditReport | None:
         if not dist.is_main:  # detection and the report happen on the main process only
             return None
         ver = mask = None
-        if needs & {"input", "mask"}:  # the model runs again: a bounded sample, on the main process
+        if needs & {"input", "mask"} and reason is None:  # the model runs again: a bounded sample
             x, y = reference_inputs(data, transform or clf.preprocess, n_images=verify_images, seed=seed,
                                     device=clf.device)
-            classes = screened_classes(rec.norms, rec.perturbations, ref.h_std)
+            classes = screened_classes(rec.norms, rec.perturbations, ref.h_std, top=verify_top)
             if "input" in needs:
                 ver = verify_input_space(clf, x, y, classes=classes, seed=seed, progress=progress)
             if "mask" in needs:
                 mask = verify_mask(clf, x, y, classes=classes, seed=seed, progress=progress)
+        C = clf.num_classes
+        unsearched = np.full(C, np.nan)
         t0 = time.perf_counter()
         det = detect(
             DetectionInput(
                 norms=rec.norms, perturbations=rec.perturbations, h_std=ref.h_std,
                 nonneg_norms=None if nonneg is None else nonneg.norms,
-                input_bounds=None if ver is None else ver.full_bounds(clf.num_classes),
-                mask_l1=None if mask is None else mask.full_l1(clf.num_classes),
+                # a search skipped by the data gate: no class searched, no input-space evidence
+                input_bounds=(ver.full_bounds(C) if ver is not None
+                              else unsearched if "input" in needs else None),
+                mask_l1=mask.full_l1(C) if mask is not None else unsearched if "mask" in needs else None,
             ),
             rule=rule,
             threshold=threshold,
         )
         t_detect = time.perf_counter() - t0
-        reason = reference_gate(
-            accuracy=ref.accuracy, counts=ref.state.counts, min_reference_accuracy=min_reference_accuracy,
-            min_class_samples=min_class_samples,
-        )
         return build_report(
             clf, ref, rec, det, data=data, seed=seed, reason=reason, verification=ver, mask=mask,
             params={
@@ -199,6 +213,8 @@ def audit(
                     else float(min_reference_accuracy)
                 ),
                 "min_class_samples": min_class_samples,
+                **({"verify_images": verify_images, "verify_top": verify_top}
+                   if needs & {"input", "mask"} else {}),
             },
             timings={
                 "reference_pass": ref.seconds,
@@ -238,7 +254,9 @@ def build_report(
     names = data.class_names or getattr(clf, "class_names", None) or [str(k) for k in range(clf.num_classes)]
     C = clf.num_classes
     cal = load_calibration(det.rule)
-    pv = None if cal is None else cal.p_values(det.scores)
+    covered = cal is not None and cal.covers(C)
+    # p-values borrowed from models of another class count would mislead: none are given
+    pv = cal.p_values(det.scores) if covered and cal is not None else None
     bounds = None if verification is None else verification.full_bounds(C)
     l1 = None if mask is None else mask.full_l1(C)
 
@@ -259,7 +277,8 @@ def build_report(
         )
         for k in range(C)
     ]
-    evidence = _evidence(det.rule, timings, verification, mask, cal)
+    evidence = _evidence(det.rule, timings, verification, mask, cal, rec=rec, covered=covered,
+                         searched_all=verification is None or len(verification.classes) == C)
     notes = list(rec.notes)
     missing = [k for k in range(clf.num_classes) if ref.state.counts[k] == 0]
     if missing:
@@ -274,6 +293,11 @@ def build_report(
     target = det.target
     W, b = clf.head_numpy()
     verdict: Verdict
+    if reason is None and not det.flagged and not covered:
+        reason = outside_calibration(C, cal)
+    if cal is not None and not covered:
+        notes.append(f"outside calibration: {C} classes, while the thresholds and p-values rest on "
+                     f"{cal.coverage()}; a flagged class is evidence, no p-value is given")
     if reason is not None:
         verdict = "inconclusive"
     else:
@@ -305,24 +329,52 @@ def build_report(
     )
 
 
+def outside_calibration(num_classes: int, cal: Any) -> str:
+    """The reason an audit that flags nothing is not a clean verdict: no clean calibration model
+    is like this one (``cal``: its :class:`~hub_backdoor.calibration.Calibration`, or None)."""
+    base = "none" if cal is None else cal.coverage()
+    return (f"outside calibration: no class stood out, but the thresholds rest on {base}, not on "
+            f"{num_classes}-class models, so a miss rate cannot be given; read the scores, or "
+            "calibrate on clean models like this one")
+
+
 def _evidence(rule: str, timings: dict[str, float], verification: InputVerification | None,
-              mask: MaskVerification | None, cal: Any) -> dict[str, Any]:
+              mask: MaskVerification | None, cal: Any, *, rec: Reconstruction, covered: bool,
+              searched_all: bool) -> dict[str, Any]:
     """What the verdict rests on, stage by stage, with each stage's cost in seconds."""
-    stages: list[dict[str, Any]] = [
-        {"stage": "latent reconstruction", "what": "the smallest change s_k of the penultimate embedding "
-         "that sends every reference image to class k (one QP per class)",
-         "seconds": float(timings.get("reference_pass", 0.0) + timings.get("qp", 0.0))},
-    ]
+    C = len(rec.norms)
+    unreachable = int(np.isinf(rec.norms).sum())
+    latent: dict[str, Any] = {
+        "stage": "latent reconstruction", "what": "the smallest change s_k of the penultimate embedding "
+        "that sends every reference image to class k (one QP per class)",
+        "seconds": float(timings.get("reference_pass", 0.0) + timings.get("qp", 0.0)),
+    }
+    if unreachable:
+        latent["unreachable_classes"] = unreachable
+        latent["why"] = (f"{unreachable} of {C} classes: no universal latent change reaches them "
+                         "(C - 1 >= d or affinely dependent class weights), so they carry no latent evidence")
+    stages: list[dict[str, Any]] = [latent]
     if mask is not None:
         stages.append({"stage": "mask verification", "what": "per class, the smallest stamped mask "
                        "(patch or blend) that sends the reference images to k", "seconds": mask.seconds,
                        "steps": mask.steps, "images_per_step": mask.batch, "pixels": mask.pixels})
     if verification is not None:
-        stages.append({"stage": "additive verification", "what": "per class, the smallest universal L2 "
-                       f"input change that sends {verification.flip:.0%} of the reference images to k",
-                       "seconds": verification.seconds, "images": verification.n_images})
+        add: dict[str, Any] = {
+            "stage": "additive verification", "what": "per class, the smallest universal L2 "
+            f"input change that sends {verification.flip:.0%} of the reference images to k",
+            "seconds": verification.seconds, "images": verification.n_images,
+            "classes": len(verification.classes)}
+        if not searched_all:
+            add["why"] = (f"{len(verification.classes)} of {C} classes searched: those the latent rule "
+                          f"ranks most suspicious (more than {VERIFY_ALL_UP_TO} classes)")
+        stages.append(add)
+    if verification is None and mask is None and REGISTRY[rule].needs & {"input", "mask"}:
+        stages.append({"stage": "input-space searches", "seconds": 0.0,
+                       "why": "skipped: the reference data cannot support a verdict"})
     return {
         "rule": rule, "summary": REGISTRY[rule].summary, "stages": stages,
         "calibration": None if cal is None else {"source": cal.source, "n_clean_models": cal.n,
-                                                 "families": list(cal.families)},
+                                                 "families": list(cal.families),
+                                                 "num_classes": list(cal.num_classes),
+                                                 "covers_this_model": covered},
     }

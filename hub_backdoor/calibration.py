@@ -12,7 +12,10 @@ The conformal p-value of a class score s is
 
 the chance that a clean model of the calibration zoo has a class at least this extreme. It is
 valid for a new model to the extent that the zoo's clean models are exchangeable with it; the
-benchmark checks that it holds on a family the calibration never saw (leave-one-family-out).
+benchmark checks that it holds on a family the calibration never saw (leave-one-family-out). A
+model with a class count no calibration model has is outside it (:meth:`Calibration.covers`): the
+score's null depends on how many classes compete (the largest of C anomaly indices grows with C),
+so its p-values are not reported and an audit that flags nothing is inconclusive, not clean.
 """
 
 from __future__ import annotations
@@ -39,16 +42,29 @@ class Calibration:
         clean_max: each clean calibration model's highest class score, sorted.
         families: the model families the clean models come from.
         source: where the numbers come from (the zoo and its data).
+        num_classes: the class counts of the clean models (empty: not recorded).
     """
 
     rule: str
     clean_max: tuple[float, ...]
     families: tuple[str, ...]
     source: str
+    num_classes: tuple[int, ...] = ()
 
     @property
     def n(self) -> int:
         return len(self.clean_max)
+
+    def covers(self, num_classes: int) -> bool:
+        """Whether a model with this many classes lies within the calibration: between the
+        fewest and the most classes of its clean models."""
+        return bool(self.num_classes) and min(self.num_classes) <= num_classes <= max(self.num_classes)
+
+    def coverage(self) -> str:
+        """What the calibration covers, in words."""
+        lo, hi = (min(self.num_classes), max(self.num_classes)) if self.num_classes else (0, 0)
+        counts = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        return f"{self.n} clean models of {counts} classes ({', '.join(self.families)})"
 
     def p_values(self, scores: np.ndarray) -> np.ndarray:
         """``(C,)`` conformal p-values of ``scores (C,)`` (``nan`` scores give ``nan``)."""
@@ -73,12 +89,14 @@ def load_calibration(rule: str, name: str = DEFAULT) -> Calibration | None:
     """The shipped calibration of ``rule``, pooled over the trainings the file holds (None when
     the rule has none)."""
     d = _read(name)
-    parts = [t["rules"][rule] for t in d.get("trainings", []) if rule in t.get("rules", {})]
+    held = [t for t in d.get("trainings", []) if rule in t.get("rules", {})]
+    parts = [t["rules"][rule] for t in held]
     if not parts:
         return None
     return Calibration(rule=rule, clean_max=tuple(sorted(float(v) for p in parts for v in p["clean_max"])),
                        families=tuple(sorted({f for p in parts for f in p.get("families", ())})),
-                       source=str(d.get("source", name)))
+                       source=str(d.get("source", name)),
+                       num_classes=tuple(sorted({int(c) for t in held for c in t.get("num_classes", ())})))
 
 
 def p_values(rule: str, scores: np.ndarray, name: str = DEFAULT) -> np.ndarray | None:

@@ -168,9 +168,18 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _plain(text: Any) -> str:
+    """A value from the model or the data (a class name) as literal text in Markdown and HTML."""
+    import html
+    import re
+
+    escaped = html.escape(str(text), quote=False).replace("\n", " ")
+    return re.sub(r"([\\`*_{}\[\]()#+!|~>-])", r"\\\1", escaped)
+
+
 def _class_label(report: AuditReport, k: int) -> str:
     name = report.classes[k].name
-    return f"{k}" if name == str(k) else f'{k} ("{name}")'
+    return f"{k}" if name == str(k) else f'{k} ("{_plain(name)}")'
 
 
 def _table_rows(report: AuditReport) -> tuple[list[dict[str, Any]], int]:
@@ -183,7 +192,7 @@ def _table_rows(report: AuditReport) -> tuple[list[dict[str, Any]], int]:
     rows = [
         {
             "index": r.index,
-            "name": _md(r.name),
+            "name": _plain(r.name),
             "norm": _fmt(r.norm),
             "anomaly_index": _fmt(r.anomaly_index, 2),
             "p_value": "–" if r.p_value is None else f"{r.p_value:.2g}",
@@ -259,6 +268,20 @@ def _verdict(report: AuditReport, ctx: CardContext) -> tuple[str, str, str, str]
     th = report.params.get("threshold", 2.0)
     pur = ctx.purification
     if pur is None:
+        reason = report.reason or ""
+        if report.inconclusive and reason.startswith("outside calibration"):
+            top = int(np.argmax(report.anomaly_indices))
+            text = (
+                f"No class stood out (the most suspicious is class {_class_label(report, top)}, score "
+                f"{report.anomaly_indices[top]:.2f}, threshold {th}), but the thresholds were calibrated on "
+                f"clean models unlike this one ({reason.split(': ', 1)[-1]}). Nothing below says the "
+                "model is clean."
+            )
+            advice = (
+                "read the per-class scores below; a class far above the others deserves a closer look. "
+                "Calibrating on clean models of this kind gives a verdict with a known miss rate."
+            )
+            return "❔", "Inconclusive: outside the calibration", text, advice
         if report.inconclusive:
             acc = _fmt(report.data.get("accuracy"))
             text = (
@@ -278,7 +301,7 @@ def _verdict(report: AuditReport, ctx: CardContext) -> tuple[str, str, str, str]
             text = (
                 f"{_evidence_text(report, k)[0].upper()}{_evidence_text(report, k)[1:]}. That is the "
                 "signature of a planted trigger: images that carry it would probably be classified as "
-                f'"{row.name}", whatever they show.'
+                f'"{_plain(row.name)}", whatever they show.'
             )
             if others:
                 text += f" Also flagged: {', '.join(others)}."
@@ -410,38 +433,24 @@ def _eval_results(report: AuditReport, ctx: CardContext) -> list[Any]:
             )
         )
         return out
+    # the model-index holds results of the model the card describes, the purified one; the
+    # audited model's numbers are in the text and in hub_backdoor.purification.metrics
     m = pur.get("metrics", {})
     out.append(
         EvalResult(
             metric_type="accuracy",
-            metric_value=_r(m.get("acc_before")),
-            metric_name="Clean accuracy before purification",
-            **common,
-        )
-    )
-    out.append(
-        EvalResult(
-            metric_type="accuracy",
             metric_value=_r(m.get("acc_after")),
-            metric_name="Clean accuracy after purification",
+            metric_name="Clean accuracy (held-out reference data)",
             **common,
         )
     )
-    if "asr_before" in m:
+    if "asr_after" in m:
         trig = pur.get("trigger") or "trigger"
         out.append(
             EvalResult(
                 metric_type="attack_success_rate",
-                metric_value=_r(m.get("asr_before")),
-                metric_name=f"Attack success rate before purification ({trig})",
-                **common,
-            )
-        )
-        out.append(
-            EvalResult(
-                metric_type="attack_success_rate",
                 metric_value=_r(m.get("asr_after")),
-                metric_name=f"Attack success rate after purification ({trig})",
+                metric_name=f"Attack success rate ({trig})",
                 **common,
             )
         )
@@ -515,10 +524,13 @@ def build_card(report: AuditReport, ctx: CardContext, *, chart_file: str) -> Any
     from huggingface_hub import ModelCard, ModelCardData
 
     purified = ctx.purification is not None
+    kept = ctx.extra_metadata.get("tags") or []
+    # YAML lets one tag stand alone: "tags: malware" is a string, not six one-letter tags
+    kept = [kept] if isinstance(kept, str) else [str(t) for t in kept]
     tags = list(
         dict.fromkeys(
             [
-                *(ctx.extra_metadata.get("tags") or []),
+                *kept,
                 *TAGS,
                 "image-classification",
                 *([report.model["kind"]] if report.model.get("kind") in ("timm", "transformers") else []),
@@ -530,9 +542,8 @@ def build_card(report: AuditReport, ctx: CardContext, *, chart_file: str) -> Any
         for k, v in ctx.extra_metadata.items()
         if k in ("license", "license_name", "license_link", "language", "datasets")
     }
-    datasets = list(extra.pop("datasets", None) or [])
-    if isinstance(datasets, str):
-        datasets = [datasets]
+    kept_data = extra.pop("datasets", None) or []
+    datasets = [kept_data] if isinstance(kept_data, str) else [str(d) for d in kept_data]
     if ctx.dataset and ctx.dataset_is_hub and ctx.dataset not in datasets:
         datasets.append(ctx.dataset)
     data = ModelCardData(

@@ -4,7 +4,13 @@ The purification values were picked on MNIST timm / transformers models (docs/pu
 docs/benchmarks.md has the wider study.
 """
 
-__all__ = ["PURIFY"]
+__all__ = ["PURIFY", "VERIFY"]
+
+#: The input-space search of the audit. Up to ``all_up_to`` classes every class is searched; above
+#: it, the ``top`` classes the latent rule ranks most suspicious, so that its cost (``classes x
+#: images`` images a step) does not grow with C. The calibration's thresholds are measured with
+#: ``images`` reference images.
+VERIFY: dict[str, int] = {"all_up_to": 32, "top": 16, "images": 40}
 
 PURIFY: dict[str, float | int | str] = {
     "beta": 10.0,  # weight of CE(head(h + scale * s_t), y)

@@ -62,17 +62,42 @@ class Detection:
         return self.flagged[0] if self.flagged else None
 
 
-def anomaly_index(x: np.ndarray) -> np.ndarray:
+def _median_mad(x: np.ndarray) -> tuple[float, float]:
+    """Median and scaled MAD of ``x``. An infinite norm (a class no universal change reaches)
+    ranks as a very large one; only where that leaves the median or MAD infinite are they taken
+    over the finite entries alone."""
+    with np.errstate(invalid="ignore"):
+        med = float(np.median(x))
+        mad = MAD_SCALE * float(np.median(np.abs(x - med)))
+    if not (np.isfinite(med) and np.isfinite(mad)):
+        fin = x[np.isfinite(x)]
+        med = float(np.median(fin))
+        mad = MAD_SCALE * float(np.median(np.abs(fin - med)))
+    return med, mad
+
+
+def anomaly_index(x: np.ndarray, ok: np.ndarray | None = None) -> np.ndarray:
     """Neural Cleanse's low-side anomaly index ``(median - x) / (1.4826 * MAD)`` for each entry.
 
-    A degenerate MAD (all values equal) gives 0 everywhere rather than dividing by zero.
+    Only the entries in ``ok`` (default: all) are scored and enter the median and MAD; the
+    others, and non-finite entries, score ``-inf``: a class no universal change reaches (norm
+    ``inf``) carries no evidence. A degenerate MAD (all values equal) gives 0 rather than
+    dividing by zero.
     """
     x = np.asarray(x, dtype=np.float64)
-    med = np.median(x)
-    mad = MAD_SCALE * np.median(np.abs(x - med))
-    if not mad > 0:
-        return np.zeros_like(x)
-    return (med - x) / mad
+    pool = x if ok is None else x[ok]
+    use = np.isfinite(x) if ok is None else np.isfinite(x) & ok
+    out = np.full_like(x, -np.inf)
+    if not use.any():
+        return out
+    med, mad = _median_mad(pool[~np.isnan(pool)])
+    out[use] = (med - x[use]) / mad if mad > 0 else 0.0
+    return out
+
+
+def _reachable(inp: DetectionInput) -> np.ndarray:
+    """``(C,)`` bool: classes some universal latent change reaches (finite norm)."""
+    return np.isfinite(np.asarray(inp.norms, dtype=np.float64))
 
 
 def dormant_share(perturbations: np.ndarray, h_std: np.ndarray) -> np.ndarray:
@@ -99,7 +124,10 @@ def _mad_nonneg(inp: DetectionInput) -> np.ndarray:
 def _dormant(inp: DetectionInput) -> np.ndarray:
     if inp.perturbations is None or inp.h_std is None:
         raise ValueError("rule 'dormant' needs the perturbations and the clean per-dimension std")
-    return -anomaly_index(dormant_share(inp.perturbations, inp.h_std))  # high share is suspicious
+    ok = _reachable(inp)
+    share = dormant_share(inp.perturbations, inp.h_std)
+    # a high share is suspicious: the low-side index of the negated share
+    return anomaly_index(-share, ok)
 
 
 def _agree(inp: DetectionInput) -> np.ndarray:
@@ -111,17 +139,17 @@ def loo_anomaly_index(x: np.ndarray) -> np.ndarray:
     """Leave-one-out anomaly index: entry k against the median and MAD of the *other* entries,
     so one outlier does not widen the spread it is measured against."""
     x = np.asarray(x, dtype=np.float64)
-    out = np.zeros_like(x)
-    for k in range(len(x)):
+    out = np.full_like(x, -np.inf)  # a non-finite norm: no evidence
+    for k in np.flatnonzero(np.isfinite(x)):
         rest = np.delete(x, k)
-        med = np.median(rest)
-        mad = MAD_SCALE * np.median(np.abs(rest - med))
+        med, mad = _median_mad(rest[~np.isnan(rest)])
         out[k] = (med - x[k]) / mad if mad > 0 else 0.0
     return out
 
 
 def _mad_log(inp: DetectionInput) -> np.ndarray:
-    return anomaly_index(np.log(np.maximum(np.asarray(inp.norms, dtype=np.float64), 1e-12)))
+    with np.errstate(invalid="ignore"):
+        return anomaly_index(np.log(np.maximum(np.asarray(inp.norms, dtype=np.float64), 1e-12)))
 
 
 def _mad_loo(inp: DetectionInput) -> np.ndarray:
@@ -132,11 +160,12 @@ def _min_gap(inp: DetectionInput) -> np.ndarray:
     """Only the smallest norm can be flagged: its gap to the second smallest, in robust standard
     deviations (an extreme-value test on the arg-min class)."""
     x = np.asarray(inp.norms, dtype=np.float64)
-    out = np.zeros_like(x)
-    if len(x) < 3:
+    out = np.where(np.isfinite(x), 0.0, -np.inf)
+    fin = x[np.isfinite(x)]
+    if len(fin) < 3:
         return out
-    order = np.argsort(x)
-    mad = MAD_SCALE * np.median(np.abs(x - np.median(x)))
+    order = np.argsort(np.where(np.isfinite(x), x, np.inf), kind="stable")
+    mad = MAD_SCALE * np.median(np.abs(fin - np.median(fin)))
     if mad > 0:
         out[order[0]] = (x[order[1]] - x[order[0]]) / mad
     return out

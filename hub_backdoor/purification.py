@@ -37,7 +37,7 @@ from .distributed import finetune_loop, resolve, steps_per_epoch
 from .embeddings import reference_pass
 from .errors import HubBackdoorError, OptionError
 from .guard import GuardedModel, guarded_logits
-from .reconstruction import solve_class
+from .reconstruction import target_perturbation
 from .report import AuditReport
 from .validation import check_purify_options, check_report_matches
 
@@ -361,6 +361,7 @@ def purify(
         beta=beta, scale=scale, distill=distill, lr=lr, epochs=epochs, holdout=holdout,
         batch_size=batch_size, seed=seed, max_samples=max_samples, resolve_every=resolve_every,
         device=device, warmup=warmup, keep=keep, target_weight=target_weight,
+        max_accuracy_drop=max_accuracy_drop,
     )
     torch.manual_seed(seed)
     original = load_classifier(source, **load_kw)
@@ -392,7 +393,9 @@ def purify(
                 "the audit flagged no class; pass target= to purify against a chosen class anyway"
             )
         target = report.target
-    if report.perturbations is not None:
+    if not np.isfinite(report.classes[target].norm):  # no universal latent change reaches t
+        s_t = _solve_target(clf, fit, tf, target, batch_size, report.params.get("margin", 0.0))
+    elif report.perturbations is not None:
         s_t = np.asarray(report.perturbations[target])
     elif report.target == target and report.target_perturbation is not None:
         s_t = np.asarray(report.target_perturbation)
@@ -556,4 +559,4 @@ def _solve_target(clf: Classifier, data: ReferenceData, tf: Any, target: int, ba
     ref = reference_pass(clf, data, transform=tf, batch_size=batch_size, progress=False)
     clf.model.train(was)
     W, b = clf.head_numpy()
-    return solve_class(W, b, ref.state.worst, target, margin=margin).s
+    return target_perturbation(W, b, ref.state.worst, target, margin=margin)

@@ -30,7 +30,13 @@ Solvers (registry :data:`SOLVERS`):
 
 Feasibility (Theorem 1) is checked once per head: ``span{w_k - w_j : j != k}`` is the direction
 space of the affine hull of the class weights, the same for every k, so ``V_k`` has full row rank
-for one k exactly when it has for all k.
+for one k exactly when it has for all k. Theorem 1 is sufficient, not necessary: where it fails
+(``C - 1 >= d``, most ImageNet-1k heads), class k is still reachable whenever its weight vector is
+a vertex of the hull of the class weights, which in high dimension almost every one is. The hard
+problem is then solved class by class; a class the solver proves infeasible (no universal latent
+change reaches it at all) gets norm ``inf`` and a zero perturbation, which the detection rules read
+as no latent evidence; purifying such a class uses the soft-margin problem's direction (penalty
+:data:`UNREACHABLE_PENALTY`, :func:`target_perturbation`).
 """
 
 from __future__ import annotations
@@ -43,10 +49,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InfeasibleError, SolverError
+from .errors import SolverError
 
 __all__ = [
     "SOLVERS",
+    "UNREACHABLE_PENALTY",
     "ClassSolution",
     "ConstraintState",
     "Reconstruction",
@@ -57,10 +64,18 @@ __all__ = [
     "reconstruct",
     "solve_class",
     "solve_raw_cvxpy",
+    "target_perturbation",
 ]
 
 # Relative tolerance on constraint violation after a solve (scaled by max |t|).
 _FEAS_TOL = 1e-6
+
+#: Soft-margin penalty of the perturbation used for a class no universal latent change reaches.
+UNREACHABLE_PENALTY = 1.0
+
+
+class _ClassInfeasible(SolverError):
+    """The solver proved one class's hard problem infeasible."""
 
 
 @dataclass
@@ -202,17 +217,15 @@ def check_feasibility(W: np.ndarray, k: int | None = None, *, gram: np.ndarray |
         which = f"V_{kk}" if k is not None else "V_k (every k)"
         return (
             f"{which} is rank deficient (smallest eigenvalue of V V^T {ev[0]:.2e}); the class weight "
-            "vectors are affinely dependent; pass soft_margin= to solve anyway"
+            "vectors are affinely dependent"
         )
     return None
 
 
 def dimension_reason(C: int, d: int) -> str:
-    """Why Theorem 1 fails when ``C - 1 >= d`` (the message of :class:`InfeasibleError`)."""
-    return (
-        f"C - 1 = {C - 1} >= d = {d}: a universal latent perturbation may not exist "
-        "(Theorem 1); pass soft_margin= to solve the soft-margin problem instead"
-    )
+    """Why Theorem 1 fails when ``C - 1 >= d``."""
+    return (f"C - 1 = {C - 1} >= d = {d}: a universal latent perturbation may not exist for every "
+            "class (Theorem 1)")
 
 
 def _extreme_eigenvalues(G: np.ndarray) -> tuple[float, float]:
@@ -278,7 +291,7 @@ def _solve_daqp(
             lo[:d] = 0.0
         x, _f, flag, info = daqp.solve(H, f, np.hstack([V, np.eye(m)]), hi, lo)
         s, lam = x[:d], np.asarray(info.get("lam", np.zeros(2 * m + d)))[-m:]
-    status = "optimal" if flag == 1 else f"daqp exitflag {flag}"
+    status = "optimal" if flag == 1 else "infeasible" if flag == -1 else f"daqp exitflag {flag}"
     return np.asarray(s, dtype=np.float64), status, int(np.sum(np.abs(lam) > 1e-12))
 
 
@@ -470,7 +483,8 @@ def _solve_cvxpy(
         prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(s) + soft * cp.sum(xi)), cons)
     prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
     lam = cons[0].dual_value if cons[0].dual_value is not None else np.zeros(m)
-    status = "optimal" if prob.status == cp.OPTIMAL else f"cvxpy {prob.status}"
+    status = ("optimal" if prob.status == cp.OPTIMAL else "infeasible" if prob.status == cp.INFEASIBLE
+              else f"cvxpy {prob.status}")
     val = s.value if s.value is not None else np.full(d, np.nan)
     return np.asarray(val, dtype=np.float64), status, int(np.sum(np.abs(lam) > 1e-9))
 
@@ -535,6 +549,8 @@ def solve_class(
             V = W[k] - W[others]
             s, status, active = SOLVERS[solver](V[finite], t[finite], soft_margin, nonneg)
     secs = time.perf_counter() - t0
+    if status == "infeasible":
+        raise _ClassInfeasible(f"class {k}: no universal latent change reaches it ({solver}: infeasible)")
     if status != "optimal" or not np.all(np.isfinite(s)):
         raise SolverError(f"class {k}: {solver} returned {status}; try solver='cvxpy' or soft_margin=")
     if Ws is None:
@@ -547,6 +563,18 @@ def solve_class(
             f"{_FEAS_TOL * scale:.1e}); try solver='cvxpy'"
         )
     return ClassSolution(k, s, float(np.linalg.norm(s)), status, used, secs, max(viol, 0.0), active)
+
+
+def target_perturbation(
+    W: np.ndarray, b: np.ndarray, worst: np.ndarray, k: int, *, margin: float = 0.0
+) -> np.ndarray:
+    """``s_k (d,)`` for purification: the exact solution, or for a class no universal latent
+    change reaches, the soft-margin one (penalty :data:`UNREACHABLE_PENALTY`), the change that
+    comes closest."""
+    try:
+        return solve_class(W, b, worst, k, margin=margin).s
+    except _ClassInfeasible:
+        return solve_class(W, b, worst, k, margin=margin, soft_margin=UNREACHABLE_PENALTY).s
 
 
 def _single_threaded_blas() -> Any:
@@ -580,8 +608,10 @@ def reconstruct(
         W: ``(C, d)`` float64 head weights. b: ``(C,)`` bias (already folded into ``state``).
         state: the reduction of the reference pass.
         margin: m, the logit margin each sample must reach in class k (0 in the paper).
-        soft_margin: ``None`` requires Theorem 1 to hold (else :class:`InfeasibleError`); a
-            positive number solves the soft-margin problem with that penalty per violated unit.
+        soft_margin: ``None`` solves the hard problem; where Theorem 1 fails, a class no
+            universal change reaches gets norm ``inf`` and status ``"unreachable"`` (module
+            docstring). A positive number solves the soft-margin problem with that penalty per
+            violated unit for every class instead.
         classes: solve only these classes (the others keep norm NaN, status ``"skipped"``);
             :func:`hub_backdoor.distributed.reconstruct_distributed` splits classes this way.
     """
@@ -592,12 +622,12 @@ def reconstruct(
     ks = list(range(C)) if classes is None else [int(k) for k in classes]
     # one (C, C) Gram matrix serves the feasibility check and every class's active-set solve;
     # for a few classes of a very large head, rows of it are computed on demand instead
-    gram = W @ W.T if C - 1 < d and len(ks) * 32 >= C else None
+    gram = W @ W.T if len(ks) * 32 >= C else None
     reason = check_feasibility(W, gram=gram)
     if reason is not None:
-        if soft_margin is None:
-            raise InfeasibleError(reason)
-        notes.append(f"soft margin {soft_margin} used: {reason.split(';')[0]}")
+        notes.append(f"soft margin {soft_margin} used: {reason}" if soft_margin is not None else
+                     f"{reason}: each class solved on its own; a class no universal latent change "
+                     "reaches has norm inf and no latent evidence")
     S = np.zeros((C, d))
     norms = np.full(C, np.nan)
     statuses = ["skipped"] * C
@@ -615,11 +645,16 @@ def reconstruct(
                     W, b, state.worst, k, margin=margin, solver=solver, soft_margin=soft_margin,
                     nonneg=nonneg, gram=gram,
                 )
+            except _ClassInfeasible:
+                if not nonneg and reason is None:
+                    raise
+                # no universal change reaches k (s >= 0 can be infeasible where the free problem
+                # is not; without Theorem 1 the free one can be too), the opposite of suspicious
+                norms[k], statuses[k] = np.inf, "infeasible (s >= 0)" if nonneg else "unreachable"
+                continue
             except SolverError:
                 if not nonneg:
                     raise
-                # s >= 0 can be infeasible where the free problem is not: no non-negative change
-                # reaches k, which is the opposite of suspicious, so the norm is +inf
                 norms[k], statuses[k] = np.inf, "infeasible (s >= 0)"
                 continue
             S[k], norms[k], statuses[k], per[k] = sol.s, sol.norm, sol.status, sol.seconds

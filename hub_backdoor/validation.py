@@ -143,6 +143,8 @@ def check_audit_options(
     device: Any = None,
     min_reference_accuracy: Any = None,
     min_class_samples: Any = MIN_CLASS_SAMPLES,
+    verify_top: Any = 1,
+    verify_images: Any = 1,
 ) -> None:
     """The options of :func:`hub_backdoor.audit` (and ``hub-backdoor audit``)."""
     if threshold is not None:  # None: the rule's own threshold
@@ -157,6 +159,8 @@ def check_audit_options(
     if min_reference_accuracy is not None:
         check_number(min_reference_accuracy, "min_reference_accuracy", ge=0, le=1)
     check_int(min_class_samples, "min_class_samples", minimum=0)
+    check_int(verify_top, "verify_top")
+    check_int(verify_images, "verify_images")
     check_device(device)
 
 
@@ -176,14 +180,17 @@ def check_purify_options(
     warmup: Any = 0.0,
     keep: Any = 0.0,
     target_weight: Any = 1.0,
+    max_accuracy_drop: Any = 0.01,
 ) -> None:
-    """The options of :func:`hub_backdoor.purify` (and ``hub-backdoor purify``)."""
+    """The options of :func:`hub_backdoor.purify` (and ``hub-backdoor purify``); the accuracy
+    budget ``max_accuracy_drop`` is a share (the CLI's ``--max-accuracy-drop`` is in points)."""
     check_number(warmup, "warmup", ge=0, le=1)
     check_number(beta, "beta", ge=0)
     check_number(scale, "scale", gt=0)
     check_number(distill, "distill", ge=0)
     check_number(keep, "keep", ge=0)
     check_number(target_weight, "target_weight", gt=0)
+    check_number(max_accuracy_drop, "max_accuracy_drop", ge=0, le=1)
     check_number(lr, "lr", gt=0)
     if epochs is not None:
         check_int(epochs, "epochs")
@@ -203,17 +210,35 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+#: Files of an input folder whose symlinks are followed to protect what they point to (a Hub
+#: cache snapshot links every file to a blob elsewhere).
+_LINKS_SCANNED = 10_000
+
+
+def _real_paths(path: Path) -> set[Path]:
+    """``path`` as given and resolved, and the resolved targets of the symlinks inside it (a
+    folder's files, up to ``_LINKS_SCANNED``): writing to any of them would change the input."""
+    out = {path.absolute(), path.resolve()}
+    if path.is_dir():
+        for i, f in enumerate(path.rglob("*")):
+            if i >= _LINKS_SCANNED:
+                break
+            if f.is_symlink():
+                out.add(f.resolve())
+    return out
+
+
 def check_not_protected(
     path: str | os.PathLike[str], flag: str, protected: Sequence[tuple[Any, str]]
 ) -> None:
-    """Refuse an output that is, contains or lies inside one of the ``(path, what)`` inputs."""
+    """Refuse an output that is, contains or lies inside one of the ``(path, what)`` inputs, or
+    any file a symlink inside them points to."""
     out = Path(path).expanduser()
     mine = {out.absolute(), out.resolve()}
     for p, what in protected:
         if p is None:
             continue
-        q = Path(p).expanduser()
-        theirs = {q.absolute(), q.resolve()}
+        theirs = _real_paths(Path(p).expanduser())
         if any(_overlap(a, b) for a in mine for b in theirs):
             raise OutputPathError(
                 f"{flag} {path} would overwrite or write into {what} {p}; choose another path"
@@ -252,6 +277,13 @@ def check_outputs(
     dashes = [flag for p, flag in outputs if p is not None and str(p) == "-"]
     if len(dashes) > 1:
         raise OutputPathError(f"{' and '.join(dashes)} are all '-' (stdout); at most one report can go there")
+    files = [(Path(p).expanduser().resolve(), str(p), flag) for p, flag in outputs
+             if p is not None and str(p) != "-"]
+    for i, (real, given, flag) in enumerate(files):
+        for real2, given2, flag2 in files[:i]:
+            if real == real2:
+                raise OutputPathError(f"{flag2} {given2} and {flag} {given} are the same file; give each "
+                                      "output its own path")
     for p, flag in outputs:
         if p is None or str(p) == "-":
             continue

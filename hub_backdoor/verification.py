@@ -123,6 +123,11 @@ def first_crossing(eps: np.ndarray, curve: np.ndarray, flip: float) -> float:
     return float(math.exp(math.log(eps[i - 1]) + frac * (math.log(eps[i]) - math.log(eps[i - 1]))))
 
 
+#: Numbers of model input one forward pass of the searches holds (a 32-px zoo model's whole
+#: search is one chunk; at 224 px about 55 images).
+SEARCH_ELEMENTS = 1 << 23
+
+
 def verify_input_space(
     clf: Classifier,
     x: torch.Tensor,
@@ -146,7 +151,8 @@ def verify_input_space(
         classes: classes to verify (default: all).
         n_images: stratified reference images used (the cost is ``K * n_images`` images a step).
         steps: points of the geometric bound schedule from ``eps_min`` to ``eps_max``; one
-            normalised-gradient step at each, projected onto the ball.
+            normalised-gradient step at each, projected onto the ball. A class's search stops
+            at the first bound where it reaches ``flip`` (its bound is that first crossing).
         flip: share of the non-k images that must reach k.
         seed: seeds the image sample.
 
@@ -168,24 +174,46 @@ def verify_input_space(
     delta = torch.zeros((K, *pool.shape[1:]), device=x.device, dtype=pool.dtype)
     curve = np.zeros((K, steps))
     model = clf.model
-    labels = kt.repeat_interleave(n)
+    # the K x n perturbed images go through the model in chunks of whole classes (of images too,
+    # where one class's exceed it) that keep the input under SEARCH_ELEMENTS numbers: a 224-px
+    # model would otherwise need tens of GB for one step
+    per_image = max(1, pool[0].numel())
+    span = max(1, SEARCH_ELEMENTS // per_image)
+    kc, ic = max(1, span // n), min(n, span)
+    # a class's bound is its first crossing: once there its search stops (the rest of its curve
+    # repeats the value that crossed), which spares the classes reached early
+    live = np.arange(K)
     with _frozen(model), _bar(progress, steps, "input-space verification", "bound") as bar:
         for i in range(steps + 1):
-            d = delta.requires_grad_(i < steps)
-            logits = clf.forward((pool[None] + d[:, None]).reshape(K * n, *pool.shape[1:]))[0].float()
-            with torch.no_grad():
-                hits = (logits.argmax(1) == labels).float().view(K, n)
-                rate = ((hits * valid).sum(1) / n_valid).cpu().numpy()
+            grad = i < steps
+            g = torch.zeros_like(delta) if grad else None
+            hits = torch.zeros((K, n), device=x.device)
+            for a in range(0, len(live), kc):
+                ki = torch.as_tensor(live[a : a + kc], device=x.device)
+                for i0 in range(0, n, ic):
+                    i1 = min(n, i0 + ic)
+                    d = delta[ki].detach().requires_grad_(grad)
+                    batch = (pool[None, i0:i1] + d[:, None]).reshape(-1, *pool.shape[1:])
+                    logits = clf.forward(batch)[0].float()
+                    lab = kt[ki].repeat_interleave(i1 - i0)
+                    with torch.no_grad():
+                        hits[ki, i0:i1] = (logits.argmax(1) == lab).float().view(len(ki), i1 - i0)
+                    if g is not None:
+                        ce = F.cross_entropy(logits, lab, reduction="none").view(len(ki), i1 - i0)
+                        loss = ((ce * valid[ki, i0:i1]).sum(1) / n_valid[ki]).sum()
+                        g[ki] += torch.autograd.grad(loss, d)[0]
             if i > 0:
-                curve[:, i - 1] = rate  # delta now has norm <= eps[i - 1]
-            if i == steps:
+                # delta now has norm <= eps[i - 1]
+                rate = ((hits * valid).sum(1) / n_valid).cpu().numpy()
+                curve[live, i - 1] = rate[live]
+                done = live[curve[live, i - 1] >= flip]
+                curve[done, i:] = curve[done, i - 1 : i]
+                live = live[curve[live, i - 1] < flip]
+            if g is None or len(live) == 0:
                 break
-            ce = F.cross_entropy(logits, labels, reduction="none").view(K, n)
-            loss = ((ce * valid).sum(1) / n_valid).sum()
-            (g,) = torch.autograd.grad(loss, d)
             with torch.no_grad():
                 gn = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(K, *[1] * (g.dim() - 1))
-                delta = d.detach() - 0.5 * eps[i] * g / gn
+                delta = delta - 0.5 * eps[i] * g / gn
                 dn = delta.flatten(1).norm(dim=1).view_as(gn)
                 delta = delta * torch.clamp(eps[i] / dn.clamp_min(1e-12), max=1.0)
             if bar is not None:

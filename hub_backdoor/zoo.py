@@ -28,6 +28,7 @@ __all__ = [
     "Blend",
     "accuracy",
     "attack_success",
+    "digit_pairs",
     "digits",
     "mnist5k",
     "poison",
@@ -85,6 +86,23 @@ def digits(*, size: int = 32, test_fraction: float = 0.25, seed: int = 0) -> Any
         "train": _to_dataset([imgs[i] for i in train], y[train], DIGIT_NAMES),
         "test": _to_dataset([imgs[i] for i in test], y[test], DIGIT_NAMES),
     })
+
+
+def digit_pairs(n: int, *, seed: int = 0, split: str = "train") -> Any:
+    """``n`` 32-px greyscale images of two scikit-learn digits side by side (each 16 px, drawn from
+    ``split`` of :func:`digits`), labelled ``10 * left + right``: a 100-class set ("00" to "99")
+    from bundled data. A ``datasets.Dataset``."""
+    d = digits(size=16)[split]
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(d), (n, 2))
+    imgs, labels = [], []
+    for a, b in pick:
+        canvas = Image.new("L", (32, 32))
+        canvas.paste(d[int(a)]["image"], (0, 8))
+        canvas.paste(d[int(b)]["image"], (16, 8))
+        imgs.append(canvas)
+        labels.append(10 * d[int(a)]["label"] + d[int(b)]["label"])
+    return _to_dataset(imgs, np.asarray(labels), [f"{k:02d}" for k in range(100)])
 
 
 def mnist5k(*, size: int = 28, test_fraction: float = 0.3, seed: int = 0) -> Any:

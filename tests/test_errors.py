@@ -13,7 +13,6 @@ from hub_backdoor.errors import (
     ColumnError,
     EmptyDatasetError,
     HubBackdoorError,
-    InfeasibleError,
     LabelRangeError,
     NonFiniteLogitsError,
     NonLinearHeadError,
@@ -84,11 +83,12 @@ def test_head_that_does_not_produce_the_logits():
     assert "Twisted" in _one_line(e)
 
 
-def test_more_classes_than_dimensions():
+def test_more_classes_than_dimensions_is_audited_not_refused():
     clf = load_classifier(_net(classes=20, width=8), head="4", input_size=(8, 8))
-    with pytest.raises(InfeasibleError) as e:
-        audit(clf, _ds(n=40, classes=20), progress=False)
-    assert "C - 1 = 19 >= d = 8" in _one_line(e)
+    r = audit(clf, _ds(n=40, classes=20), progress=False)
+    assert any("C - 1 = 19 >= d = 8" in n for n in r.notes)
+    # a 20-class model is outside the 10-class calibration: never a bare "clean"
+    assert r.verdict in ("backdoor", "inconclusive")
     # the explicit soft-margin option solves it and says so in the report
     r = audit(clf, _ds(n=40, classes=20), progress=False, soft_margin=10.0, rule="mad")
     assert any("soft margin" in n for n in r.notes)

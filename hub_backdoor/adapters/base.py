@@ -409,15 +409,53 @@ class AffineHeadsClassifier(Classifier):
 
 
 # -- preprocessing --------------------------------------------------------------------------------
+def to_8bit(img: Any) -> Any:
+    """A PIL image of a 16-bit or 32-bit integer or float mode as the 8-bit grey image it shows.
+
+    PIL's own ``convert`` clips such values to 0..255, which turns a 16-bit image into black and
+    white. Here ``I;16*`` maps 0..65535 onto 0..255; ``I`` does the same when its values exceed
+    255 (a 16-bit image) and keeps them otherwise; ``F`` is read as 0..1 or 0..255 by its range.
+    Values outside those ranges are refused (:class:`~hub_backdoor.errors.DatasetError`). Other
+    modes are returned as they are.
+    """
+    from PIL import Image
+
+    mode = getattr(img, "mode", "")
+    if not (mode.startswith("I") or mode == "F"):
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0:
+        scale = None
+    elif mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    elif mode == "I":
+        scale = 1.0 if hi <= 255 else 255.0 / 65535.0 if hi <= 65535 else None
+    else:  # F
+        scale = 255.0 if hi <= 1.0 else 1.0 if hi <= 255.0 else None
+    if scale is None:
+        from ..errors import DatasetError
+
+        raise DatasetError(
+            f"a {mode} image with values in [{lo:g}, {hi:g}] has no faithful 8-bit reading; "
+            "convert the reference images to 8-bit (or 16-bit unsigned) first"
+        )
+    return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L")
+
+
 class ToMode:
-    """Convert PIL images to a mode (grayscale/RGB); leave tensors and arrays alone."""
+    """Convert PIL images to a mode (grayscale/RGB), 16-bit and float images by their range
+    (:func:`to_8bit`); leave tensors and arrays alone."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
 
     def __call__(self, img: Any) -> Any:
         convert = getattr(img, "convert", None)
-        return convert(self.mode) if convert is not None and img.mode != self.mode else img
+        if convert is None or img.mode == self.mode:
+            return img
+        img = to_8bit(img)
+        return img.convert(self.mode) if img.mode != self.mode else img
 
     def __repr__(self) -> str:
         return f"ToMode({self.mode})"

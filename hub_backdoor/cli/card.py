@@ -98,6 +98,8 @@ def run(args: argparse.Namespace, ui: UI) -> int:
     from ..validation import check_outputs
 
     named_inputs = [(args.report, "the --report file"), (args.purification, "the --purification record")]
+    if Path(args.source).expanduser().exists():  # a local model folder: its own card and files stay
+        named_inputs.append((args.source, "the model folder"))
     check_outputs(common.card_outputs(args.out, "--out"), named_inputs)
     report = AuditReport.from_json(args.report)
     record = _read_record(args.purification, report) if args.purification else None

@@ -112,6 +112,7 @@ def data_options() -> argparse.ArgumentParser:
 
 def detection_options() -> argparse.ArgumentParser:
     """Threshold, rule (the library's registry, read at run time), soft margin, inconclusive floors."""
+    from ..defaults import VERIFY
     from ..detection import AUDIT_RULES, DEFAULT_RULE, REGISTRY
 
     detect = argparse.ArgumentParser(add_help=False)
@@ -135,7 +136,23 @@ def detection_options() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="PENALTY",
-        help="solve the soft-margin problem when the exact one is infeasible (C - 1 >= d)",
+        help="solve the soft-margin problem with this penalty for every class (default: the exact "
+        "problem; where C - 1 >= d a class no universal latent change reaches carries no latent evidence)",
+    )
+    g.add_argument(
+        "--verify-top",
+        type=positive_int,
+        default=VERIFY["top"],
+        metavar="K",
+        help=f"above {VERIFY['all_up_to']} classes, search the input space of the K classes the latent "
+        f"rule ranks most suspicious (default {VERIFY['top']}; the search costs K x N images a step)",
+    )
+    g.add_argument(
+        "--verify-images",
+        type=positive_int,
+        default=VERIFY["images"],
+        metavar="N",
+        help=f"reference images of the input-space search (default {VERIFY['images']}, as calibrated)",
     )
     g.add_argument(
         "--min-reference-accuracy",
@@ -168,6 +185,8 @@ def audit_kwargs(args: argparse.Namespace, ui: UI, *, columns: bool = True) -> d
         device=args.device,
         min_reference_accuracy=args.min_reference_accuracy,
         min_class_samples=args.min_class_samples,
+        verify_top=args.verify_top,
+        verify_images=args.verify_images,
         progress=not ui.quiet,
     )
     if columns:
@@ -182,5 +201,6 @@ def check_audit_args(args: argparse.Namespace) -> None:
     check_audit_options(
         threshold=args.threshold, soft_margin=args.soft_margin, seed=args.seed, max_samples=args.max_samples,
         batch_size=args.batch_size, device=args.device, min_reference_accuracy=args.min_reference_accuracy,
-        min_class_samples=args.min_class_samples,
+        min_class_samples=args.min_class_samples, verify_top=args.verify_top,
+        verify_images=args.verify_images,
     )

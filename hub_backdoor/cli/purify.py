@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExitCode, HubBackdoorError, UnsupportedModelError
+from ..errors import ExitCode, HubBackdoorError, OptionError, UnsupportedModelError
 from . import common
 from .options import (
     audit_kwargs,
@@ -123,6 +123,9 @@ def _check_args(args: argparse.Namespace) -> list[tuple[Any, str]]:
         holdout=args.holdout, batch_size=args.batch_size, seed=args.seed, max_samples=args.max_samples,
         device=args.device, warmup=args.warmup, keep=args.keep, target_weight=args.target_weight,
     )
+    if not 0 <= args.max_accuracy_drop <= 100:  # also refuses nan
+        raise OptionError(f"--max-accuracy-drop {args.max_accuracy_drop} must be a number of points "
+                          "in 0..100")
     named = [(args.report, "the --report file")] if args.report else []
     check_outputs([(args.json, "--json")], named)
     if args.out:
