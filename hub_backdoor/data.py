@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image as _PILImage
 
 from .errors import ChannelMismatchError, ColumnError, DatasetError, EmptyDatasetError, LabelRangeError
 
@@ -229,7 +230,11 @@ class ReferenceData:
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         j = int(self.indices[i])
-        item = self._get(j)
+        try:
+            item = self._get(j)  # a datasets row decodes its image here
+        except _UNREADABLE as e:
+            raise DatasetError(f"reference sample {j}: cannot read its image ({_first(e)}); fix or remove "
+                               "that file") from None
         try:
             img, label = item
         except (TypeError, ValueError):
@@ -364,7 +369,10 @@ class StreamingReference:
                     f"stream element {i} is a {type(row).__name__}, not an (image, label) pair"
                 ) from None
             if decode is not None and isinstance(img, dict):
-                img = decode(img)
+                try:
+                    img = decode(img)
+                except _UNREADABLE as e:
+                    raise DatasetError(f"stream element {i}: cannot read its image ({_first(e)})") from None
             if label is None:
                 raise DatasetError(f"stream element {i} has no label; the audit needs labelled images")
             yield i, img, _as_label(label, i)
@@ -382,6 +390,11 @@ def reference_data(
     if isinstance(dataset, datasets.IterableDataset) or isinstance(dataset, torch.utils.data.IterableDataset):
         return StreamingReference(dataset, image_column=image_column, label_column=label_column)
     return ReferenceData(dataset, image_column=image_column, label_column=label_column)
+
+
+#: What decoding a corrupt, truncated, empty or oversized image file raises (PIL's
+#: ``UnidentifiedImageError`` is an ``OSError``; a decompression bomb is its own error).
+_UNREADABLE: tuple[type[BaseException], ...] = (OSError, SyntaxError, _PILImage.DecompressionBombError)
 
 
 def _first(e: BaseException) -> str:
@@ -410,6 +423,9 @@ def _transformed(transform: Callable[[Any], torch.Tensor] | None, img: Any, i: A
             f"reference sample {i}: cannot preprocess a {type(img).__name__} as an image ({_first(e)}); "
             "check --image-column / image_column="
         ) from None
+    except _UNREADABLE as e:  # PIL decodes lazily: a truncated file fails here
+        raise DatasetError(f"reference sample {i}: cannot read its image ({_first(e)}); fix or remove "
+                           "that file") from None
     return x.float()
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DatasetError, HubBackdoorError
+from .errors import DatasetError, EmptyDatasetError, HubBackdoorError
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -119,6 +119,9 @@ def _load_local(path: Path, spec: str, split: str | None) -> LoadedDataset:
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         try:
             ds = datasets.load_from_disk(str(path))
+        except IndexError:  # datasets cannot load a saved dataset of 0 rows
+            raise EmptyDatasetError(f"the saved dataset {spec} holds no rows; pass one with labelled "
+                                    "images") from None
         except (FileNotFoundError, ValueError, OSError) as e:
             raise DatasetError(f"cannot load the saved dataset {spec} ({_first_line(e)})") from None
         if isinstance(ds, datasets.DatasetDict):

@@ -71,7 +71,7 @@ def _refuse_remote_code(folder: Path, label: str, trust_remote_code: bool) -> No
         return
     try:
         cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return  # the loader reports a missing or broken config
     if isinstance(cfg, dict) and cfg.get("auto_map"):
         raise UnsupportedModelError(

@@ -223,7 +223,7 @@ def load_guarded(purified: Any, *, original: Any = None, target: int | None = No
                     "model written by `hub-backdoor purify`")
             try:
                 record = PurificationRecord.from_dict(json.loads(path.read_text()))
-            except (ValueError, ReportError) as e:  # bad JSON, another schema, bad fields
+            except (ValueError, RecursionError, ReportError) as e:  # bad or too deep JSON, bad fields
                 raise ReportError(f"{loaded.label}/{PURIFICATION_FILE}: {e}") from e
     else:
         pur = load_classifier(purified, **load_kw)

@@ -171,6 +171,8 @@ class AuditReport:
             return cls.from_dict(json.loads(s))
         except json.JSONDecodeError as e:
             raise ReportError(f"report is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except RecursionError:
+            raise ReportError("report is not a report: its JSON is nested too deeply") from None
 
     def _p_text(self, row: ClassRow) -> str:
         cal = self.evidence.get("calibration") or {}

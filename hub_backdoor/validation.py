@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -245,6 +246,23 @@ def check_not_protected(
             )
 
 
+#: Free space an output's folder needs before any work starts (a report, a card, a chart).
+MIN_FREE_BYTES = 1 << 20
+
+
+def _check_names(path: Path, flag: str) -> None:
+    """Refuse a path with a component longer than a file name may be (checked before any stat,
+    which would fail on it)."""
+    for part in path.absolute().parts[1:]:
+        if len(os.fsencode(part)) > _NAME_MAX:
+            raise OutputPathError(f"{flag}: the name {part[:40]}... is longer than the {_NAME_MAX} bytes a "
+                                  "file name may have; choose a shorter one")
+
+
+#: Longest file name (bytes) of the usual file systems (ext4, APFS, NTFS).
+_NAME_MAX = 255
+
+
 def check_writable(path: str | os.PathLike[str], flag: str, *, folder: bool = False) -> None:
     """Refuse an output path that is a directory (for a file) or whose folder cannot be written.
 
@@ -252,6 +270,7 @@ def check_writable(path: str | os.PathLike[str], flag: str, *, folder: bool = Fa
     made there and removed at once, so an unwritable place fails now, not after the audit.
     """
     p = Path(path).expanduser()
+    _check_names(p, flag)
     if not folder and p.is_dir():
         raise OutputPathError(f"{flag} {path} is a directory; give a file path")
     if folder and p.exists() and not p.is_dir():
@@ -261,6 +280,9 @@ def check_writable(path: str | os.PathLike[str], flag: str, *, folder: bool = Fa
         anc = anc.parent
     if not anc.is_dir():
         raise OutputPathError(f"{flag} {path}: {anc} is not a folder")
+    free = shutil.disk_usage(anc).free
+    if free < MIN_FREE_BYTES:
+        raise OutputPathError(f"{flag} {path}: only {free} bytes free in {anc}; free some space first")
     try:
         fd, probe = tempfile.mkstemp(dir=anc, prefix=".hub-backdoor-probe-")
     except OSError as e:
@@ -277,6 +299,9 @@ def check_outputs(
     dashes = [flag for p, flag in outputs if p is not None and str(p) == "-"]
     if len(dashes) > 1:
         raise OutputPathError(f"{' and '.join(dashes)} are all '-' (stdout); at most one report can go there")
+    for p, flag in outputs:
+        if p is not None and str(p) != "-":
+            _check_names(Path(p).expanduser(), flag)
     files = [(Path(p).expanduser().resolve(), str(p), flag) for p, flag in outputs
              if p is not None and str(p) != "-"]
     for i, (real, given, flag) in enumerate(files):

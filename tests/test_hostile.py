@@ -158,3 +158,70 @@ def test_class_names_and_tags_from_the_data_stay_literal_in_the_card():
     text = card.text  # the body; the YAML metadata keeps the names as data
     assert "<script>" not in text and "**bold**" not in text and "&lt;script&gt;" in text
     assert "malware" in card.data.tags and "m" not in card.data.tags
+
+
+@pytest.fixture(scope="module")
+def bad_data(linked_model) -> dict[str, Path]:
+    """Image folders with one unreadable file each, a saved dataset of 0 rows, a deeply nested JSON."""
+    import datasets
+
+    root = linked_model["root"] / "data"
+    rng = np.random.default_rng(0)
+    bodies = {"corrupt": b"\x89PNG\r\n\x1a\nnot an image", "empty": b"", "truncated": None}
+    out = {}
+    for name, body in bodies.items():
+        folder = root / name
+        for k in range(4):
+            (folder / str(k)).mkdir(parents=True)
+            for i in range(3):
+                px = rng.integers(0, 256, (32, 32)).astype(np.uint8)
+                Image.fromarray(px).save(folder / str(k) / f"{i}.png")
+        bad = folder / "2" / "bad.png"
+        if body is None:  # a real PNG cut in half: PIL opens it and fails on decoding
+            whole = (folder / "2" / "0.png").read_bytes()
+            bad.write_bytes(whole[: len(whole) // 2])
+        else:
+            bad.write_bytes(body)
+        out[name] = folder
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=4)})
+    datasets.Dataset.from_dict({"image": [], "label": []}, features=feats).save_to_disk(str(root / "no-rows"))
+    out["no-rows"] = root / "no-rows"
+    nested = root / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    out["nested"] = nested
+    return out
+
+
+@pytest.mark.parametrize("name", ["corrupt", "empty", "truncated"])
+def test_an_unreadable_image_is_named_with_exit_2(name, linked_model, bad_data, capsys):
+    before = _digests(bad_data[name], linked_model["blobs"])
+    code, line = _cli(["audit", str(linked_model["model"]), "--dataset", str(bad_data[name]), "-q"], capsys)
+    assert code == 2 and "cannot read its image" in line, line
+    assert _digests(bad_data[name], linked_model["blobs"]) == before
+
+
+def test_a_saved_dataset_of_no_rows_is_exit_2(linked_model, bad_data, capsys):
+    code, line = _cli(["audit", str(linked_model["model"]), "--dataset", str(bad_data["no-rows"]), "-q"],
+                      capsys)
+    assert code == 2 and "no rows" in line
+
+
+def test_a_deeply_nested_report_is_exit_2(linked_model, bad_data, tmp_path, capsys):
+    code, line = _cli(["purify", str(linked_model["model"]), "--dataset", str(bad_data["corrupt"]),
+                       "--report", str(bad_data["nested"]), "--out", str(tmp_path / "o"), "-q"], capsys)
+    assert code == 2 and "nested too deeply" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_name_too_long_is_refused_before_any_work(tmp_path, capsys):
+    code, line = _cli(["audit", "org/model", "--json", str(tmp_path / ("x" * 300 + ".json"))], capsys)
+    assert code == 2 and "--json" in line and "255 bytes" in line
+
+
+def test_purify_will_not_replace_the_folder_it_runs_in(tmp_path, capsys, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    code, line = _cli(["purify", "org/model", "--out", ".", "--overwrite"], capsys)
+    assert code == 2 and "current folder" in line
+    code, line = _cli(["purify", "org/model", "--out", "..", "--overwrite"], capsys)
+    assert code == 2 and "current folder" in line

@@ -243,7 +243,7 @@ def test_webhook_audits_comments_and_opens_pr(local_hub, models, hub_dataset, tm
 
         # the log of events and outcomes; the jobs endpoint needs the secret
         outcomes = [e["outcome"] for e in service.store.events()]
-        assert outcomes.count("unauthorized") == 2 and outcomes.count("bad payload") == 4
+        assert outcomes.count("unauthorized") == 0 and outcomes.count("bad payload") == 4  # never stored
         assert outcomes.count("ignored") == 6 and outcomes.count("accepted") == 2
         assert get(url, "/jobs")[0] == 401
 
@@ -483,7 +483,22 @@ def test_http_edges(local_hub, tmp_path):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=30)
         assert err.value.code == 401
-        assert [e["outcome"] for e in service.store.events()] == ["unauthorized"]
+        assert service.store.events() == []  # refused before its body was read, and not stored
+        # a stranger's oversized body: 401 before reading it (not 413), and still nothing stored
+        assert post(service.url, big, secret="wrong")[0] == 401 and service.store.events() == []
+        # a client that stops mid-body gets 408 instead of holding the connection
+        import socket
+
+        from integrations.hub_webhook import app as webhook_app
+
+        host, port = service.url.rsplit("/", 1)[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            head = (f"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nX-Webhook-Secret: {SECRET}"
+                    "\r\nContent-Type: application/json\r\n\r\n{")
+            sock.sendall(head.encode())
+            t0 = time.time()
+            answer = sock.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and time.time() - t0 < webhook_app.BODY_TIMEOUT + 10
         # a taken port fails in the constructor and leaves that queue free for the next try
         port = int(service.url.rsplit(":", 1)[1])
         other = Config(secret=SECRET, repos=["org/*"], db=tmp_path / "other.sqlite3", port=port)
@@ -616,3 +631,17 @@ def test_audit_options_are_library_keywords(monkeypatch):
     assert config.reproduce_args("org/m") == [
         "--dataset", "org/d", "--max-samples", "50", "--rule", "mad", "--soft-margin", "10",
     ]
+
+
+def test_the_event_log_keeps_only_the_newest_events(tmp_path, monkeypatch):
+    from integrations.hub_webhook import store as store_module
+
+    monkeypatch.setattr(store_module, "KEEP_EVENTS", 5)
+    st = store_module.JobStore(tmp_path / "q.sqlite3")
+    try:
+        for i in range(12):
+            st.log_event(repo=f"org/m{i}", scope="repo.content", action="update", status=200,
+                         outcome="ignored")
+        assert [e["repo"] for e in st.events()] == [f"org/m{i}" for i in range(11, 6, -1)]
+    finally:
+        st.close()

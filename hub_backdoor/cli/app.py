@@ -4,6 +4,7 @@ and map what it raised to an exit code (:class:`~hub_backdoor.errors.ExitCode`).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
 import sys
@@ -17,6 +18,10 @@ from .options import Parser
 from .ui import UI, one_line
 
 __all__ = ["COMMANDS", "build_parser", "main"]
+
+#: OS errors that come from where the user asked to write, not from a bug (exit 2).
+_USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.EROFS, errno.EACCES,
+                          errno.EPERM, errno.EBUSY})
 
 #: The command modules, in the order ``--help`` lists them; each has ``register`` and ``run``.
 COMMANDS = (audit, purify, card, demo)
@@ -99,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         ui.error("interrupted")
         return int(ExitCode.INTERRUPTED)
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in _USER_ERRNOS:
+            # a full disk, a read-only place, a name too long: the place's fault, not a bug
+            where = f": {e.filename}" if e.filename else ""
+            ui.error(f"{e.strerror or e}{where}; free space, fix the permissions or choose another path")
+            return int(ExitCode.USAGE)
         if args.debug:
             traceback.print_exc()
         ui.error(

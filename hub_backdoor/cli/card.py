@@ -52,7 +52,7 @@ def _read_record(path: str, report: Any) -> Any:
 
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
         raise HubBackdoorError(f"cannot read --purification {path} ({one_line(str(e))})") from e
     try:
         record = PurificationRecord.from_dict(data)

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExitCode, HubBackdoorError, OptionError, UnsupportedModelError
+from ..errors import ExitCode, HubBackdoorError, OptionError, OutputPathError, UnsupportedModelError
 from . import common
 from .options import (
     audit_kwargs,
@@ -129,8 +129,13 @@ def _check_args(args: argparse.Namespace) -> list[tuple[Any, str]]:
     named = [(args.report, "the --report file")] if args.report else []
     check_outputs([(args.json, "--json")], named)
     if args.out:
-        check_not_protected(Path(args.out).expanduser(), "--out", named)
-        check_writable(Path(args.out).expanduser(), "--out", folder=True)
+        out = Path(args.out).expanduser()
+        check_writable(out, "--out", folder=True)  # first: a name too long fails any other look
+        check_not_protected(out, "--out", named)
+        here = Path.cwd().resolve()
+        if out.exists() and (out.resolve() == here or out.resolve() in here.parents):
+            raise OutputPathError(f"--out {args.out} is or holds the current folder, which cannot be "
+                                  "replaced while in use; give another folder")
     return named
 
 

@@ -5,6 +5,7 @@ module imports FastAPI at its top (and without postponed annotations); ``service
 when a service is built, so the event filter and the queue work without the ``webhook`` extra.
 """
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .service import Service
 
 SECRET_HEADER = "X-Webhook-Secret"
+#: Seconds a client has to send the whole body.
+BODY_TIMEOUT = 10.0
 ROUTES = "POST the webhook to / or /webhook; GET /healthz or /jobs"
 
 
@@ -48,6 +51,9 @@ def create_app(service: "Service") -> FastAPI:
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
     async def webhook(request: Request) -> JSONResponse:
+        secret = request.headers.get(SECRET_HEADER)
+        if not service.authorized(secret):  # before the body is read: a stranger costs nothing
+            return JSONResponse({"error": f"missing or wrong {SECRET_HEADER}"}, status_code=401)
         limit = service.config.max_body
         too_large = JSONResponse({"error": f"the body is over {limit} bytes"}, status_code=413)
         try:
@@ -58,12 +64,15 @@ def create_app(service: "Service") -> FastAPI:
             return JSONResponse({"error": "bad Content-Length"}, status_code=400)
         if length > limit:  # refused before reading it
             return too_large
-        try:
-            body = await _read_body(request, limit)
+        try:  # a client that stops mid-body does not hold the connection
+            body = await asyncio.wait_for(_read_body(request, limit), BODY_TIMEOUT)
         except _TooLarge:
             return too_large
-        # the secret check and the SQLite commits (fsync) run off the event loop
-        status, answer = await run_in_threadpool(service.handle, request.headers.get(SECRET_HEADER), body)
+        except asyncio.TimeoutError:
+            late = f"the body did not arrive within {BODY_TIMEOUT:g} s"
+            return JSONResponse({"error": late}, status_code=408)
+        # the SQLite commits (fsync) run off the event loop
+        status, answer = await run_in_threadpool(service.handle, secret, body)
         headers = {"Retry-After": "60"} if status == 503 else None
         return JSONResponse(answer, status_code=status, headers=headers)
 

@@ -596,12 +596,12 @@ class Service:
     def handle(self, secret: str | None, body: bytes) -> tuple[int, dict[str, Any]]:
         """One delivery: ``(HTTP status, JSON answer)``; logged, and recorded in the event log."""
         if not self.authorized(secret):
+            # logged, never stored: anyone can send these, and the event log is for deliveries
             log.warning("event refused: missing or wrong %s", SECRET_HEADER)
-            self.store.log_event(repo=None, scope=None, action=None, status=401, outcome="unauthorized")
             return 401, {"error": f"missing or wrong {SECRET_HEADER}"}
         try:
             payload = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             log.warning("event refused: body is not JSON (%s)", e)
             self.store.log_event(
                 repo=None, scope=None, action=None, status=400, outcome="bad payload", detail=str(e)

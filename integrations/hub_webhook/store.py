@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 ACTIVE = ("queued", "running")
+#: Events the log keeps (the newest).
+KEEP_EVENTS = 10_000
 
 
 @dataclass
@@ -270,6 +272,8 @@ class JobStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (time.time(), repo, scope, action, status, outcome, detail[:1000]),
             )
+            # the log keeps the newest KEEP_EVENTS events: it cannot grow without bound
+            c.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (KEEP_EVENTS,))
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
         with self._lock:
