@@ -473,7 +473,7 @@ def hf_main(argv: Sequence[str] | None = None) -> int:
         folder = register_hf_extension()
         print(f"registered 'hf backdoor' ({folder}); try: hf backdoor audit --help")
         return EXIT_OK
-    return cli.main(args)
+    return cli.main(args, prog="hf backdoor")
 
 
 # -- GitHub Action ----------------------------------------------------------------------------------------

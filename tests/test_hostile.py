@@ -225,3 +225,45 @@ def test_purify_will_not_replace_the_folder_it_runs_in(tmp_path, capsys, monkeyp
     assert code == 2 and "current folder" in line
     code, line = _cli(["purify", "org/model", "--out", "..", "--overwrite"], capsys)
     assert code == 2 and "current folder" in line
+
+
+def test_the_hf_extension_names_itself_in_its_usage(capsys):
+    from hub_backdoor.integrations import hf_main
+
+    assert hf_main(["audit", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: hf backdoor audit")
+
+
+def test_a_timm_config_asking_for_a_giant_input_is_refused(linked_model, tmp_path, capsys):
+    import json
+    import shutil
+
+    folder = tmp_path / "giant"
+    shutil.copytree(linked_model["root"] / "plain", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.setdefault("pretrained_cfg", {})["input_size"] = [1, 120_000, 120_000]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    code, line = _cli(["audit", str(folder), "--dataset", str(tmp_path / "none"), "-q"], capsys)
+    assert code == 2 and "input size 120000x120000" in line
+
+
+def test_a_pickle_with_code_in_it_never_runs_and_is_exit_2(tmp_path, capsys):
+    import os
+    import pickle
+
+    from transformers import ViTConfig
+
+    folder = tmp_path / "hf-pickle"
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+              patch_size=8, num_labels=4, architectures=["ViTForImageClassification"]).save_pretrained(folder)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"vit.embeddings.cls_token": Evil()}))
+    code, line = _cli(["audit", str(folder), "--allow-pickle", "--dataset", str(tmp_path / "none"), "-q"],
+                      capsys)
+    assert code == 2 and "cannot load" in line, line
+    assert not marker.exists()

@@ -32,6 +32,9 @@ __all__ = [
     "unsafe_weights_error",
 ]
 
+#: Largest input (height x width) a model may ask its preprocessing for: 4096 x 4096.
+MAX_INPUT_PIXELS = 4096 * 4096
+
 #: Pickle-based weight files; loading them runs arbitrary code unless ``weights_only`` holds.
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
 
@@ -133,6 +136,11 @@ class TimmClassifier(AffineHeadsClassifier):
         self.model_args = dict(model_args or {})
         self.data_config = timm_data_config(model)
         channels, height, width = self.data_config["input_size"]
+        if int(height) * int(width) > MAX_INPUT_PIXELS:  # a batch of those would need tens of GB
+            raise UnsupportedModelError(
+                f"the model's input size {int(height)}x{int(width)} (pretrained_cfg.input_size) is over "
+                f"{MAX_INPUT_PIXELS:,} pixels; fix the config or pass a transform of a sane size"
+            )
         arch = _timm_arch(model)
         super().__init__(
             model,
@@ -219,8 +227,8 @@ def load_timm_folder(
     path = Path(path)
     try:
         cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UnsupportedModelError(f"{path}: cannot read config.json ({e})") from None
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
+        raise UnsupportedModelError(f"{path}: cannot read config.json ({type(e).__name__})") from None
     arch = cfg.get("architecture")
     if not isinstance(arch, str):
         raise UnsupportedModelError(f"{path}/config.json has no timm 'architecture'")

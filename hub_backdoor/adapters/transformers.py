@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import pickle
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -427,6 +428,13 @@ def load_transformers_folder(
             dtype=dtype,
             output_loading_info=True,
         )
+    except (pickle.UnpicklingError, EOFError) as e:
+        # a pickle that weights-only loading refuses (it names code to run) or a broken one: never
+        # loaded the unsafe way
+        raise UnsupportedModelError(
+            f"{path}: transformers cannot load the model: its pickle weights are broken or hold objects "
+            f"that safe (weights-only) loading refuses ({type(e).__name__}); ask for safetensors weights"
+        ) from None
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsupportedModelError(f"{path}: transformers cannot load the model ({first[:300]})") from None

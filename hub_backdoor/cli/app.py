@@ -27,12 +27,13 @@ _USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.
 COMMANDS = (audit, purify, card, demo)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``hub-backdoor`` parser with every command of :data:`COMMANDS`."""
+def build_parser(prog: str = "hub-backdoor") -> argparse.ArgumentParser:
+    """The ``hub-backdoor`` parser with every command of :data:`COMMANDS` (``prog``: the name usage
+    lines show, e.g. ``hf backdoor`` when run as the ``hf`` extension)."""
     from .. import __version__
 
     parser = Parser(
-        prog="hub-backdoor",
+        prog=prog,
         description="Find and remove backdoors in Hugging Face Hub image classifiers.",
         epilog="exit codes: 0 no backdoor found / done, 1 backdoor found (audit), 2 bad input or usage, "
         "3 internal error, 4 inconclusive (reference data unusable), 5 Hub or network failure (retry)",
@@ -80,9 +81,9 @@ def _configure(args: argparse.Namespace) -> None:
     _set_progress_bars(not args.quiet)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = "hub-backdoor") -> int:
     """Run the CLI; returns the exit code (docs/cli.md, :class:`~hub_backdoor.errors.ExitCode`)."""
-    parser = build_parser()
+    parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help / --version (0) or a usage error (2)
