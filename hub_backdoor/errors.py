@@ -46,7 +46,7 @@ class ExitCode(IntEnum):
     BACKDOOR = 1  # audit: backdoor found; purify: nothing flagged, nothing purified
     USAGE = 2  # bad input or usage: the message says what to fix
     INTERNAL = 3  # a bug
-    INCONCLUSIVE = 4  # the reference data cannot support a verdict (accuracy too low, classes missing)
+    INCONCLUSIVE = 4  # no verdict: the data cannot support one, or the model is outside the calibration
     TRANSIENT = 5  # the Hub or the network failed in a way a retry may fix (5xx, 429, no connection)
     ACCURACY_BUDGET = 6  # purify: the purified model lost more clean accuracy than allowed; nothing published
     INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT, the shell's convention)

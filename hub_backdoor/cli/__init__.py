@@ -12,7 +12,8 @@ Exit codes (docs/cli.md, :class:`hub_backdoor.errors.ExitCode`):
   2  bad input or usage (unknown repo or revision, unusable data or model, bad options)
   3  internal error (a bug; rerun with ``--debug`` for the traceback)
   4  audit / purify: inconclusive, the reference data cannot support a verdict (the model's accuracy
-     on it is below the floor, or classes lack images); the message says what to fix
+     on it is below the floor, or classes lack images), or nothing stood out on a model outside the
+     calibration (another class count); the message says which
   5  the Hub or the network failed in a way that may pass on a retry (HTTP 5xx or 429, no connection)
 """
 

@@ -36,7 +36,8 @@ def build_parser(prog: str = "hub-backdoor") -> argparse.ArgumentParser:
         prog=prog,
         description="Find and remove backdoors in Hugging Face Hub image classifiers.",
         epilog="exit codes: 0 no backdoor found / done, 1 backdoor found (audit), 2 bad input or usage, "
-        "3 internal error, 4 inconclusive (reference data unusable), 5 Hub or network failure (retry)",
+        "3 internal error, 4 inconclusive (reference data unusable, or outside the calibration), 5 Hub or "
+        "network failure (retry)",
     )
     parser.add_argument("--version", action="version", version=f"hub-backdoor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
