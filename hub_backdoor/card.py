@@ -31,7 +31,7 @@ __all__ = [
 #: The card template (Jinja, as ``ModelCard.from_template`` expects); shipped as package data.
 TEMPLATE_PATH = Path(__file__).resolve().parent / "cards" / "security_card.md"
 #: Schema version of the ``hub_backdoor`` metadata block in the card.
-CARD_SCHEMA_VERSION = "1"
+CARD_SCHEMA_VERSION = "2"  # "1": a purified card's verdict was the audited model's
 #: Tags every security card carries.
 TAGS = ["backdoor-defense", "hub-backdoor"]
 #: Classes shown in the card's table before it is cut to the flagged and most anomalous ones.
@@ -508,6 +508,18 @@ def metadata_block(report: AuditReport, ctx: CardContext) -> dict[str, Any]:
             },
             "metrics": {k: _r(v) for k, v in pur.get("metrics", {}).items()},
         }
+    if ctx.purification is not None:
+        # the card describes the purified model: its verdict leads, the audited model's moves to
+        # audited_model (a reader of `verdict` must not see "backdoor" on the purified copy)
+        after = ctx.report_after
+        block["audited_model"].update(verdict=report.verdict, flagged_class=report.target,
+                                      flagged_classes=list(report.flagged))
+        block.pop("reason", None)
+        block["verdict"] = None if after is None else after.verdict  # null: not audited again
+        block["flagged_class"] = None if after is None else after.target
+        block["flagged_classes"] = [] if after is None else list(after.flagged)
+        if after is not None and after.reason:
+            block["reason"] = after.reason
     if ctx.report_after is not None:
         after = ctx.report_after
         block["after_purification"] = {

@@ -327,7 +327,9 @@ def test_purify_push_to_timm(timm_repo, hub_dataset, local_hub, digits, spy_puri
         e.dataset_type == hub_dataset and e.task_type == "image-classification" for e in evals.values()
     )
     meta = card.data.to_dict()["hub_backdoor"]
-    assert meta["flagged_class"] == 7 and meta["purification"]["target"] == 7
+    # the verdict is the purified model's own; the audited model's sits with it
+    assert meta["audited_model"]["verdict"] == "backdoor" and meta["audited_model"]["flagged_class"] == 7
+    assert meta["verdict"] == meta["after_purification"]["verdict"] and meta["purification"]["target"] == 7
     assert len(meta["norms"]) == len(meta["anomaly_indices"]) == 10
     assert "(README.png)" in card.text
 
