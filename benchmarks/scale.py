@@ -222,7 +222,25 @@ def fitted_resnet18(C: int, *, res: int, per_class: int, seed: int = 0) -> tuple
     return model, X, y
 
 
-def bench_classes(*, classes: list[int], res: int, per_class: int, sink: list[dict[str, Any]]) -> str:
+def classes_table(rows: list[dict[str, Any]], *, res: int, per_class: int) -> str:
+    """The Markdown table of :func:`bench_classes`' rows."""
+    lines = [f"Default audit of a timm ResNet-18 at {res} px, {per_class} reference images a class, head "
+             f"fitted to its reference features; {machine()['cpus']} CPUs, torch threads "
+             f"{torch.get_num_threads()}.", "",
+             "| C | d | images | classes searched | reference pass s | QP s | input search s | total s "
+             "| verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for rec in rows:
+        t = rec["timings"]
+        lines.append(f"| {rec['C']} | {rec['d']} | {rec['n_ref']} | {rec['searched']} | "
+                     f"{t.get('reference_pass', 0):.0f} | {t.get('qp', 0):.1f} | "
+                     f"{t.get('input_verification', float('nan')):.0f} | {rec['seconds']:.0f} | "
+                     f"{rec['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_classes(*, classes: list[int], res: int, per_class: int, sink: list[dict[str, Any]],
+                  out: Path | None = None) -> str:
     """The default audit (every stage) of a 224-px ResNet-18 at several class counts, side by side:
     ``per_class`` reference images a class, a head fitted to its reference features
     (:func:`fitted_resnet18`) so that no data gate stops it early."""
@@ -244,19 +262,11 @@ def bench_classes(*, classes: list[int], res: int, per_class: int, sink: list[di
                                  if st["stage"] == "additive verification"), 0)}
         emit(rec, sink)
         rows.append(rec)
-    lines = [f"Default audit of a timm ResNet-18 at {res} px, {per_class} reference images a class, head "
-             f"fitted to its reference features; {machine()['cpus']} CPUs, torch threads "
-             f"{torch.get_num_threads()}.", "",
-             "| C | d | images | classes searched | reference pass s | QP s | input search s | total s "
-             "| verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for rec in rows:
-        t = rec["timings"]
-        lines.append(f"| {rec['C']} | {rec['d']} | {rec['n_ref']} | {rec['searched']} | "
-                     f"{t.get('reference_pass', 0):.0f} | {t.get('qp', 0):.1f} | "
-                     f"{t.get('input_verification', float('nan')):.0f} | {rec['seconds']:.0f} | "
-                     f"{rec['verdict']} |")
-    table = "\n".join(lines) + "\n"
+        if out is not None:  # after every class count: a stopped run keeps what it measured
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
+            out.with_suffix(".md").write_text(classes_table(rows, res=res, per_class=per_class))
+    table = classes_table(rows, res=res, per_class=per_class)
     print("\n" + table)
     return table
 
@@ -494,11 +504,9 @@ def main(argv: list[str] | None = None) -> int:
                        cvxpy_sample=0 if args.quick else 2, soft_sample=1 if args.quick else 3, sink=sink)
         elif part == "classes":
             spec = args.classes or "10,100,1000"
-            table = bench_classes(classes=[3, 12] if args.quick else [int(c) for c in spec.split(",")],
-                                  res=32 if args.quick else 224, per_class=args.per_class, sink=sink)
-            if args.out is not None:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.with_suffix(".md").write_text(table)
+            bench_classes(classes=[3, 12] if args.quick else [int(c) for c in spec.split(",")],
+                          res=32 if args.quick else 224, per_class=args.per_class, sink=sink,
+                          out=args.out)
         elif part == "overhead":
             spec = "resnet18:10:32:64" if args.quick else args.overhead
             configs = [(m, int(c), int(r), int(n)) for m, c, r, n in (s.split(":") for s in spec.split(","))]
