@@ -94,14 +94,15 @@ def _channels_last(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    formats = [p.data.is_contiguous() for p in model.parameters()]
+    # the very tensors are put back (a stride test misses 1x1 kernels, which are "contiguous" in
+    # both layouts but take other kernels in the channels-last one)
+    tensors = [t.data for t in (*model.parameters(), *model.buffers())]
     model.to(memory_format=torch.channels_last)
     try:
         yield
     finally:
-        for p, contiguous in zip(model.parameters(), formats):
-            if contiguous and not p.data.is_contiguous():
-                p.data = p.data.contiguous()
+        for t, original in zip((*model.parameters(), *model.buffers()), tensors):
+            t.data = original
 
 
 @contextlib.contextmanager

@@ -214,7 +214,8 @@ def test_package_never_drives_the_cli_main():
         text = path.read_text()
         calls = text.count("cli.main(")
         assert calls == (1 if path.name == "integrations.py" else 0), path
-    assert "return cli.main(args)" in (ROOT / "hub_backdoor" / "integrations.py").read_text()
+    source = (ROOT / "hub_backdoor" / "integrations.py").read_text()
+    assert 'return cli.main(args, prog="hf backdoor")' in source
 
 
 # -- pre-commit ----------------------------------------------------------------------------------------
