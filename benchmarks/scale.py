@@ -212,13 +212,11 @@ def fitted_resnet18(C: int, *, res: int, per_class: int, seed: int = 0) -> tuple
     y = torch.arange(C).repeat_interleave(per_class)
     noise = 12.0 * torch.randn(len(y), 3, res, res, generator=g)
     X = (proto[y] + noise).clamp(0, 255).to(torch.uint8)
+    from hub_backdoor import zoo
+    from hub_backdoor.adapters import load_classifier
+
     norm = Normalize()
-    with torch.no_grad():
-        batches = [torch.stack([norm(x) for x in X[i:i + 64]]) for i in range(0, len(X), 64)]
-        H = torch.cat([model.forward_head(model.forward_features(xb), pre_logits=True) for xb in batches])
-        mu = torch.stack([H[y == k].mean(0) for k in range(C)])
-        model.get_classifier().weight.copy_(mu)
-        model.get_classifier().bias.copy_(-0.5 * (mu * mu).sum(1))
+    zoo.fit_mean_head(load_classifier(model), model.get_classifier(), torch.stack([norm(x) for x in X]), y)
     return model, X, y
 
 

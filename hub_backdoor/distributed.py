@@ -113,11 +113,11 @@ class Dist:
             return tensor.clone()
         import torch.distributed as tdist
 
-        by_name = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}
-        if op not in by_name:
+        reduce_ops = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}
+        if op not in reduce_ops:
             raise ValueError(f"all_reduce: op must be 'sum' or 'max', got {op!r}")
         out = tensor.detach().to(self._comm_device()).clone()
-        tdist.all_reduce(out, op=by_name[op])
+        tdist.all_reduce(out, op=reduce_ops[op])
         return out.to(tensor.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hub_backdoor import audit, cli, purify
+from hub_backdoor import audit, cli, purify, zoo
 from hub_backdoor.adapters import load_classifier
 from hub_backdoor.calibration import load_calibration
 from hub_backdoor.detection import DEFAULT_RULE
@@ -36,19 +36,6 @@ def _images(seed: int = 0) -> tuple[list[Image.Image], list[int]]:
             imgs.append(Image.fromarray(px))
             labels.append(k)
     return imgs, labels
-
-
-def _fit_head(clf, linear: torch.nn.Linear, imgs, labels) -> None:
-    """Nearest-class-mean head on the reference embeddings (the present classes' rows only), so
-    that the model classifies its reference set and the audit runs every stage."""
-    x = torch.stack([clf.preprocess(im) for im in imgs])
-    with torch.no_grad():
-        _, h = clf.forward(x)
-        y = torch.as_tensor(labels)
-        for k in sorted(set(labels)):
-            mu = h[y == k].mean(0)
-            linear.weight[k] = mu
-            linear.bias[k] = -0.5 * mu @ mu
 
 
 def _timm_resnet18():
@@ -102,7 +89,8 @@ def saved(work, reference) -> dict[str, dict[str, Path]]:
         model, head = build()
         untrained = _save(model, work / f"{name}-untrained")
         clf = load_classifier(untrained)
-        _fit_head(clf, head(clf.model), imgs, labels)
+        x = torch.stack([clf.preprocess(im) for im in imgs])
+        zoo.fit_mean_head(clf, head(clf.model), x, torch.as_tensor(labels))
         out[name] = {"untrained": untrained, "fitted": _save(clf.model, work / f"{name}-fitted")}
     return out
 
@@ -201,8 +189,6 @@ def test_calibration_names_the_class_counts_it_covers():
 
 @pytest.mark.default_rule
 def test_a_trained_100_class_model_on_a_96_wide_embedding_gets_a_verdict(tmp_path, capsys):
-    from hub_backdoor import zoo
-
     clf = zoo.timm_model("test_resnet", num_classes=100, size=32)
     assert clf.num_classes - 1 >= clf.embed_dim == 96
     zoo.train(clf, zoo.digit_pairs(4000, seed=0), epochs=12, lr=0.05)
