@@ -329,6 +329,26 @@ def calibration_entry(zs: list[dict[str, Any]], *, suite: str, label: str) -> di
                       for name, sc in scores.items()}}
 
 
+def detection_rates(zs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per library rule, at its own threshold: how many of the zoo's working single-target
+    backdoors the audit names with their class, overall and per attack (the miss rate a clean
+    verdict carries)."""
+    single = [z for z in zs if len(z["spec"].get("targets") or []) == 1 and working(z)]
+    out: dict[str, Any] = {}
+    for name, sc in score_all(single, list(RULES)).items():
+        thr = RULE_THRESHOLDS.get(name, 2.0)
+        hit = {z["spec"]["id"]: _top(sc[z["spec"]["id"]])[0] == z["spec"]["targets"][0]
+               and _top(sc[z["spec"]["id"]])[1] > thr for z in single}
+        by_attack: dict[str, list[int]] = {}
+        for z in single:
+            row = by_attack.setdefault(str(z["spec"]["attacks"][0]), [0, 0])
+            row[0] += hit[z["spec"]["id"]]
+            row[1] += 1
+        out[name] = {"threshold": thr, "found": sum(hit.values()), "working": len(single),
+                     "by_attack": dict(sorted(by_attack.items()))}
+    return out
+
+
 def write_calibration(trainings: list[tuple[list[dict[str, Any]], str]], path: Path, *, suite: str) -> None:
     """The clean-model null of every library rule (:mod:`hub_backdoor.calibration`), pooled over
     trainings of the zoo. ``trainings``: ``(stored statistics, label)`` per training; each replaces
@@ -342,7 +362,11 @@ def write_calibration(trainings: list[tuple[list[dict[str, Any]], str]], path: P
         entries = [x for x in entries if x.get("key") != e["key"]] + [e]
     n = sum(len(next(iter(e["rules"].values()))["clean_max"]) for e in entries)
     out = {"source": f"benchmarks {suite} zoo: {n} clean models over {len(entries)} trainings",
-           "trainings": entries}
+           "trainings": entries,
+           # measured on the training the statistics are committed for (the last one given)
+           "detection": {"source": f"benchmarks {suite} zoo ({trainings[-1][1]}), working single-target "
+                                   "backdoors, the rule's own threshold",
+                         "rules": detection_rates(trainings[-1][0])}}
     atomic_write_text(path, json.dumps(out, indent=1) + "\n")
 
 

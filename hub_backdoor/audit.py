@@ -376,5 +376,6 @@ def _evidence(rule: str, timings: dict[str, float], verification: InputVerificat
         "calibration": None if cal is None else {"source": cal.source, "n_clean_models": cal.n,
                                                  "families": list(cal.families),
                                                  "num_classes": list(cal.num_classes),
-                                                 "covers_this_model": covered},
+                                                 "covers_this_model": covered,
+                                                 "detection": cal.detection},
     }

@@ -43,6 +43,9 @@ class Calibration:
         families: the model families the clean models come from.
         source: where the numbers come from (the zoo and its data).
         num_classes: the class counts of the clean models (empty: not recorded).
+        detection: how often the rule, at its own threshold, names the class of the zoo's working
+            backdoors: ``{"found", "working", "by_attack": {attack: [found, working]}, "source"}``
+            (None: not measured). A clean verdict misses the rest.
     """
 
     rule: str
@@ -50,6 +53,7 @@ class Calibration:
     families: tuple[str, ...]
     source: str
     num_classes: tuple[int, ...] = ()
+    detection: dict | None = None
 
     @property
     def n(self) -> int:
@@ -96,7 +100,15 @@ def load_calibration(rule: str, name: str = DEFAULT) -> Calibration | None:
     return Calibration(rule=rule, clean_max=tuple(sorted(float(v) for p in parts for v in p["clean_max"])),
                        families=tuple(sorted({f for p in parts for f in p.get("families", ())})),
                        source=str(d.get("source", name)),
-                       num_classes=tuple(sorted({int(c) for t in held for c in t.get("num_classes", ())})))
+                       num_classes=tuple(sorted({int(c) for t in held for c in t.get("num_classes", ())})),
+                       detection=_detection(d, rule))
+
+
+def _detection(d: dict, rule: str) -> dict | None:
+    measured = (d.get("detection") or {}).get("rules", {}).get(rule)
+    if not measured or not measured.get("working"):
+        return None
+    return {**measured, "source": d["detection"].get("source", "")}
 
 
 def p_values(rule: str, scores: np.ndarray, name: str = DEFAULT) -> np.ndarray | None:

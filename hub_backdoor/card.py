@@ -11,6 +11,7 @@ flagged class, method parameters, library versions and the data fingerprint.
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import tempfile
@@ -240,6 +241,21 @@ def _certainty(report: AuditReport, k: int) -> str:
             f"extreme: p = {row.p_value:.2g}")
 
 
+def _miss_rate(report: AuditReport) -> str:
+    """How often a clean verdict of this rule misses a backdoor, as measured on the benchmark zoo."""
+    det = (report.evidence.get("calibration") or {}).get("detection")
+    thr = report.params.get("threshold")
+    if not det or thr is None or not math.isclose(float(thr), float(det.get("threshold", math.nan))):
+        return ("How often the audit misses a backdoor at this setting has not been measured, so this is "
+                "no proof of a clean model.")
+    found, n = int(det["found"]), int(det["working"])
+    worst = sorted(det.get("by_attack", {}).items(), key=lambda kv: kv[1][0] / max(1, kv[1][1]))[:2]
+    weak = ", ".join(f"{a} {f} of {w}" for a, (f, w) in worst)
+    return (f"This is not proof of a clean model: on the benchmark zoo the audit named {found} of {n} "
+            f"working backdoors with their class ({100 * found / n:.0f} %) and missed the rest "
+            f"({weak} found).")
+
+
 def _evidence_text(report: AuditReport, k: int) -> str:
     """Why class k stands out, in the terms of the stages that ran."""
     row = report.classes[k]
@@ -316,7 +332,8 @@ def _verdict(report: AuditReport, ctx: CardContext) -> tuple[str, str, str, str]
             f"{report.anomaly_indices[top]:.2f}, below the threshold {th}"
             + (f"; p = {report.classes[top].p_value:.2g} against clean calibration models"
                if report.classes[top].p_value is not None else "")
-            + "). No sign of a single-target backdoor was found on this data."
+            + "). No sign of a single-target backdoor was found on this data. "
+            + _miss_rate(report)
         )
         advice = (
             "the model passed this check; keep the limitations below in mind, and audit again whenever "

@@ -4,7 +4,7 @@ The purification values were picked on MNIST timm / transformers models (docs/pu
 docs/benchmarks.md has the wider study.
 """
 
-__all__ = ["PURIFY", "VERIFY"]
+__all__ = ["DEMO", "PURIFY", "VERIFY", "ZOO_ARCHS", "ZOO_ATTACKS"]
 
 #: The input-space search of the audit. Up to ``all_up_to`` classes every class is searched; above
 #: it, the ``top`` classes the latent rule ranks most suspicious, so that its cost (``classes x
@@ -24,3 +24,11 @@ PURIFY: dict[str, float | int | str] = {
     "target_weight": 1.0,  # clean-CE weight of the target class's own samples; 1 is the paper
     "train": "backbone",  # the linear head stays as it is; "all" trains it too
 }
+
+#: The ``demo`` command's model: its architecture, training epochs and seed.
+DEMO: dict[str, int | str] = {"arch": "timm-test-resnet", "epochs": 8, "seed": 0}
+
+#: The names of :data:`hub_backdoor.zoo.MODELS` and :data:`hub_backdoor.zoo.ATTACKS`, here so that
+#: the command line lists them without importing torch.
+ZOO_ARCHS: tuple[str, ...] = ("timm-test-resnet", "transformers-resnet")
+ZOO_ATTACKS: tuple[str, ...] = ("badnets", "blend", "sig")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters.base import Classifier
+from .defaults import DEMO
 
 __all__ = [
     "DEMO_ARCH",
@@ -31,9 +32,9 @@ __all__ = [
 #: The demo's backdoor: BadNets patch to class DEMO_TARGET on DEMO_RATE of the training set.
 DEMO_TARGET = 7
 DEMO_RATE = 0.1
-DEMO_EPOCHS = 8
-DEMO_SEED = 0
-DEMO_ARCH = "timm-test-resnet"
+DEMO_EPOCHS = int(DEMO["epochs"])
+DEMO_SEED = int(DEMO["seed"])
+DEMO_ARCH = str(DEMO["arch"])
 #: The demo's accuracy budget: 2 points, not the CLI's 1, because on its 1,200 clean fine-tuning
 #: images the default purification loses 1-1.5 points (docs/benchmarks.md); the card says how much.
 DEMO_MAX_ACCURACY_DROP = 0.02

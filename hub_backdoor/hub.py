@@ -40,6 +40,7 @@ from .errors import (
     RevisionNotFoundError,
     UnsafeWeightsError,
 )
+from .layout import PURIFICATION_FILE
 
 __all__ = [
     "MODEL_FILE_PATTERNS",
@@ -54,9 +55,6 @@ __all__ = [
     "raise_hub_error",
 ]
 
-#: The purification record a purified copy ships with (hub_backdoor.publish writes it); fetched
-#: with the weights so that a guarded model can be built from the repo alone.
-PURIFICATION_FILE = "backdoor_purification.json"
 #: Files a classifier folder needs, downloaded by :func:`download_model`.
 MODEL_FILE_PATTERNS = [
     "config.json",

@@ -29,7 +29,8 @@ from .card import CardContext
 from .datasets_io import LoadedDataset
 from .errors import AccuracyBudgetError, HubBackdoorError, OutputPathError, ReportError, UnsupportedModelError
 from .guard import GuardedModel
-from .hub import PURIFICATION_FILE, check_repo_id, push_folder
+from .hub import check_repo_id, push_folder
+from .layout import AUDIT_FILE, PURIFICATION_FILE
 from .loading import LoadedModel
 from .purification import PurifyResult
 from .report import AuditReport, atomic_write_text, current_umask, jsonable, library_versions
@@ -52,8 +53,6 @@ __all__ = [
     "write_purified_folder",
 ]
 
-#: Files written next to the weights of a purified model (the names the command line uses).
-AUDIT_FILE = "backdoor_audit.json"
 PURIFICATION_SCHEMA_VERSION = "1"
 PURIFICATION_KIND = "hub-backdoor-purification"
 #: Metadata of the audited model's card that its security card keeps.

@@ -40,3 +40,34 @@ def test_shipped_calibration_pools_every_training_of_the_zoo():
         pooled = sorted(v for t in trainings for v in t["rules"][rule]["clean_max"])
         assert list(cal.clean_max) == pooled
         assert cal.n == sum(len(t["rules"][rule]["clean_max"]) for t in trainings)
+
+
+def test_the_shipped_miss_rate_is_the_benchmark_table_s():
+    # the figure a clean verdict carries is the one the detection table reports, per rule
+    from hub_backdoor.detection import DEFAULT_RULE
+
+    table = json.loads((_DIR.parent.parent / "benchmarks" / "results" / "standard.json").read_text())
+    rows = table["summary"]["detection_standard"]["rules"]
+    for rule in AUDIT_RULES:
+        det = load_calibration(rule).detection
+        assert det is not None and det["threshold"] == REGISTRY[rule].threshold
+        assert (det["found"], det["working"]) == (rows[rule]["tp"], rows[rule]["n_working"]), rule
+        assert sum(f for f, _ in det["by_attack"].values()) == det["found"]
+    default = load_calibration(DEFAULT_RULE).detection
+    assert default["found"] < default["working"]
+
+
+def test_a_clean_card_says_how_often_the_audit_misses():
+    from types import SimpleNamespace
+
+    from hub_backdoor.card import _miss_rate
+
+    det = load_calibration("latent-or-input").detection
+    report = SimpleNamespace(evidence={"calibration": {"detection": det}},
+                             params={"threshold": det["threshold"]})
+    text = _miss_rate(report)
+    assert f"{det['found']} of {det['working']}" in text and "not proof" in text
+    worst = min(det["by_attack"], key=lambda a: det["by_attack"][a][0] / det["by_attack"][a][1])
+    assert worst in text
+    report.params["threshold"] = det["threshold"] + 1  # another setting: no borrowed figure
+    assert "has not been measured" in _miss_rate(report)

@@ -19,7 +19,7 @@ import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from hub_backdoor import cli, zoo
+from hub_backdoor import cli, publish, zoo
 from hub_backdoor.datasets_io import load_reference_dataset
 from hub_backdoor.demo import model_readme, train_model
 from hub_backdoor.detection import AUDIT_RULES, REGISTRY
@@ -303,8 +303,8 @@ def test_purify_push_to_timm(timm_repo, hub_dataset, local_hub, digits, spy_puri
         "model.safetensors",
         "README.md",
         "README.png",
-        cli.AUDIT_FILE,
-        cli.PURIFICATION_FILE,
+        publish.AUDIT_FILE,
+        publish.PURIFICATION_FILE,
     } <= set(files)
     assert not any(f.endswith((".bin", ".pth")) for f in files)
 
@@ -423,7 +423,7 @@ def test_purify_out_then_card_regenerates(
     assert (out / "README.md").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     assert json.loads((tmp_path / "p.json").read_text()) == json.loads(
-        (out / cli.PURIFICATION_FILE).read_text()
+        (out / publish.PURIFICATION_FILE).read_text()
     )
     # --out refuses the source folder, and an existing folder without --overwrite
     code, _, err = run(["purify", src, "--dataset", disk_dataset, "--out", src, "--quiet"], capsys)
@@ -437,9 +437,9 @@ def test_purify_out_then_card_regenerates(
             "card",
             src,
             "--report",
-            out / cli.AUDIT_FILE,
+            out / publish.AUDIT_FILE,
             "--purification",
-            out / cli.PURIFICATION_FILE,
+            out / publish.PURIFICATION_FILE,
             "--out",
             tmp_path / "again" / "README.md",
             "--name",
@@ -731,7 +731,7 @@ def hostile(timm_backdoored, timm_clean, digits, disk_dataset, work) -> dict[str
     d2 = json.loads((reports / "bd.json").read_text())
     d2["classes"][0]["norm"] = "big"
     (reports / "malformed.json").write_text(json.dumps(d2))
-    record = {"schema_version": cli.PURIFICATION_SCHEMA_VERSION, "kind": "hub-backdoor-purification",
+    record = {"schema_version": publish.PURIFICATION_SCHEMA_VERSION, "kind": "hub-backdoor-purification",
               "target": 7, "metrics": {}, "params": {},
               "audit_before": json.loads((reports / "clean.json").read_text())}
     (reports / "other-record.json").write_text(json.dumps(record))

@@ -140,3 +140,39 @@ def test_python_m_cli_runs_the_command_line():
         timeout=300,
     )
     assert done.returncode == 0 and done.stdout.startswith("hub-backdoor "), done.stderr[-2000:]
+
+
+_HEAVY = ("torch", "transformers", "timm", "cvxpy", "matplotlib", "datasets", "accelerate")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["audit", "--help"], ["purify", "--help"],
+                                  ["card", "--help"], ["demo", "--help"]])
+def test_version_and_help_import_no_heavy_library(argv):
+    # `--version` and `--help` stay fast because they never import torch and friends; the timing
+    # itself is benchmarks/startup.py, beside `hf version`
+    code = (
+        "import sys\n"
+        "from hub_backdoor.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print(sorted(m for m in {_HEAVY!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_root_package_loads_its_names_on_use():
+    code = (
+        "import sys, hub_backdoor\n"
+        "assert 'torch' not in sys.modules\n"
+        "import hub_backdoor.audit\n"  # the submodule: the package's `audit` is still the function
+        "from hub_backdoor.audit import audit\n"
+        "assert hub_backdoor.audit is audit and callable(hub_backdoor.audit)\n"
+        "assert set(hub_backdoor.__all__) <= set(dir(hub_backdoor))\n"
+        "assert all(getattr(hub_backdoor, n) is not None for n in hub_backdoor.__all__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

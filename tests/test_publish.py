@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_integrations import integration_models, model_card
 
 import hub_backdoor
-from hub_backdoor import cli, publish
+from hub_backdoor import publish
 from hub_backdoor.datasets_io import load_reference_dataset
 from hub_backdoor.errors import HubBackdoorError, UnsupportedModelError
 
@@ -32,12 +32,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return integration_models(tmp_path_factory)
 
 
-def test_names_match_the_command_line():
-    # the files `hub-backdoor purify` writes and this module writes are one layout
-    assert publish.AUDIT_FILE == cli.AUDIT_FILE
-    assert publish.PURIFICATION_FILE == cli.PURIFICATION_FILE
-    assert publish.PURIFICATION_SCHEMA_VERSION == cli.PURIFICATION_SCHEMA_VERSION
-    assert publish.CARRIED_METADATA == cli.CARRIED_METADATA
+def test_load_hint_names_the_revision():
     assert publish.load_hint("timm", "org/m", revision="refs/pr/N") == (
         '`timm.create_model("hf-hub:org/m@refs/pr/N", pretrained=True)`'
     )

@@ -19,15 +19,10 @@ Exit codes (docs/cli.md, :class:`hub_backdoor.errors.ExitCode`):
 
 from __future__ import annotations
 
-from ..publish import AUDIT_FILE, CARRIED_METADATA, PURIFICATION_FILE, PURIFICATION_SCHEMA_VERSION
 from .app import build_parser, main
 from .ui import UI, print_table
 
 __all__ = [
-    "AUDIT_FILE",
-    "CARRIED_METADATA",
-    "PURIFICATION_FILE",
-    "PURIFICATION_SCHEMA_VERSION",
     "UI",
     "build_parser",
     "main",

@@ -17,7 +17,7 @@ __all__ = ["register", "run"]
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``card`` command to ``subparsers``."""
-    from ..publish import PURIFICATION_FILE
+    from ..layout import PURIFICATION_FILE
 
     p = subparsers.add_parser(
         "card",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ExitCode
-from ..loading import LoadedModel, load_model
 from .ui import UI, one_line
+
+if TYPE_CHECKING:
+    from ..loading import LoadedModel
 
 __all__ = [
     "annotate",
@@ -27,6 +29,8 @@ __all__ = [
 
 def load_source(args: argparse.Namespace, ui: UI) -> LoadedModel:
     """The model ``SOURCE`` (:func:`hub_backdoor.loading.load_model`), saying when it downloads."""
+    from ..loading import load_model
+
     return load_model(
         args.source,
         allow_pickle=args.allow_pickle,

@@ -13,8 +13,9 @@ __all__ = ["register", "run"]
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``demo`` command to ``subparsers``."""
-    from ..demo import DEMO_ARCH, DEMO_EPOCHS, DEMO_SEED
-    from ..zoo import MODELS
+    from ..defaults import DEMO, ZOO_ARCHS
+
+    arch, epochs, seed = DEMO["arch"], DEMO["epochs"], DEMO["seed"]
 
     p = subparsers.add_parser(
         "demo",
@@ -25,9 +26,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--arch",
-        choices=sorted(MODELS),
-        default=DEMO_ARCH,
-        help=f"model to backdoor (default {DEMO_ARCH}; transformers-resnet for transformers)",
+        choices=sorted(ZOO_ARCHS),
+        default=arch,
+        help=f"model to backdoor (default {arch}; transformers-resnet for transformers)",
     )
     p.add_argument(
         "--out",
@@ -38,13 +39,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--epochs",
         type=positive_int,
-        default=DEMO_EPOCHS,
-        help=f"training epochs of the backdoored model (default {DEMO_EPOCHS})",
+        default=epochs,
+        help=f"training epochs of the backdoored model (default {epochs})",
     )
     p.add_argument("--purify-epochs", type=positive_int, default=None,
                    help="fine-tuning epochs (default: as purify's --epochs)")
     p.add_argument(
-        "--seed", type=int, default=DEMO_SEED, help=f"data and training seed (default {DEMO_SEED})"
+        "--seed", type=int, default=seed, help=f"data and training seed (default {seed})"
     )
     p.set_defaults(func=run, threads_default=1)
     return p

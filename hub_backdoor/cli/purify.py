@@ -51,7 +51,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def _purification_options(p: argparse.ArgumentParser) -> None:
     from ..defaults import PURIFY as d  # the library's defaults, so the two cannot drift apart
-    from ..zoo import ATTACKS
+    from ..defaults import ZOO_ATTACKS as ATTACKS
 
     g = p.add_argument_group("purification")
     g.add_argument("--report", metavar="PATH", help="use this saved audit instead of auditing again")
