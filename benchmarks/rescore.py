@@ -15,7 +15,8 @@ Protocol (what the tables count):
 * Thresholds: the rule's library threshold; *in-sample 0 FP*: just above the highest clean score
   of the whole zoo (optimistic); *leave-one-family-out (LOFO)*: for each family, just above the
   highest clean score of the *other* families, applied to the held-out family (its clean models
-  too: a held-out false positive is counted).
+  too: a held-out false positive is counted). The LOFO hits are also split by attack; a
+  leave-one-attack-out split would change no threshold, since clean models carry no attack.
 """
 
 from __future__ import annotations
@@ -178,6 +179,14 @@ def evaluate_rule(zs: list[dict[str, Any]], sc: dict[str, np.ndarray], thr_lib: 
                    "n_clean": sum(family(z["spec"]) == f for z in clean),
                    "two": sum(both(z, thr_f) for z in two_w if family(z["spec"]) == f),
                    "n_two": sum(family(z["spec"]) == f for z in two_w)}
+    # Clean models have no attack, so a threshold set from them is the same with any attack held
+    # out: leave-one-attack-out is the in-sample column, and what it asks (which attacks a rule
+    # misses out of sample) is read from the LOFO hits split by attack.
+    by_attack: dict[str, dict[str, int]] = {}
+    for z in single:
+        a = by_attack.setdefault(str(z["spec"]["attack"]), {"lofo_tp": 0, "n": 0})
+        a["n"] += 1
+        a["lofo_tp"] += tp(z, lofo[family(z["spec"])]["thr"])
     n = len(single)
     row = {
         "n_working": n, "n_clean": len(clean), "n_two_working": len(two_w),
@@ -188,6 +197,7 @@ def evaluate_rule(zs: list[dict[str, Any]], sc: dict[str, np.ndarray], thr_lib: 
         "top_is_target": sum(_top(sc[z["spec"]["id"]])[0] == z["spec"]["targets"][0] for z in single),
         "lofo_tp": sum(v["tp"] for v in lofo.values()), "lofo_fp": sum(v["fp"] for v in lofo.values()),
         "lofo_two": sum(v["two"] for v in lofo.values()), "lofo": lofo,
+        "lofo_by_attack": dict(sorted(by_attack.items())),
     }
     row["tpr_lofo"] = row["lofo_tp"] / max(1, n)
     return row
@@ -399,6 +409,15 @@ def markdown(det: dict[str, Any]) -> str:
         cells = [f"{r['lofo'][f]['tp']}/{r['lofo'][f]['n']}, {r['lofo'][f]['fp']}/{r['lofo'][f]['n_clean']} "
                  f"({_f(r['lofo'][f]['thr'])})" for f in fams]
         L.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    attacks = list(next(iter(det["rules"].values())).get("lofo_by_attack") or {})
+    if attacks:
+        L += ["", "LOFO per attack (TP / working single-trigger backdoors of that attack, each at its "
+              "held-out family's threshold; a threshold set from clean models is the same whichever "
+              "attack is held out, so leave-one-attack-out equals the in-sample column):", "",
+              "| rule | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+        for name, r in det["rules"].items():
+            cells = [f"{r['lofo_by_attack'][a]['lofo_tp']}/{r['lofo_by_attack'][a]['n']}" for a in attacks]
+            L.append(f"| `{name}` | " + " | ".join(cells) + " |")
     nl = det.get("nested_lofo") or {}
     if nl:
         L += ["", f"`latent-or-input` with its two units also set without the held-out family (each part's "
