@@ -147,57 +147,55 @@ def _plant(out: Path, *, arch: str, epochs: int, seed: int, say: Any) -> Path:
     return model_dir
 
 
-def _audit(out: Path, model: Any, data: Any, *, quiet: bool, say: Any) -> Any:
-    """Audit ``model`` on ``data``; write ``audit.json``, ``audit.sarif`` and ``audit-card.md``."""
-    from .audit import audit
-    from .card import write_card
-    from .publish import card_context
-    from .sarif import write_sarif
+class _Quiet:
+    """The workflow's messages in the demo: only its own step lines are printed; progress bars
+    unless ``quiet``."""
 
-    command = f"hub-backdoor audit {model.label} --dataset {data.name} --split {data.split} --seed 0"
-    say(f"[3/4] {command}")
-    report = audit(model.clf, data.dataset, seed=0, progress=not quiet)
-    report.data["source"] = {"name": data.name, "kind": data.kind, "split": data.split, "revision": None}
-    report.to_json(out / "audit.json")
-    write_sarif(report, out / "audit.sarif")
-    context = card_context(model, data, model_name=model.label, reproduce=command)
-    write_card(report, context, out / "audit-card.md")
-    say(report.summary())
-    return report
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def info(self, msg: str) -> None:
+        pass
+
+    def result(self, msg: str) -> None:
+        pass
+
+    def data(self, text: str) -> None:
+        pass
+
+    def show(self, report: Any) -> None:
+        pass
 
 
-def _purify(
-    out: Path, model: Any, data: Any, report: Any, *, epochs: int | None, quiet: bool, say: Any
-) -> Any:
-    """Purify the demo's target class, audit the result, write ``purified-model/``; returns the record."""
-    from . import zoo
-    from .audit import audit
-    from .data import ReferenceData
-    from .publish import publish
-    from .purification import purify
+def _audit(out: Path, model_dir: Path, *, quiet: bool, say: Any) -> Any:
+    """Audit the demo's model on its data; write ``audit.json``, ``audit.sarif`` and ``audit-card.md``."""
+    from .jobs import AuditOutputs, audit_source
+
+    say(f"[3/4] hub-backdoor audit {model_dir} --dataset {out / 'data'} --split test")
+    outcome = audit_source(
+        str(model_dir), dataset=str(out / "data"), split="test", messages=_Quiet(quiet),
+        outputs=AuditOutputs(json=str(out / "audit.json"), sarif=str(out / "audit.sarif"),
+                             card=str(out / "audit-card.md")),
+    )
+    say(outcome.report.summary())
+    return outcome.report
+
+
+def _purify(out: Path, model_dir: Path, report: Any, *, epochs: int | None, quiet: bool, say: Any) -> Any:
+    """Purify the demo's target class (the audit's, else the planted one), audit the result, write
+    ``purified-model/``; returns the purification record."""
+    from .jobs import Destination, purify_source
 
     found = report.backdoor_found
-    command = f"hub-backdoor purify {model.label} --dataset {data.name} --split {data.split} --seed 0"
-    command += f" --out {out / 'purified-model'} --eval-trigger badnets"
-    command += f" --epochs {epochs}" if epochs else ""
-    command += f" --max-accuracy-drop {100 * DEMO_MAX_ACCURACY_DROP:g}"
-    command += "" if found else f" --target {DEMO_TARGET}"
-    say(f"[4/4] {command}")
-    target = report.target if found else DEMO_TARGET
-    result = purify(
-        model.clf, data.dataset, report=report, target=target, trigger=zoo.BadNets(), epochs=epochs, seed=0,
-        progress=not quiet,
-        max_accuracy_drop=DEMO_MAX_ACCURACY_DROP,
+    target = None if found else DEMO_TARGET
+    say(f"[4/4] hub-backdoor purify {model_dir} --report {out / 'audit.json'} --out {out / 'purified-model'}"
+        + ("" if found else f" --target {DEMO_TARGET}"))
+    outcome = purify_source(
+        str(model_dir), dataset=str(out / "data"), split="test", report=str(out / "audit.json"),
+        target=target, purify={"epochs": epochs}, destination=Destination(out=str(out / "purified-model")),
+        eval_trigger="badnets", max_accuracy_drop=100 * DEMO_MAX_ACCURACY_DROP, messages=_Quiet(quiet),
     )
-    result.classifier.model.to("cpu")
-    ref = ReferenceData(data.dataset)
-    fit = ref.split(float(result.params["holdout"]), 0)[0]  # audited again on the part it was tuned on
-    after = audit(result.classifier, fit, seed=0, progress=not quiet)
-    published = publish(
-        result, model=model, dataset=data, report_after=after, out=out / "purified-model", trigger="badnets",
-        reproduce=command,
-    )
-    return published.record
+    return outcome.published.record
 
 
 def run_demo(
@@ -218,9 +216,7 @@ def run_demo(
     (same format, with its security card ``README.md`` + ``README.png``). Errors are
     :class:`~hub_backdoor.errors.HubBackdoorError` (e.g. ``out`` was not made by the demo).
     """
-    from .datasets_io import load_reference_dataset
     from .errors import ExitCode
-    from .loading import load_model
 
     out = Path(out)
     _prepare(out)
@@ -230,13 +226,12 @@ def run_demo(
             print(msg, flush=True)
 
     t0 = time.perf_counter()
-    model = load_model(str(_plant(out, arch=arch, epochs=epochs, seed=seed, say=say)))
-    data = load_reference_dataset(str(out / "data"), split="test")
-    report = _audit(out, model, data, quiet=quiet, say=say)
+    model_dir = _plant(out, arch=arch, epochs=epochs, seed=seed, say=say)
+    report = _audit(out, model_dir, quiet=quiet, say=say)
     if report.inconclusive:
         return ExitCode.INCONCLUSIVE
     found = report.backdoor_found
-    record = _purify(out, model, data, report, epochs=purify_epochs, quiet=quiet, say=say)
+    record = _purify(out, model_dir, report, epochs=purify_epochs, quiet=quiet, say=say)
     m = record.metrics
     after = record.audit_after or {}
     say("")

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import stat
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ExitCode, HubBackdoorError, OptionError
+from .jobs import VERDICT_EXIT, AuditOutputs, Silent, audit_loaded, audit_source, exit_code, load_inputs
+from .options import AuditOptions, positive_int
+from .options import flag as _flag
 
 __all__ = [
     "CONFIG_KEYS",
@@ -42,9 +46,6 @@ __all__ = [
 
 EXIT_OK, EXIT_BACKDOOR, EXIT_USAGE = int(ExitCode.OK), int(ExitCode.BACKDOOR), int(ExitCode.USAGE)
 EXIT_INTERNAL, EXIT_INCONCLUSIVE = int(ExitCode.INTERNAL), int(ExitCode.INCONCLUSIVE)
-#: Options of the hook that go to :func:`hub_backdoor.audit` (the others load the model or the data).
-_AUDIT_KEYS = ("threshold", "rule", "max-samples", "seed", "batch-size", "image-column", "label-column",
-               "soft-margin", "device")
 
 #: Files whose change makes the pre-commit hook audit their model folder.
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
@@ -155,19 +156,17 @@ def summary_markdown(
 
 
 # -- [tool.hub-backdoor] --------------------------------------------------------------------------------
-#: Keys of ``[tool.hub-backdoor]`` and hook options: name -> (audit flag or None, type).
+def _config_type(f: Any) -> type:
+    kind = f.metadata["type"]
+    return int if kind is positive_int else kind
+
+
+#: Keys of ``[tool.hub-backdoor]`` and hook options: name -> (audit flag or None, type). Every
+#: :class:`~hub_backdoor.options.AuditOptions` field is one, by its flag's name.
 CONFIG_KEYS: dict[str, tuple[str | None, type]] = {
     "dataset": ("--dataset", str),
     "split": ("--split", str),
-    "threshold": ("--threshold", float),
-    "rule": ("--rule", str),
-    "max-samples": ("--max-samples", int),
-    "seed": ("--seed", int),
-    "batch-size": ("--batch-size", int),
-    "image-column": ("--image-column", str),
-    "label-column": ("--label-column", str),
-    "soft-margin": ("--soft-margin", float),
-    "device": ("--device", str),
+    **{f.name.replace("_", "-"): (_flag(f.name), _config_type(f)) for f in dataclasses.fields(AuditOptions)},
     "allow-pickle": ("--allow-pickle", bool),
     "trust-remote-code": ("--trust-remote-code", bool),
     "models": (None, list),
@@ -321,35 +320,25 @@ def audit_folder(folder: str | os.PathLike[str], options: dict[str, Any]) -> tup
     """Audit one model folder with hook / config options (:data:`CONFIG_KEYS`); returns the exit code
     (:class:`~hub_backdoor.errors.ExitCode`) and the report, or ``None`` when the audit could not run
     (the error is printed on stderr as ``error: ...``, as the command line does)."""
-    from .audit import audit
-    from .datasets_io import load_reference_dataset
-    from .detection import RULES
-    from .loading import load_model
-
-    kw = {k.replace("-", "_"): options[k] for k in _AUDIT_KEYS if options.get(k) is not None}
+    names = set(AuditOptions.names())
     try:
-        if kw.get("rule") is not None and kw["rule"] not in RULES:
-            raise OptionError(f"--rule {kw['rule']}: unknown rule; choose one of {', '.join(sorted(RULES))}")
-        model = load_model(
-            str(folder),
+        audit_options = AuditOptions.from_mapping(
+            {k: v for k, v in options.items() if k.replace("-", "_") in names}
+        )
+        audit_options.check()
+        model, data = load_inputs(
+            str(folder), dataset=options.get("dataset"), split=options.get("split"), options=audit_options,
             allow_pickle=bool(options.get("allow-pickle")),
             trust_remote_code=bool(options.get("trust-remote-code")),
         )
-        data = load_reference_dataset(
-            options.get("dataset"), split=options.get("split"), card_metadata=model.card_metadata,
-            model_label=model.label,
-        )
-        report = audit(model.clf, data.dataset, progress=False, **kw)
+        report = audit_loaded(model, data, audit_options)
     except HubBackdoorError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return int(e.exit_code), None
     except Exception as e:  # a bug: say so in one line, as the command line does
         print(f"error: internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]}", file=sys.stderr)
         return EXIT_INTERNAL, None
-    report.data["source"] = {
-        "name": data.name, "kind": data.kind, "split": data.split, "revision": data.revision,
-    }
-    return verdict_exit_code(report), report
+    return int(exit_code(report)), report
 
 
 def _print_table(report: Any) -> None:
@@ -477,13 +466,9 @@ def hf_main(argv: Sequence[str] | None = None) -> int:
 
 
 # -- GitHub Action ----------------------------------------------------------------------------------------
-#: Exit code of each verdict (docs/cli.md): what the Action and the hook return for a report.
-VERDICT_EXIT = {"clean": EXIT_OK, "backdoor": EXIT_BACKDOOR, "inconclusive": EXIT_INCONCLUSIVE}
-
-
 def verdict_exit_code(report: Any) -> int:
-    """The exit code of a report's verdict: 0 clean, 1 backdoor, 4 inconclusive."""
-    return VERDICT_EXIT[report.verdict]
+    """The exit code of a report's verdict (:func:`hub_backdoor.jobs.exit_code`)."""
+    return int(exit_code(report))
 
 
 def _one_line(text: Any) -> str:
@@ -526,81 +511,37 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _run_audit(argv: Sequence[str], report_path: str, markdown: str | None, title: str | None) -> Any:
-    """Parse ``argv`` (audit options), load the model and the data, audit, write the reports."""
-    from .audit import audit
-    from .card import build_card, chart_path_for, write_card
-    from .cli.common import inputs, reproduce
-    from .data import find_columns
-    from .datasets_io import load_reference_dataset
-    from .errors import DatasetError
-    from .loading import load_model
-    from .publish import card_context
-    from .sarif import to_sarif, write_sarif
-    from .validation import check_audit_options, check_outputs
+class _StderrMessages(Silent):
+    """The Action's messages: progress on stderr (a CI log), data on stdout."""
 
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def info(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def _run_audit(argv: Sequence[str], report_path: str, markdown: str | None, title: str | None) -> Any:
+    """Parse ``argv`` (audit options), audit through :func:`hub_backdoor.jobs.audit_source` (the
+    report to ``report_path``), and write the Markdown summary."""
     args = _audit_parser().parse_args(list(argv))
-    args.json = report_path  # the Action's report file wins over a --json in its args
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.quiet:
         _quiet_libraries()
-    # every option and output is checked before the download and the reference pass
-    check_audit_options(
-        threshold=args.threshold, soft_margin=args.soft_margin, seed=args.seed, max_samples=args.max_samples,
-        batch_size=args.batch_size, device=args.device, min_reference_accuracy=args.min_reference_accuracy,
-        min_class_samples=args.min_class_samples,
+    outcome = audit_source(
+        args.source, dataset=args.dataset, split=args.split, options=AuditOptions.from_args(args),
+        # the Action's report file wins over a --json in its args
+        outputs=AuditOutputs(json=report_path, sarif=args.sarif, card=args.card),
+        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        messages=_StderrMessages(args.quiet),
     )
-    outputs: list[tuple[Any, str]] = [(args.json, "--json"), (args.sarif, "--sarif"), (args.card, "--card")]
-    if args.card not in (None, "-"):
-        outputs.append((chart_path_for(args.card), "--card (its chart)"))
-    check_outputs(outputs)
-
-    def downloading(source: str) -> None:
-        if not args.quiet:
-            print(f"downloading {source} ...", file=sys.stderr, flush=True)
-
-    model = load_model(
-        args.source, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-        on_download=downloading,
-    )
-    loaded = load_reference_dataset(
-        args.dataset, split=args.split, card_metadata=model.card_metadata, model_label=model.label
-    )
-    check_outputs(outputs, inputs(model, loaded))
-    try:
-        find_columns(loaded.dataset, image_column=args.image_column, label_column=args.label_column)
-    except DatasetError as e:
-        raise type(e)(f"dataset {loaded.name}: {e}") from e
-    report = audit(
-        model.clf, loaded.dataset, image_column=args.image_column, label_column=args.label_column,
-        max_samples=args.max_samples, seed=args.seed, threshold=args.threshold, rule=args.rule,
-        soft_margin=args.soft_margin, batch_size=args.batch_size, device=args.device,
-        min_reference_accuracy=args.min_reference_accuracy, min_class_samples=args.min_class_samples,
-        progress=not args.quiet,
-    )
-    report.data["source"] = {
-        "name": loaded.name, "kind": loaded.kind, "split": loaded.split, "revision": loaded.revision,
-    }
-    report.to_json(args.json)
-    if args.sarif == "-":
-        print(json.dumps(to_sarif(report), indent=2, allow_nan=False))
-    elif args.sarif:
-        write_sarif(report, args.sarif)
-    if args.card:
-        ctx = card_context(
-            model, loaded, model_name=model.repo_id or model.label,
-            reproduce=reproduce("audit", model, loaded, args, []),
-        )
-        if args.card == "-":
-            print(str(build_card(report, ctx, chart_file="")).rstrip("\n"))
-        else:
-            write_card(report, ctx, args.card)
     if markdown:
-        Path(markdown).write_text(summary_markdown(report, title=title))
-    return report
+        Path(markdown).write_text(summary_markdown(outcome.report, title=title))
+    return outcome.report
 
 
 def action_audit(

@@ -571,9 +571,9 @@ def test_usage_errors_and_internal_errors(monkeypatch, clean_folder, disk_datase
     code, out, _ = run(["--version"], capsys)
     assert code == 0 and "hub-backdoor" in out
     # an unexpected exception: exit 3, one line, a hint to rerun with --debug
-    from hub_backdoor.cli import common
+    from hub_backdoor import jobs
 
-    monkeypatch.setattr(common, "load_data", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(jobs, "audit_loaded", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     code, _, err = run(["audit", clean_folder, "--dataset", disk_dataset, "--quiet"], capsys)
     assert code == 3
     line = one_error_line(err)

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
+from ..options import AuditOptions
 from . import common
-from .options import (
-    audit_kwargs,
-    check_audit_args,
-    data_options,
-    detection_options,
-    model_options,
-    runtime_options,
-)
-from .ui import UI, print_table
+from .options import data_options, detection_options, model_options, runtime_options
+from .ui import UI
 
 __all__ = ["register", "run"]
 
@@ -46,51 +39,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, ui: UI) -> int:
     """Audit ``args.source``; returns 0 (clean), 1 (backdoor) or 4 (inconclusive)."""
-    from ..audit import audit
-    from ..distributed import is_main_process
-    from ..validation import check_outputs
+    from ..jobs import AuditOutputs, audit_source
 
-    # every option and output is checked before the download and the reference pass
-    check_audit_args(args)
-    outputs = [(args.json, "--json"), (args.sarif, "--sarif"), *common.card_outputs(args.card, "--card")]
-    check_outputs(outputs)
-    if "-" in (args.json, args.sarif, args.card):
+    outputs = AuditOutputs(json=args.json, sarif=args.sarif, card=args.card)
+    if outputs.to_stdout:
         ui.stdout_is_data = True
-    model = common.load_source(args, ui)
-    check_outputs(outputs, common.inputs(model, dataset=args.dataset))
-    loaded = common.load_data(args, model, ui)
-    check_outputs(outputs, common.inputs(model, loaded))
-    report = audit(model.clf, loaded.dataset, **audit_kwargs(args, ui))
-    if not is_main_process():  # every rank holds the same report; rank 0 alone prints and writes
-        return common.audit_exit(report)
-    common.annotate(report, loaded)
-    print_table(report, ui)
-    common.note_lines(report, ui)
-    _write_reports(report, args, ui)
-    if args.card:
-        from ..publish import card_context
-
-        ctx = card_context(
-            model,
-            loaded,
-            model_name=model.repo_id or model.label,
-            reproduce=common.reproduce("audit", model, loaded, args, []),
-        )
-        common.write_card_or_print(report, ctx, args.card, ui)
-    return common.audit_exit(report, ui)
-
-
-def _write_reports(report: Any, args: argparse.Namespace, ui: UI) -> None:
-    """``--json`` and ``--sarif``, to files or (``-``) stdout."""
-    from ..sarif import to_sarif, write_sarif
-
-    if args.json == "-":
-        ui.data(report.to_json())
-    elif args.json:
-        report.to_json(args.json)
-        ui.result(f"wrote report {args.json}")
-    if args.sarif == "-":
-        ui.data(json.dumps(to_sarif(report), indent=2, allow_nan=False))
-    elif args.sarif:
-        write_sarif(report, args.sarif)
-        ui.result(f"wrote SARIF {args.sarif}")
+    outcome = audit_source(
+        args.source, dataset=args.dataset, split=args.split, options=AuditOptions.from_args(args),
+        outputs=outputs, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        messages=ui,
+    )
+    return common.audit_exit(outcome.report, ui)

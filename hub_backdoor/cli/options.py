@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from ..errors import ExitCode
+from ..options import AuditOptions, add_audit_flags, positive_int
 from .ui import UI, one_line
 
 __all__ = [
@@ -28,14 +29,6 @@ class Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         print(f"error: {one_line(message)}", file=sys.stderr)
         raise SystemExit(int(ExitCode.USAGE))
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer > 0."""
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def runtime_options() -> argparse.ArgumentParser:
@@ -75,7 +68,7 @@ def model_options() -> argparse.ArgumentParser:
         action="store_true",
         help="let transformers run model code from the repo (default: never)",
     )
-    g.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    add_audit_flags(g, "model")
     return model
 
 
@@ -96,111 +89,23 @@ def data_options() -> argparse.ArgumentParser:
         help="split, slices allowed: test, test[:5%%], train[100:600] (default: test, validation "
         "or train, the first that exists)",
     )
-    g.add_argument("--image-column", default=None, metavar="NAME", help="image column (default: found)")
-    g.add_argument("--label-column", default=None, metavar="NAME", help="label column (default: found)")
-    g.add_argument(
-        "--max-samples",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="use a seeded random subset of at most N images",
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed for subsets, splits and training (default 0)")
-    g.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="default 64")
+    add_audit_flags(g, "data")
     return data
 
 
 def detection_options() -> argparse.ArgumentParser:
     """Threshold, rule (the library's registry, read at run time), soft margin, inconclusive floors."""
-    from ..defaults import VERIFY
-    from ..detection import AUDIT_RULES, DEFAULT_RULE, REGISTRY
-
     detect = argparse.ArgumentParser(add_help=False)
-    g = detect.add_argument_group("detection")
-    g.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help=f"flag classes whose score exceeds this (default: the rule's own; {DEFAULT_RULE}: "
-        f"{REGISTRY[DEFAULT_RULE].threshold:g})",
-    )
-    g.add_argument(
-        "--rule",
-        choices=list(AUDIT_RULES),  # only what audit() computes
-        default=DEFAULT_RULE,
-        metavar="RULE",
-        help=f"detection rule: {', '.join(AUDIT_RULES)} (default {DEFAULT_RULE}; see docs/cli.md)",
-    )
-    g.add_argument(
-        "--soft-margin",
-        type=float,
-        default=None,
-        metavar="PENALTY",
-        help="solve the soft-margin problem with this penalty for every class (default: the exact "
-        "problem; where C - 1 >= d a class no universal latent change reaches carries no latent evidence)",
-    )
-    g.add_argument(
-        "--verify-top",
-        type=positive_int,
-        default=VERIFY["top"],
-        metavar="K",
-        help=f"above {VERIFY['all_up_to']} classes, search the input space of the K classes the latent "
-        f"rule ranks most suspicious (default {VERIFY['top']}; the search costs K x N images a step)",
-    )
-    g.add_argument(
-        "--verify-images",
-        type=positive_int,
-        default=VERIFY["images"],
-        metavar="N",
-        help=f"reference images of the input-space search (default {VERIFY['images']}, as calibrated)",
-    )
-    g.add_argument(
-        "--min-reference-accuracy",
-        type=float,
-        default=None,
-        metavar="A",
-        help="below this accuracy of the model on the reference data the verdict is inconclusive "
-        "(exit 4), never clean (default max(2/C, 0.5))",
-    )
-    g.add_argument(
-        "--min-class-samples",
-        type=int,
-        default=1,
-        metavar="N",
-        help="a class with fewer reference images makes the verdict inconclusive (default 1; 0: off)",
-    )
+    add_audit_flags(detect.add_argument_group("detection"), "detection")
     return detect
 
 
 def audit_kwargs(args: argparse.Namespace, ui: UI, *, columns: bool = True) -> dict[str, Any]:
     """Keyword arguments of :func:`hub_backdoor.audit` from the options (``columns``: with the image
     and label columns, which a :class:`~hub_backdoor.data.ReferenceData` already knows)."""
-    kw: dict[str, Any] = dict(
-        max_samples=args.max_samples,
-        seed=args.seed,
-        threshold=args.threshold,
-        rule=args.rule,
-        soft_margin=args.soft_margin,
-        batch_size=args.batch_size,
-        device=args.device,
-        min_reference_accuracy=args.min_reference_accuracy,
-        min_class_samples=args.min_class_samples,
-        verify_top=args.verify_top,
-        verify_images=args.verify_images,
-        progress=not ui.quiet,
-    )
-    if columns:
-        kw = {"image_column": args.image_column, "label_column": args.label_column, **kw}
-    return kw
+    return {**AuditOptions.from_args(args).kwargs(columns=columns), "progress": not ui.quiet}
 
 
 def check_audit_args(args: argparse.Namespace) -> None:
     """The audit options, checked before the model is even downloaded."""
-    from ..validation import check_audit_options
-
-    check_audit_options(
-        threshold=args.threshold, soft_margin=args.soft_margin, seed=args.seed, max_samples=args.max_samples,
-        batch_size=args.batch_size, device=args.device, min_reference_accuracy=args.min_reference_accuracy,
-        min_class_samples=args.min_class_samples, verify_top=args.verify_top,
-        verify_images=args.verify_images,
-    )
+    AuditOptions.from_args(args).check()

@@ -5,21 +5,11 @@ pull request on the audited repo."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from ..errors import ExitCode, HubBackdoorError, OptionError, OutputPathError, UnsupportedModelError
-from . import common
-from .options import (
-    audit_kwargs,
-    check_audit_args,
-    data_options,
-    detection_options,
-    model_options,
-    positive_int,
-    runtime_options,
-)
-from .ui import UI, print_table
+from ..options import AuditOptions
+from .options import data_options, detection_options, model_options, positive_int, runtime_options
+from .ui import UI
 
 __all__ = ["register", "run"]
 
@@ -106,180 +96,23 @@ def _purification_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_args(args: argparse.Namespace) -> list[tuple[Any, str]]:
-    """Every option and output, checked before the download; returns the named inputs (--report)."""
-    from ..hub import check_repo_id
-    from ..validation import check_not_protected, check_outputs, check_purify_options, check_writable
-
-    if not (args.out or args.push_to or args.open_pr):
-        raise HubBackdoorError("nothing to write: give --out DIR, --push-to org/name or --open-pr")
-    if args.push_to:
-        check_repo_id(args.push_to)
-    if args.holdout < 0 or args.holdout >= 1:
-        raise HubBackdoorError(f"--holdout {args.holdout} must be in [0, 1)")
-    check_audit_args(args)
-    check_purify_options(
-        beta=args.beta, scale=args.scale, distill=args.distill, lr=args.lr, epochs=args.epochs,
-        holdout=args.holdout, batch_size=args.batch_size, seed=args.seed, max_samples=args.max_samples,
-        device=args.device, warmup=args.warmup, keep=args.keep, target_weight=args.target_weight,
-    )
-    if not 0 <= args.max_accuracy_drop <= 100:  # also refuses nan
-        raise OptionError(f"--max-accuracy-drop {args.max_accuracy_drop} must be a number of points "
-                          "in 0..100")
-    named = [(args.report, "the --report file")] if args.report else []
-    check_outputs([(args.json, "--json")], named)
-    if args.out:
-        out = Path(args.out).expanduser()
-        check_writable(out, "--out", folder=True)  # first: a name too long fails any other look
-        check_not_protected(out, "--out", named)
-        here = Path.cwd().resolve()
-        if out.exists() and (out.resolve() == here or out.resolve() in here.parents):
-            raise OutputPathError(f"--out {args.out} is or holds the current folder, which cannot be "
-                                  "replaced while in use; give another folder")
-    return named
-
-
-def _protect(
-    args: argparse.Namespace, named: list[tuple[Any, str]], protected: list[tuple[Any, str]]
-) -> None:
-    """Neither ``--out`` nor ``--json`` may overwrite an input."""
-    from ..validation import check_not_protected, check_outputs
-
-    if args.out:
-        check_not_protected(Path(args.out).expanduser(), "--out", protected)
-    check_outputs([(args.json, "--json")], [*named, *protected])
-
-
-def _load(args: argparse.Namespace, ui: UI, named: list[tuple[Any, str]]) -> tuple[Any, Any, Any]:
-    """The model, its saved audit (``--report``, else ``None``) and the reference data, each checked
-    against the others and the destinations before any long work."""
-    from ..publish import check_destinations
-    from ..report import AuditReport
-    from ..validation import check_report_matches
-
-    model = common.load_source(args, ui)
-    check_destinations(
-        model, out=Path(args.out).expanduser() if args.out else None, push_to=args.push_to,
-        open_pr=args.open_pr, overwrite=args.overwrite,
-    )
-    _protect(args, named, common.inputs(model, dataset=args.dataset))
-    if not hasattr(model.clf, "save_pretrained"):
-        raise UnsupportedModelError(
-            f"cannot save a purified {model.clf.kind} model; only timm and transformers"
-        )
-    report = None
-    if args.report:  # a report of another model is refused before any data is read
-        report = AuditReport.from_json(args.report)
-        check_report_matches(report, model.clf, model.label, f"--report {args.report}")
-    _check_target(args.target, model)
-    loaded = common.load_data(args, model, ui)
-    _protect(args, named, common.inputs(model, loaded))
-    return model, report, loaded
-
-
-def _check_target(target: int | None, model: Any) -> None:
-    if target is not None and not 0 <= target < model.clf.num_classes:
-        raise HubBackdoorError(
-            f"--target {target} is not a class of {model.label} (0..{model.clf.num_classes - 1})"
-        )
-
-
-def _choose_target(args: argparse.Namespace, report: Any, model: Any, ui: UI) -> int | ExitCode:
-    """The class to purify, or the exit code when there is none (1: nothing flagged, 4: inconclusive)."""
-    if report.inconclusive and args.target is None:
-        ui.result(
-            f"the audit of {model.label} is inconclusive: {report.reason}; nothing purified (pass --target K "
-            "to purify class K anyway)"
-        )
-        return ExitCode.INCONCLUSIVE
-    target = args.target if args.target is not None else report.target
-    if target is None:
-        ui.result(
-            f"no backdoor found in {model.label}; nothing purified (pass --target K to purify class K anyway)"
-        )
-        return ExitCode.BACKDOOR
-    _check_target(target, model)
-    return int(target)
-
-
-def _fine_tune(args: argparse.Namespace, ui: UI, *, model: Any, data: Any, report: Any, target: int) -> Any:
-    from .. import purification, zoo
-
-    trigger = zoo.ATTACKS[args.eval_trigger]() if args.eval_trigger else None
-    ui.info(f"purifying class {target} ({args.epochs or 'auto'} epochs) ...")
-    result = purification.purify(
-        model.clf, data, report=report, target=target, trigger=trigger, beta=args.beta, scale=args.scale,
-        distill=args.distill, keep=args.keep, warmup=args.warmup, epochs=args.epochs, lr=args.lr,
-        target_weight=args.target_weight,
-        train=args.train, batch_size=args.batch_size,
-        holdout=args.holdout, seed=args.seed, image_column=args.image_column, label_column=args.label_column,
-        device=args.device, progress=not ui.quiet, max_accuracy_drop=args.max_accuracy_drop / 100.0,
-    )
-    result.classifier.model.to("cpu")
-    return result
+#: The purify flags that are keywords of :func:`hub_backdoor.purify`.
+_PURIFY_KEYS = ("beta", "scale", "distill", "keep", "warmup", "epochs", "lr", "target_weight", "train",
+                "holdout")
 
 
 def run(args: argparse.Namespace, ui: UI) -> int:
     """Purify ``args.source``; returns 0 (published), 1 (nothing flagged) or 4 (inconclusive audit)."""
-    from ..audit import audit
-    from ..data import ReferenceData
-    from ..distributed import is_main_process
+    from ..jobs import Destination, purify_source
 
-    named = _check_args(args)
     if args.json == "-":
         ui.stdout_is_data = True
-    model, report, loaded = _load(args, ui, named)
-    data = ReferenceData(loaded.dataset, image_column=args.image_column, label_column=args.label_column)
-    data = data.subset(args.max_samples, args.seed)  # --max-samples bounds the fine-tuning too
-    fit = data.split(args.holdout, args.seed)[0] if args.holdout > 0 else data
-    if report is not None:
-        ui.info(f"using the audit in {args.report}")
-    else:
-        ui.info("auditing ...")
-        report = audit(model.clf, fit, **audit_kwargs(args, ui, columns=False))
-        common.annotate(report, loaded)
-    print_table(report, ui)
-    common.note_lines(report, ui)
-    target = _choose_target(args, report, model, ui)
-    if isinstance(target, ExitCode):
-        return target
-    result = _fine_tune(args, ui, model=model, data=data, report=report, target=target)
-    ui.info("auditing the purified model ...")
-    after = audit(result.classifier, fit, **audit_kwargs(args, ui, columns=False))
-    common.annotate(after, loaded)
-    if not is_main_process():  # the other ranks trained the same weights (DDP); rank 0 publishes
-        return ExitCode.OK
-    _publish(args, ui, model=model, loaded=loaded, result=result, after=after)
-    return ExitCode.OK
-
-
-def _publish(args: argparse.Namespace, ui: UI, *, model: Any, loaded: Any, result: Any, after: Any) -> None:
-    """Write, push or open the pull request, then say where it went and write ``--json``."""
-    from ..publish import publish
-    from ..report import atomic_write_text
-
-    extra = ["--out", str(Path(args.out).expanduser())] if args.out else []
-    extra += ["--push-to", args.push_to] if args.push_to else []
-    extra += ["--open-pr"] if args.open_pr else []
-    extra += ["--epochs", str(result.params["epochs"]), "--beta", str(args.beta)]
-    extra += ["--eval-trigger", args.eval_trigger] if args.eval_trigger else []
-    published = publish(
-        result, model=model, dataset=loaded, report_after=after, out=args.out, push_to=args.push_to,
-        open_pr=args.open_pr, overwrite=args.overwrite, private=args.private, trigger=args.eval_trigger,
-        reproduce=common.reproduce("purify", model, loaded, args, extra),
+    outcome = purify_source(
+        args.source, dataset=args.dataset, split=args.split, options=AuditOptions.from_args(args),
+        purify={k: getattr(args, k) for k in _PURIFY_KEYS}, target=args.target, report=args.report,
+        destination=Destination(out=args.out, push_to=args.push_to, open_pr=args.open_pr,
+                                overwrite=args.overwrite, private=args.private),
+        json_out=args.json, eval_trigger=args.eval_trigger, max_accuracy_drop=args.max_accuracy_drop,
+        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, messages=ui,
     )
-    if published.folder is not None:
-        ui.result(f"wrote purified model {published.folder}")
-    if published.url:
-        ui.result(f"pushed to {args.push_to}: {published.url}")
-    if published.pr_url:
-        ui.result(f"opened pull request on {model.repo_id}: {published.pr_url}")
-    ui.result(result.summary())
-    text = published.record.to_json()
-    if args.json == "-":
-        ui.data(text.rstrip("\n"))
-    elif args.json:
-        atomic_write_text(Path(args.json), text)
-        ui.result(f"wrote purification record {args.json}")
-    if after.backdoor_found:
-        ui.result(f"warning: the purified model is still flagged (class {after.target}); see the card")
+    return int(outcome.exit_code)

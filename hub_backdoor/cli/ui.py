@@ -47,6 +47,12 @@ class UI:
         """Machine-readable output (a report for ``-``): always on the real stdout, even with ``quiet``."""
         print(text, file=self._out or sys.stdout, flush=True)
 
+    def show(self, report: Any) -> None:
+        """A finished report: its per-class table and its notes."""
+        print_table(report, self)
+        for note in report.notes:
+            self.info(f"note: {note}")
+
     def console(self) -> Any:
         from rich.console import Console
 

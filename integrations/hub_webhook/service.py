@@ -41,6 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hub_backdoor.hub import TRANSIENT_STATUS
+from hub_backdoor.jobs import audit_loaded
+from hub_backdoor.options import AuditOptions
+
 from .store import Job, JobStore
 
 log = logging.getLogger("hub_backdoor.webhook")
@@ -61,19 +65,7 @@ DISCUSSION_INTRO = (
 )
 #: ``hub_backdoor.audit`` keywords an operator may set (``--audit-option KEY=VALUE``); the data, the
 #: threshold and the sample count have their own options, the rest belongs to the service.
-AUDIT_OPTIONS = (
-    "rule",
-    "seed",
-    "margin",
-    "solver",
-    "soft_margin",
-    "batch_size",
-    "image_column",
-    "label_column",
-    "device",
-)
-#: HTTP statuses of the Hub that may pass: timeouts, conflicts of concurrent pushes, rate limits.
-TRANSIENT_STATUS = frozenset({408, 409, 412, 425, 429})
+AUDIT_OPTIONS = tuple(n for n in AuditOptions.names() if n not in ("threshold", "max_samples"))
 
 
 class BadPayload(ValueError):
@@ -127,14 +119,16 @@ class Config:
                 return dataset
         return None
 
+    def options(self) -> AuditOptions:
+        """The audit options of every job (data and model aside)."""
+        return AuditOptions.from_mapping(
+            {**self.audit_options, "max_samples": self.max_samples or None, "threshold": self.threshold},
+            where="audit options",
+        )
+
     def audit_kwargs(self) -> dict[str, Any]:
         """Keywords of :func:`hub_backdoor.audit` for every job (data and model aside)."""
-        kw: dict[str, Any] = dict(self.audit_options)
-        if self.max_samples:
-            kw["max_samples"] = self.max_samples
-        if self.threshold is not None:
-            kw["threshold"] = self.threshold
-        return kw
+        return self.options().kwargs()
 
     def reproduce_args(self, repo: str) -> list[str]:
         """The ``hub-backdoor audit`` options that redo a job's audit of ``repo`` (for the comment)."""
@@ -299,10 +293,14 @@ class Revision:
 
     repo: str
     sha: str
-    clf: Any
+    model: Any  # hub_backdoor.loading.LoadedModel
     data: Any  # hub_backdoor.datasets_io.LoadedDataset
     card_metadata: dict[str, Any]
     card_body: str
+
+    @property
+    def clf(self) -> Any:
+        return self.model.clf
 
 
 def _quiet_libraries() -> None:
@@ -329,36 +327,25 @@ class Auditor:
 
     def load(self, job: Job) -> Revision:
         """Download ``job.repo@job.sha`` (safetensors only), its card and its reference data."""
-        from hub_backdoor.datasets_io import load_reference_dataset
-        from hub_backdoor.loading import load_model
+        from hub_backdoor.jobs import load_inputs
 
         # safetensors only, never the repo's own code (refused); pinned to the pushed commit
-        model = load_model(job.repo, revision=job.sha)
-        clf, meta, body, label = model.clf, model.card_metadata, model.card_body, model.label
-        data = load_reference_dataset(
-            self.config.dataset_for(job.repo), split=self.config.split, card_metadata=meta, model_label=label
-        )
-        return Revision(job.repo, job.sha, clf, data, meta, body)
+        model, data = load_inputs(job.repo, revision=job.sha, dataset=self.config.dataset_for(job.repo),
+                                  split=self.config.split, options=self.config.options())
+        return Revision(job.repo, job.sha, model, data, model.card_metadata, model.card_body)
 
     def run(self, job: Job) -> dict[str, Any]:
         """Audit ``job.repo@job.sha``; comment; open a PR when asked. Returns the fields to store.
 
         Errors propagate; :meth:`Service.process` decides from their type whether to retry.
         """
-        import hub_backdoor
 
         if self.config.threads:
             import torch
 
             torch.set_num_threads(self.config.threads)
         rev = self.load(job)
-        report = hub_backdoor.audit(rev.clf, rev.data.dataset, progress=False, **self.config.audit_kwargs())
-        report.data["source"] = {
-            "name": rev.data.name,
-            "kind": rev.data.kind,
-            "split": rev.data.split,
-            "revision": rev.data.revision,
-        }
+        report = audit_loaded(rev.model, rev.data, self.config.options())
         log.info("job %s: %s@%s is %s", job.id, job.repo, job.sha, report.verdict)
         pr_url, pr_error = job.pr_url, None
         if report.backdoor_found and self.config.open_pr and not pr_url:
@@ -406,9 +393,8 @@ class Auditor:
             rev.data.dataset, image_column=opts.get("image_column"), label_column=opts.get("label_column")
         )
         fit = data.split(float(result.params["holdout"]), int(result.params["seed"]))[0]
-        kw = self.config.audit_kwargs()
-        kw.pop("image_column", None), kw.pop("label_column", None)  # fit already knows its columns
-        after = hub_backdoor.audit(result.classifier, fit, progress=False, **kw)
+        after = audit_loaded(rev.model, rev.data, self.config.options(), dataset=fit,
+                             classifier=result.classifier)
         return open_purification_pr(
             result,
             repo_id=job.repo,
