@@ -1,0 +1,106 @@
+"""Every audit option is declared once (hub_backdoor.options.AuditOptions) and reaches every front end
+with the library's default: Python, the command line, the [tool.hub-backdoor] config and the hook, the
+GitHub Action and the webhook. Every purification default is the library's, on the command line too."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+import hub_backdoor
+from hub_backdoor import detection, integrations
+from hub_backdoor.cli import build_parser
+from hub_backdoor.defaults import PURIFY
+from hub_backdoor.errors import OptionError
+from hub_backdoor.options import AuditOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = dataclasses.fields(AuditOptions)
+
+#: a value away from each option's default, valid for a check
+OTHER = {"image_column": "img", "label_column": "y", "max_samples": 7, "seed": 3, "batch_size": 5,
+         "threshold": 1.5, "rule": "mad", "soft_margin": 2.0, "margin": 0.1, "solver": "cvxpy",
+         "verify_top": 3, "verify_images": 9, "min_reference_accuracy": 0.4, "min_class_samples": 2,
+         "device": "cpu"}
+
+
+def test_every_option_has_a_value_to_try():
+    assert set(OTHER) == set(AuditOptions.names())
+    for f in FIELDS:
+        assert OTHER[f.name] != f.default, f.name
+    AuditOptions(**OTHER).check()
+
+
+@pytest.mark.parametrize("f", FIELDS, ids=lambda f: f.name)
+def test_python_default_is_the_audit_s(f):
+    assert inspect.signature(hub_backdoor.audit).parameters[f.name].default == f.default
+
+
+def _subparser(command: str):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sub.choices[command]
+
+
+@pytest.mark.parametrize("command", ["audit", "purify"])
+def test_command_line_flags_and_defaults(command):
+    args = _subparser(command).parse_args(["org/m"])
+    for f in FIELDS:
+        # None: the library default, which the flag shows (read now: the tests may set it)
+        want = detection.DEFAULT_RULE if f.name == "rule" else f.default
+        assert getattr(args, f.name) == want, f.name
+    flags = [f"--{f.name.replace('_', '-')}" for f in FIELDS]
+    argv = ["org/m"] + [x for f, fl in zip(FIELDS, flags) for x in (fl, str(OTHER[f.name]))]
+    parsed = AuditOptions.from_args(_subparser(command).parse_args(argv))
+    assert parsed == AuditOptions(**OTHER)
+
+
+def test_config_file_and_hook(tmp_path):
+    lines = ["[tool.hub-backdoor]"]
+    for name, value in OTHER.items():
+        text = f'"{value}"' if isinstance(value, str) else str(value)
+        lines.append(f"{name.replace('_', '-')} = {text}")
+    (tmp_path / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    config = integrations.read_config(tmp_path / "pyproject.toml")
+    assert AuditOptions.from_mapping(config) == AuditOptions(**OTHER)
+    # the hook takes each as a flag too, and turns the config back into audit flags
+    hook = integrations._hook_parser().parse_args(integrations.audit_options(config))
+    assert AuditOptions.from_mapping({f.name: getattr(hook, f.name) for f in FIELDS}) == AuditOptions(**OTHER)
+
+
+def test_webhook_config():
+    from integrations.hub_webhook.service import AUDIT_OPTIONS, Config, parse_audit_options
+
+    specs = [f"{k}={v}" for k, v in OTHER.items() if k in AUDIT_OPTIONS]
+    config = Config(secret="s", repos=["o/*"], audit_options=parse_audit_options(specs),
+                    threshold=OTHER["threshold"], max_samples=OTHER["max_samples"])
+    assert config.options() == AuditOptions(**OTHER)
+    assert Config(secret="s", repos=["o/*"]).options() == AuditOptions()
+
+
+def test_action_passes_options_through_and_keeps_the_rule_s_threshold():
+    action = yaml.safe_load((ROOT / "integrations" / "github-action" / "action.yml").read_text())
+    assert action["inputs"]["threshold"]["default"] == ""  # empty: the rule's own
+    # `args:` goes to the same parser as `hub-backdoor audit`
+    argv = ["org/m"] + [x for k, v in OTHER.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    assert AuditOptions.from_args(integrations._audit_parser().parse_args(argv)) == AuditOptions(**OTHER)
+
+
+def test_an_unknown_option_is_named():
+    with pytest.raises(OptionError, match="verify_topp"):
+        AuditOptions.from_mapping({"verify_topp": 3})
+
+
+def test_purify_defaults_are_the_library_s():
+    params = inspect.signature(hub_backdoor.purify).parameters
+    args = _subparser("purify").parse_args(["org/m", "--out", "x"])
+    for key, value in PURIFY.items():
+        if key == "min_steps":  # not an option: how epochs=None is resolved
+            continue
+        assert params[key].default == (None if key == "epochs" else value), key
+        assert getattr(args, key) == (None if key == "epochs" else value), key
+    assert params["holdout"].default == args.holdout
