@@ -19,6 +19,7 @@ __all__ = [
     "CorruptWeightsError",
     "DatasetError",
     "EmptyDatasetError",
+    "EXIT_MEANINGS",
     "ExitCode",
     "HubBackdoorError",
     "HubError",
@@ -36,6 +37,8 @@ __all__ = [
     "SolverError",
     "UnsafeWeightsError",
     "UnsupportedModelError",
+    "VERDICT_EXIT",
+    "exit_codes_text",
 ]
 
 
@@ -50,6 +53,24 @@ class ExitCode(IntEnum):
     TRANSIENT = 5  # the Hub or the network failed in a way a retry may fix (5xx, 429, no connection)
     ACCURACY_BUDGET = 6  # purify: the purified model lost more clean accuracy than allowed; nothing published
     INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT, the shell's convention)
+
+
+#: What each exit code means, in the words ``--help`` prints (docs/cli.md has the table per command).
+EXIT_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "no backdoor found / done",
+    ExitCode.BACKDOOR: "backdoor found (audit; purify: nothing flagged)",
+    ExitCode.USAGE: "bad input or usage",
+    ExitCode.INTERNAL: "internal error",
+    ExitCode.INCONCLUSIVE: "inconclusive (reference data unusable, or outside the calibration)",
+    ExitCode.TRANSIENT: "Hub or network failure (retry)",
+    ExitCode.ACCURACY_BUDGET: "purify: over the accuracy budget, nothing published",
+    ExitCode.INTERRUPTED: "interrupted",
+}
+
+
+def exit_codes_text() -> str:
+    """``0 ..., 1 ..., ...``: every exit code and its meaning on one line."""
+    return ", ".join(f"{int(code)} {text}" for code, text in EXIT_MEANINGS.items())
 
 
 class HubBackdoorError(Exception):
@@ -157,3 +178,7 @@ class AccuracyBudgetError(HubBackdoorError):
     published (a model that silently lost accuracy is worse than none)."""
 
     exit_code = ExitCode.ACCURACY_BUDGET
+
+
+#: The exit code of each verdict (docs/cli.md).
+VERDICT_EXIT = {"clean": ExitCode.OK, "backdoor": ExitCode.BACKDOOR, "inconclusive": ExitCode.INCONCLUSIVE}

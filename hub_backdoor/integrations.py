@@ -26,8 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ExitCode, HubBackdoorError, OptionError
-from .jobs import VERDICT_EXIT, AuditOutputs, Silent, audit_loaded, audit_source, exit_code, load_inputs
+from .errors import VERDICT_EXIT, ExitCode, HubBackdoorError, OptionError
 from .options import AuditOptions, positive_int
 from .options import flag as _flag
 
@@ -320,6 +319,8 @@ def audit_folder(folder: str | os.PathLike[str], options: dict[str, Any]) -> tup
     """Audit one model folder with hook / config options (:data:`CONFIG_KEYS`); returns the exit code
     (:class:`~hub_backdoor.errors.ExitCode`) and the report, or ``None`` when the audit could not run
     (the error is printed on stderr as ``error: ...``, as the command line does)."""
+    from .jobs import audit_loaded, load_inputs
+
     names = set(AuditOptions.names())
     try:
         audit_options = AuditOptions.from_mapping(
@@ -338,7 +339,7 @@ def audit_folder(folder: str | os.PathLike[str], options: dict[str, Any]) -> tup
     except Exception as e:  # a bug: say so in one line, as the command line does
         print(f"error: internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]}", file=sys.stderr)
         return EXIT_INTERNAL, None
-    return int(exit_code(report)), report
+    return int(VERDICT_EXIT[report.verdict]), report
 
 
 def _print_table(report: Any) -> None:
@@ -467,8 +468,8 @@ def hf_main(argv: Sequence[str] | None = None) -> int:
 
 # -- GitHub Action ----------------------------------------------------------------------------------------
 def verdict_exit_code(report: Any) -> int:
-    """The exit code of a report's verdict (:func:`hub_backdoor.jobs.exit_code`)."""
-    return int(exit_code(report))
+    """The exit code of a report's verdict (:data:`hub_backdoor.errors.VERDICT_EXIT`)."""
+    return int(VERDICT_EXIT[report.verdict])
 
 
 def _one_line(text: Any) -> str:
@@ -511,7 +512,7 @@ def _quiet_libraries() -> None:
         pass
 
 
-class _StderrMessages(Silent):
+class _StderrMessages:
     """The Action's messages: progress on stderr (a CI log), data on stdout."""
 
     def __init__(self, quiet: bool) -> None:
@@ -521,10 +522,21 @@ class _StderrMessages(Silent):
         if not self.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    def result(self, msg: str) -> None:
+        pass
+
+    def data(self, text: str) -> None:
+        print(text, flush=True)
+
+    def show(self, report: Any) -> None:
+        pass
+
 
 def _run_audit(argv: Sequence[str], report_path: str, markdown: str | None, title: str | None) -> Any:
     """Parse ``argv`` (audit options), audit through :func:`hub_backdoor.jobs.audit_source` (the
     report to ``report_path``), and write the Markdown summary."""
+    from .jobs import AuditOutputs, audit_source
+
     args = _audit_parser().parse_args(list(argv))
     if args.threads:
         import torch

@@ -8,19 +8,43 @@ what they add is only how they take options and where messages go (a :class:`Mes
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from .errors import DatasetError, ExitCode
-from .options import AuditOptions
-
-if TYPE_CHECKING:
-    from .datasets_io import LoadedDataset
-    from .loading import LoadedModel
-    from .report import AuditReport
+from . import zoo
+from .audit import audit
+from .card import build_card, chart_path_for, write_card
+from .data import ReferenceData, find_columns
+from .datasets_io import LoadedDataset, load_reference_dataset
+from .defaults import PURIFY
+from .distributed import is_main_process
+from .errors import (
+    VERDICT_EXIT,
+    DatasetError,
+    ExitCode,
+    HubBackdoorError,
+    OptionError,
+    OutputPathError,
+    UnsupportedModelError,
+)
+from .hub import check_repo_id
+from .loading import LoadedModel, load_model
+from .options import AuditOptions, flag
+from .publish import card_context, check_destinations, publish
+from .purification import purify as purify_model
+from .report import AuditReport, atomic_write_text
+from .sarif import to_sarif, write_sarif
+from .validation import (
+    check_not_protected,
+    check_outputs,
+    check_purify_options,
+    check_report_matches,
+    check_writable,
+)
 
 __all__ = [
     "AuditOutcome",
@@ -72,10 +96,6 @@ class Silent:
 
 
 # -- facts every front end shares ----------------------------------------------------------------------
-#: The exit code of each verdict (docs/cli.md).
-VERDICT_EXIT = {"clean": ExitCode.OK, "backdoor": ExitCode.BACKDOOR, "inconclusive": ExitCode.INCONCLUSIVE}
-
-
 def exit_code(report: AuditReport) -> ExitCode:
     """The exit code of a report's verdict: 0 clean, 1 backdoor, 4 inconclusive."""
     return VERDICT_EXIT[report.verdict]
@@ -144,9 +164,6 @@ def load_inputs(
     data's columns found. ``check(model, data)`` runs after the model loads (``data`` None) and
     again after the data does, so that an output that would overwrite an input is refused before
     any long work."""
-    from .data import find_columns
-    from .datasets_io import load_reference_dataset
-    from .loading import load_model
 
     say = messages or Silent()
     model = load_model(
@@ -185,7 +202,6 @@ class AuditOutputs:
 
     def named(self) -> list[tuple[Any, str]]:
         """Every destination with the option that names it (the card's chart too)."""
-        from .card import chart_path_for
 
         out: list[tuple[Any, str]] = [(self.json, "--json"), (self.sarif, "--sarif"), (self.card, "--card")]
         if self.card not in (None, "-"):
@@ -221,7 +237,6 @@ def audit_loaded(
     """Audit a loaded model (or ``classifier``, e.g. its purified copy) on its reference data
     (``dataset``: a subset of it, e.g. the part a purification was tuned on), with the data's
     source recorded."""
-    from .audit import audit
 
     report = audit(
         model.clf if classifier is None else classifier,
@@ -254,8 +269,6 @@ def audit_source(
 
     Raises :class:`~hub_backdoor.errors.HubBackdoorError` (with its exit code) when the audit
     cannot run."""
-    from .distributed import is_main_process
-    from .validation import check_outputs
 
     say = messages or Silent()
     outputs = outputs or AuditOutputs()
@@ -290,11 +303,7 @@ def _write_audit(
     outcome: AuditOutcome, options: AuditOptions, outputs: AuditOutputs, say: Messages
 ) -> list[tuple[str, str]]:
     """``--json``, ``--sarif`` and ``--card``, to files or (``-``) stdout."""
-    import json
 
-    from .card import build_card, write_card
-    from .publish import card_context
-    from .sarif import to_sarif, write_sarif
 
     report, written = outcome.report, []
     if outputs.json == "-":
@@ -366,15 +375,11 @@ def _check_purify(
     json_out: str | None,
 ) -> list[tuple[Any, str]]:
     """Every option and output, checked before the download; returns the named inputs (``report``)."""
-    from .errors import HubBackdoorError, OptionError, OutputPathError
-    from .hub import check_repo_id
-    from .validation import check_not_protected, check_outputs, check_purify_options, check_writable
 
     if not (destination.out or destination.push_to or destination.open_pr):
         raise HubBackdoorError("nothing to write: give --out DIR, --push-to org/name or --open-pr")
     if destination.push_to:
         check_repo_id(destination.push_to)
-    from .defaults import PURIFY
 
     full = {**{k: PURIFY[k] for k in ("beta", "scale", "distill", "lr", "warmup", "keep", "target_weight")},
             "epochs": None, "holdout": 0.2, **purify}
@@ -425,7 +430,6 @@ def _choose_target(
 
 
 def _check_target(target: int | None, model: LoadedModel) -> None:
-    from .errors import HubBackdoorError
 
     if target is not None and not 0 <= target < model.clf.num_classes:
         raise HubBackdoorError(
@@ -458,12 +462,6 @@ def purify_source(
     ``max_accuracy_drop`` is in points of held-out clean accuracy: a purification that loses more
     publishes nothing (:class:`~hub_backdoor.errors.AccuracyBudgetError`, exit 6). Returns exit 1
     (nothing flagged) or 4 (inconclusive audit) without purifying when no ``target`` is given."""
-    from .data import ReferenceData
-    from .distributed import is_main_process
-    from .errors import UnsupportedModelError
-    from .publish import check_destinations
-    from .report import AuditReport
-    from .validation import check_outputs, check_report_matches
 
     say = messages or Silent()
     destination = destination or Destination()
@@ -475,7 +473,6 @@ def purify_source(
     saved: list[AuditReport] = []
 
     def protect(model: LoadedModel, data: LoadedDataset | None) -> None:
-        from .validation import check_not_protected
 
         if data is None:
             check_destinations(
@@ -561,8 +558,6 @@ def purify_source(
 def _purify_flags(kw: dict[str, Any], params: dict[str, Any], max_accuracy_drop: float) -> list[str]:
     """The ``purify`` flags that redo this purification: the epochs it ran, the beta, and every
     option set away from its default."""
-    from .defaults import PURIFY
-    from .options import flag
 
     out = ["--epochs", str(params["epochs"]), "--beta", str(params["beta"])]
     defaults = {**PURIFY, "holdout": 0.2}
@@ -584,12 +579,10 @@ def _fine_tune(
     max_accuracy_drop: float,
     say: Messages,
 ) -> Any:
-    from . import zoo
-    from .purification import purify
 
     trigger = zoo.ATTACKS[eval_trigger]() if eval_trigger else None
     say.info(f"purifying class {target} ({kw.get('epochs') or 'auto'} epochs) ...")
-    result = purify(
+    result = purify_model(
         model.clf,
         data,
         report=report,
@@ -622,8 +615,6 @@ def _publish(
     say: Messages,
 ) -> Any:
     """Write, push or open the pull request, then say where it went and write ``json_out``."""
-    from .publish import publish
-    from .report import atomic_write_text
 
     published = publish(
         result,

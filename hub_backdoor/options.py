@@ -17,8 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import detection
 from .defaults import VERIFY
 from .errors import OptionError
+from .validation import check_audit_options
 
 __all__ = ["AUDIT_GROUPS", "AuditOptions", "add_audit_flags", "positive_int"]
 
@@ -45,17 +47,14 @@ def _opt(
 
 
 def _rules_help() -> str:
-    from .detection import AUDIT_RULES, DEFAULT_RULE
-
-    return f"detection rule: {', '.join(AUDIT_RULES)} (default {DEFAULT_RULE}; see docs/cli.md)"
+    rules = ", ".join(detection.AUDIT_RULES)
+    return f"detection rule: {rules} (default {detection.DEFAULT_RULE}; see docs/cli.md)"
 
 
 def _threshold_help() -> str:
-    from .detection import DEFAULT_RULE, REGISTRY
-
     return (
-        f"flag classes whose score exceeds this (default: the rule's own; {DEFAULT_RULE}: "
-        f"{REGISTRY[DEFAULT_RULE].threshold:g})"
+        f"flag classes whose score exceeds this (default: the rule's own; {detection.DEFAULT_RULE}: "
+        f"{detection.REGISTRY[detection.DEFAULT_RULE].threshold:g})"
     )
 
 
@@ -128,11 +127,10 @@ class AuditOptions:
 
     def check(self) -> None:
         """Every value in range (:class:`~hub_backdoor.errors.OptionError` naming the option)."""
-        from .detection import AUDIT_RULES
-        from .validation import check_audit_options
 
-        if self.rule is not None and self.rule not in AUDIT_RULES:
-            raise OptionError(f"--rule {self.rule}: unknown rule; choose one of {', '.join(AUDIT_RULES)}")
+        if self.rule is not None and self.rule not in detection.AUDIT_RULES:
+            rules = ", ".join(detection.AUDIT_RULES)
+            raise OptionError(f"--rule {self.rule}: unknown rule; choose one of {rules}")
         if self.solver not in ("daqp", "cvxpy"):
             raise OptionError(f"--solver {self.solver}: choose daqp or cvxpy")
         check_audit_options(
@@ -203,7 +201,6 @@ def flag(name: str) -> str:
 
 def add_audit_flags(group: Any, which: str) -> None:
     """Add the flags of the :class:`AuditOptions` fields of help group ``which`` to ``group``."""
-    from .detection import AUDIT_RULES, DEFAULT_RULE
 
     for f in dataclasses.fields(AuditOptions):
         meta = f.metadata
@@ -213,7 +210,7 @@ def add_audit_flags(group: Any, which: str) -> None:
         if meta["metavar"]:
             kw["metavar"] = meta["metavar"]
         if f.name == "rule":
-            kw.update(default=DEFAULT_RULE, choices=list(AUDIT_RULES), help=_rules_help())
+            kw.update(default=detection.DEFAULT_RULE, choices=list(detection.AUDIT_RULES), help=_rules_help())
         elif f.name == "threshold":
             kw["help"] = _threshold_help()
         elif f.name == "solver":

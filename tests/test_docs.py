@@ -75,3 +75,18 @@ def test_code_refers_to_docs_that_exist():
         if not (ROOT / ref).exists()
     )
     assert not missing, missing
+
+
+def test_every_exit_code_is_documented_and_in_help():
+    # one list of exit codes (hub_backdoor.errors); the docs table and `--help` cover all of them
+    from hub_backdoor.cli import build_parser
+    from hub_backdoor.errors import EXIT_MEANINGS, ExitCode
+
+    assert set(EXIT_MEANINGS) == set(ExitCode)
+    table = (ROOT / "docs" / "cli.md").read_text().split("## Exit codes", 1)[1]
+    rows = {int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)}
+    assert rows == {int(c) for c in ExitCode if c != ExitCode.INTERRUPTED}
+    assert "130" in table  # said in prose: the shell's convention
+    epilog = " ".join(build_parser().format_help().split())
+    for code, text in EXIT_MEANINGS.items():
+        assert f"{int(code)} {text}" in epilog

@@ -627,7 +627,9 @@ def test_audit_options_are_library_keywords(monkeypatch):
     monkeypatch.setenv("HUB_BACKDOOR_WEBHOOK_AUDIT_OPTIONS", "rule=mad,soft_margin=10")
     args = build_parser().parse_args(["--repo", "org/*", "--max-samples", "50", "--dataset", "org/d"])
     config = config_from_args(args)
-    assert config.audit_kwargs() == {"rule": "mad", "soft_margin": 10, "max_samples": 50}
+    from hub_backdoor.options import AuditOptions
+
+    assert config.audit_kwargs() == AuditOptions(rule="mad", soft_margin=10, max_samples=50).kwargs()
     assert config.reproduce_args("org/m") == [
         "--dataset", "org/d", "--max-samples", "50", "--rule", "mad", "--soft-margin", "10",
     ]

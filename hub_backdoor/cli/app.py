@@ -12,7 +12,7 @@ import traceback
 import warnings
 from typing import Any
 
-from ..errors import ExitCode, HubBackdoorError
+from ..errors import ExitCode, HubBackdoorError, exit_codes_text
 from . import audit, card, demo, purify
 from .options import Parser
 from .ui import UI, one_line
@@ -35,9 +35,7 @@ def build_parser(prog: str = "hub-backdoor") -> argparse.ArgumentParser:
     parser = Parser(
         prog=prog,
         description="Find and remove backdoors in Hugging Face Hub image classifiers.",
-        epilog="exit codes: 0 no backdoor found / done, 1 backdoor found (audit), 2 bad input or usage, "
-        "3 internal error, 4 inconclusive (reference data unusable, or outside the calibration), 5 Hub or "
-        "network failure (retry)",
+        epilog=f"exit codes: {exit_codes_text()}",
     )
     parser.add_argument("--version", action="version", version=f"hub-backdoor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..errors import exit_codes_text
 from ..options import AuditOptions
 from . import common
 from .options import data_options, detection_options, model_options, runtime_options
@@ -19,9 +20,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "audit",
         parents=[model_options(), data_options(), detection_options(), runtime_options()],
         help="audit a model for a backdoor (exit 1 when one is found)",
-        description="Audit a model for a single-target backdoor. Exit code 0: no backdoor "
-        "found; 1: backdoor found; 2: bad input; 3: internal error; 4: inconclusive (the reference "
-        "data cannot support a verdict); 5: the Hub or the network failed, try again.",
+        description="Audit a model for a single-target backdoor. Exit codes: "
+        f"{exit_codes_text()}.",
     )
     g = p.add_argument_group("reports")
     g.add_argument(

@@ -5,8 +5,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from ..errors import ExitCode
-from ..jobs import exit_code
+from ..errors import VERDICT_EXIT, ExitCode
 from .ui import UI, one_line
 
 __all__ = ["audit_exit", "card_outputs", "reproduce_report", "write_card_or_print"]
@@ -24,7 +23,7 @@ def card_outputs(path: str | None, flag: str) -> list[tuple[Any, str]]:
 def audit_exit(report: Any, ui: UI | None = None) -> int:
     """The exit code of a verdict (:func:`hub_backdoor.jobs.exit_code`), an inconclusive one said
     even with ``--quiet``."""
-    code = exit_code(report)
+    code = VERDICT_EXIT[report.verdict]
     if code == ExitCode.INCONCLUSIVE and ui is not None:  # like an error: this is not a clean result
         print(f"inconclusive: {one_line(report.reason or '')}", file=ui.err, flush=True)
     return code
