@@ -204,6 +204,7 @@ def _choose_target(args: argparse.Namespace, report: Any, model: Any, ui: UI) ->
 
 def _fine_tune(args: argparse.Namespace, ui: UI, *, model: Any, data: Any, report: Any, target: int) -> Any:
     from .. import purification, zoo
+    from ..defaults import PURIFY
 
     trigger = zoo.ATTACKS[args.eval_trigger]() if args.eval_trigger else None
     ui.info(f"purifying class {target} ({args.epochs or 'auto'} epochs) ...")
@@ -214,6 +215,7 @@ def _fine_tune(args: argparse.Namespace, ui: UI, *, model: Any, data: Any, repor
         train=args.train, batch_size=args.batch_size,
         holdout=args.holdout, seed=args.seed, image_column=args.image_column, label_column=args.label_column,
         device=args.device, progress=not ui.quiet, max_accuracy_drop=args.max_accuracy_drop / 100.0,
+        threads=args.threads or int(PURIFY["threads"]),
     )
     result.classifier.model.to("cpu")
     return result
@@ -255,13 +257,13 @@ def run(args: argparse.Namespace, ui: UI) -> int:
 
 def _publish(args: argparse.Namespace, ui: UI, *, model: Any, loaded: Any, result: Any, after: Any) -> None:
     """Write, push or open the pull request, then say where it went and write ``--json``."""
-    from ..publish import publish
+    from ..publish import publish, purify_flags
     from ..report import atomic_write_text
 
     extra = ["--out", str(Path(args.out).expanduser())] if args.out else []
     extra += ["--push-to", args.push_to] if args.push_to else []
     extra += ["--open-pr"] if args.open_pr else []
-    extra += ["--epochs", str(result.params["epochs"]), "--beta", str(args.beta)]
+    extra += purify_flags(result)
     extra += ["--eval-trigger", args.eval_trigger] if args.eval_trigger else []
     published = publish(
         result, model=model, dataset=loaded, report_after=after, out=args.out, push_to=args.push_to,
