@@ -700,9 +700,23 @@ def build_card(report: AuditReport, ctx: CardContext, *, chart_file: str) -> Any
         versions_text=versions_text,
         created=report.created,
         reproduce=ctx.reproduce or "hub-backdoor audit MODEL --dataset DATA",
+        reproduce_note=_reproduce_note(pur.get("params", {})) if purified else None,
         notes=list(report.notes),
         original_card=(ctx.original_card or "").strip() or None,
     )
+
+
+def _reproduce_note(params: dict[str, Any]) -> str | None:
+    """What the Reproduce line of a purified model guarantees, from its record's ``determinism``."""
+    mode = str(params.get("determinism") or "")
+    if mode.startswith("cpu"):
+        n = params.get("threads")
+        return (f"The fine-tuning ran on the CPU at {n} thread{'s' if n != 1 else ''}; this command gives "
+                "the same weights bit for bit on a CPU of the same kind with the same software versions.")
+    if mode:
+        return (f"The fine-tuning ran on `{mode.split('-')[0]}`, whose kernels do not sum in a fixed "
+                "order: a rerun gives close, not identical, weights.")
+    return None
 
 
 def write_card(

@@ -23,6 +23,10 @@ PURIFY: dict[str, float | int | str] = {
     "warmup": 0.0,  # share of the epochs over which scale * s_t grows from 0; 0 is the paper
     "target_weight": 1.0,  # clean-CE weight of the target class's own samples; 1 is the paper
     "train": "backbone",  # the linear head stays as it is; "all" trains it too
+    # CPU threads the fine-tuning runs at, whatever torch's setting: a CPU backward pass reduces
+    # in a thread-dependent order, so a fixed count makes the weights repeatable; one thread never
+    # oversubscribes a small or shared machine
+    "threads": 1,
 }
 
 #: The ``demo`` command's model: its architecture, training epochs and seed.

@@ -33,8 +33,8 @@ from .errors import (
 )
 from .hub import check_repo_id
 from .loading import LoadedModel, load_model
-from .options import AuditOptions, flag
-from .publish import card_context, check_destinations, publish
+from .options import AuditOptions
+from .publish import card_context, check_destinations, publish, purify_flags
 from .purification import purify as purify_model
 from .report import AuditReport, atomic_write_text
 from .sarif import to_sarif, write_sarif
@@ -139,7 +139,9 @@ def reproduce_command(
     ]
     if data.split:
         parts += ["--split", data.split]
-    parts += options.to_flags(skip=("device", "seed", "rule"))
+    # purify's own flags name its batch size (it sets the fine-tuning's as well)
+    skip = ("device", "seed", "rule") + (("batch_size",) if command == "purify" else ())
+    parts += options.to_flags(skip=skip)
     parts += ["--seed", str(options.seed)]
     if options.rule is not None:
         parts += ["--rule", options.rule]
@@ -381,14 +383,15 @@ def _check_purify(
     if destination.push_to:
         check_repo_id(destination.push_to)
 
-    full = {**{k: PURIFY[k] for k in ("beta", "scale", "distill", "lr", "warmup", "keep", "target_weight")},
+    full = {**{k: PURIFY[k] for k in ("beta", "scale", "distill", "lr", "warmup", "keep", "target_weight",
+                                      "threads")},
             "epochs": None, "holdout": 0.2, **purify}
     if full["holdout"] < 0 or full["holdout"] >= 1:
         raise HubBackdoorError(f"--holdout {full['holdout']} must be in [0, 1)")
     options.check()
     check_purify_options(
         **{k: full[k] for k in ("beta", "scale", "distill", "lr", "epochs", "holdout", "warmup", "keep",
-                                "target_weight")},
+                                "target_weight", "threads")},
         batch_size=options.batch_size, seed=options.seed, max_samples=options.max_samples,
         device=options.device,
     )
@@ -538,7 +541,7 @@ def purify_source(
     outcome = PurifyOutcome(ExitCode.OK, before, result, after)
     if not is_main_process():  # the other ranks trained the same weights (DDP); rank 0 publishes
         return outcome
-    extra = [*destination.flags(), *_purify_flags(kw, result.params, max_accuracy_drop)]
+    extra = [*destination.flags(), *purify_flags(result)]
     extra += ["--eval-trigger", eval_trigger] if eval_trigger else []
     outcome.published = _publish(
         result,
@@ -553,18 +556,6 @@ def purify_source(
         say=say,
     )
     return outcome
-
-
-def _purify_flags(kw: dict[str, Any], params: dict[str, Any], max_accuracy_drop: float) -> list[str]:
-    """The ``purify`` flags that redo this purification: the epochs it ran, the beta, and every
-    option set away from its default."""
-
-    out = ["--epochs", str(params["epochs"]), "--beta", str(params["beta"])]
-    defaults = {**PURIFY, "holdout": 0.2}
-    for key, value in kw.items():
-        if key not in ("epochs", "beta") and value is not None and value != defaults.get(key):
-            out += [flag(key), str(value)]
-    return out + (["--max-accuracy-drop", f"{max_accuracy_drop:g}"] if max_accuracy_drop != 1.0 else [])
 
 
 def _fine_tune(

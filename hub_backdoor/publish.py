@@ -50,6 +50,7 @@ __all__ = [
     "open_purification_pr",
     "publish",
     "purification_record",
+    "purify_flags",
     "write_purified_folder",
 ]
 
@@ -343,13 +344,41 @@ def _destination(
     return name, model.repo_id, load_hint(kind, str(out), local=True)
 
 
+def purify_flags(result: PurifyResult) -> list[str]:
+    """The ``hub-backdoor purify`` options that give ``result`` again: ``--epochs`` and every
+    purification option that differs from the command's default, ``--threads`` among them when
+    the CPU fine-tuning ran at another count than the default (the weights depend on it)."""
+    from .defaults import PURIFY
+
+    p = result.params
+    out = ["--epochs", str(p.get("epochs"))]
+    if result.report.target != result.target:  # the audit flagged another class, or none
+        out += ["--target", str(result.target)]
+    for flag, key, default in (
+        ("--beta", "beta", PURIFY["beta"]), ("--scale", "scale", PURIFY["scale"]),
+        ("--distill", "distill", PURIFY["distill"]), ("--keep", "keep", PURIFY["keep"]),
+        ("--target-weight", "target_weight", PURIFY["target_weight"]), ("--lr", "lr", PURIFY["lr"]),
+        ("--warmup", "warmup", PURIFY["warmup"]), ("--holdout", "holdout", 0.2),
+        ("--batch-size", "batch_size", 64),
+    ):
+        if key in p and p[key] != default:
+            out += [flag, str(p[key])]
+    if isinstance(p.get("train"), str) and p["train"] != PURIFY["train"]:
+        out += ["--train", str(p["train"])]
+    if "max_accuracy_drop" in p and p["max_accuracy_drop"] != 0.01:
+        out += ["--max-accuracy-drop", f"{100 * float(p['max_accuracy_drop']):g}"]
+    if str(p.get("determinism", "")).startswith("cpu") and p.get("threads") != PURIFY["threads"]:
+        out += ["--threads", str(p["threads"])]
+    return out
+
+
 def _default_reproduce(
     model: LoadedModel, dataset: LoadedDataset, result: PurifyResult, flags: list[str]
 ) -> str:
     data_arg = dataset.name + (f"@{dataset.revision}" if dataset.revision else "")
     parts = ["hub-backdoor", "purify", model.pinned, "--dataset", data_arg]
     parts += ["--split", dataset.split] if dataset.split else []
-    parts += [*flags, "--epochs", str(result.params.get("epochs"))]
+    parts += [*flags, *purify_flags(result)]
     return " ".join(shlex.quote(p) for p in parts)
 
 

@@ -17,11 +17,19 @@ latent change is only partly along s_t, kept 12-20 % ASR on two of three seeds.
 ``keep`` adds a KL over the non-target classes: the latent term pulls every sample away from t,
 and holding the other classes' order cost 3.4 points less accuracy on the standard zoo.
 ``scale=1, distill=0, keep=0, train="all"`` is the paper's setting.
+
+On a CPU the fine-tuning (and the held-out measurements around it) runs at a fixed number of
+threads, ``threads`` (default 1), whatever torch's own setting: the backward pass sums weight
+gradients in an order that depends on the thread count, and on a model at the edge that rounding
+alone moved the ASR by ten points. The same seed, data, options and ``threads`` then give the same
+weights bit for bit on a CPU of the same kind (docs/purification.md, "Reproducibility").
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -309,6 +317,7 @@ def purify(
     audit_kw: dict[str, Any] | None = None,
     max_samples: int | None = None,
     max_accuracy_drop: float = 0.01,
+    threads: int = int(PURIFY["threads"]),
     **load_kw: Any,
 ) -> PurifyResult:
     """Fine-tune a copy of the model so the reconstructed trigger no longer flips its predictions.
@@ -351,6 +360,12 @@ def purify(
         max_accuracy_drop: the accuracy budget (0.01 = one point of held-out clean accuracy);
             the result says whether it was kept (:attr:`PurifyResult.within_budget`) and the CLI
             publishes nothing beyond it.
+        threads: on a CPU, the fine-tuning and the held-out measurements run at this many torch
+            threads (torch's setting is put back afterwards), so the purified weights do not depend
+            on the machine's core count or on ``torch.set_num_threads``: the same seed, data,
+            options and ``threads`` give identical weights on a CPU of the same kind. More threads
+            can be faster on an idle many-core machine; the count is recorded in :attr:`params`
+            (``threads``, with ``determinism``). Not used on a GPU (``determinism`` then says so).
 
     Raises:
         OptionError: an option is out of range (before anything is loaded); ReportError:
@@ -361,7 +376,7 @@ def purify(
         beta=beta, scale=scale, distill=distill, lr=lr, epochs=epochs, holdout=holdout,
         batch_size=batch_size, seed=seed, max_samples=max_samples, resolve_every=resolve_every,
         device=device, warmup=warmup, keep=keep, target_weight=target_weight,
-        max_accuracy_drop=max_accuracy_drop,
+        max_accuracy_drop=max_accuracy_drop, threads=threads,
     )
     torch.manual_seed(seed)
     original = load_classifier(source, **load_kw)
@@ -402,7 +417,11 @@ def purify(
     else:
         s_t = _solve_target(clf, fit, tf, target, batch_size, report.params.get("margin", 0.0))
 
-    before = _evaluate(clf, held, tf, trigger, target, batch_size, s_t)
+    on_cpu = torch.device(clf.device).type == "cpu"
+    run_threads = threads if on_cpu else torch.get_num_threads()  # a GPU's kernels ignore it
+    determinism = "cpu-fixed-threads" if on_cpu else f"{torch.device(clf.device).type}-default"
+    with _fixed_threads(run_threads):
+        before = _evaluate(clf, held, tf, trigger, target, batch_size, s_t)
     params = trainable_parameters(clf, train)
     for p in clf.model.parameters():
         p.requires_grad_(False)
@@ -450,10 +469,11 @@ def purify(
         )
         return {"loss": loss, "loss_clean": loss_clean, "loss_trigger": loss_trig}
 
-    history = finetune_loop(
-        step, loader, opt, params=params, epochs=epochs, dist=dist, scheduler=sched,
-        device=clf.device, seed=seed, before_epoch=before_epoch, progress=progress, model=clf.model,
-    )
+    with _fixed_threads(run_threads):
+        history = finetune_loop(
+            step, loader, opt, params=params, epochs=epochs, dist=dist, scheduler=sched,
+            device=clf.device, seed=seed, before_epoch=before_epoch, progress=progress, model=clf.model,
+        )
     for h in history:
         h.pop("loss", None)
     for p in clf.model.parameters():
@@ -464,7 +484,8 @@ def purify(
     if teacher is None:
         teacher = original.copy()
         teacher.model.to(clf.device).eval()
-    after = _evaluate(clf, held, tf, trigger, target, batch_size, s_t, original=teacher)
+    with _fixed_threads(run_threads):
+        after = _evaluate(clf, held, tf, trigger, target, batch_size, s_t, original=teacher)
     metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
     metrics["acc_drop"] = before["acc"] - after["acc"]
     metrics["acc_drop_guarded"] = before["acc"] - after["acc_guarded"]
@@ -482,6 +503,7 @@ def purify(
             "holdout": holdout, "resolve_every": resolve_every, "freeze_norm": freeze_norm,
             "distill": distill, "keep": keep, "warmup": warmup, "target_weight": target_weight,
             "seed": seed, "max_accuracy_drop": max_accuracy_drop,
+            "threads": run_threads, "determinism": determinism, "processes": dist.world,
         },
         report=report,
         history=history,
@@ -489,6 +511,19 @@ def purify(
         max_accuracy_drop=float(max_accuracy_drop),
         original=original,
     )
+
+
+@contextmanager
+def _fixed_threads(n: int) -> Iterator[None]:
+    """Run the block at ``n`` torch threads and put the caller's setting back afterwards."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def purification_loss(

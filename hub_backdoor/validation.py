@@ -182,6 +182,7 @@ def check_purify_options(
     keep: Any = 0.0,
     target_weight: Any = 1.0,
     max_accuracy_drop: Any = 0.01,
+    threads: Any = 1,
 ) -> None:
     """The options of :func:`hub_backdoor.purify` (and ``hub-backdoor purify``); the accuracy
     budget ``max_accuracy_drop`` is a share (the CLI's ``--max-accuracy-drop`` is in points)."""
@@ -203,6 +204,7 @@ def check_purify_options(
     if resolve_every is not None:
         check_int(resolve_every, "resolve_every")
     check_device(device)
+    check_int(threads, "threads")
 
 
 # -- paths ------------------------------------------------------------------------------------------------

@@ -412,12 +412,20 @@ def test_purify_out_then_card_regenerates(
             "100",
             "--json",
             tmp_path / "p.json",
+            "--threads",
+            "2",
             "--quiet",
         ],
         capsys,
     )
     assert code == 0, err
     assert folder_files(src) == before  # the source folder is never written
+    # the weights depend on the fine-tuning's thread count: the record and the card's command name it
+    record = json.loads((tmp_path / "p.json").read_text())
+    assert (record["params"]["threads"], record["params"]["determinism"]) == (2, "cpu-fixed-threads")
+    assert "--threads 2" in record["card"]["reproduce"]
+    card_text = (out / "README.md").read_text()
+    assert "--threads 2" in card_text and "at 2 threads" in card_text
     assert (out / "model.safetensors").is_file() and (out / "README.png").is_file()
     umask = current_umask()
     assert (out / "README.md").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600

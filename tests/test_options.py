@@ -102,5 +102,6 @@ def test_purify_defaults_are_the_library_s():
         if key == "min_steps":  # not an option: how epochs=None is resolved
             continue
         assert params[key].default == (None if key == "epochs" else value), key
-        assert getattr(args, key) == (None if key == "epochs" else value), key
+        # None: the library's (epochs: enough for min_steps; threads: the runtime flag, unset)
+        assert getattr(args, key) == (None if key in ("epochs", "threads") else value), key
     assert params["holdout"].default == args.holdout

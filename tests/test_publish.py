@@ -79,6 +79,8 @@ def test_open_purification_pr(local_hub, models, tmp_path):
     assert record["dataset"]["name"] == str(models["data"]) and record["output"]["open_pr"] is True
     assert record["audit_after"]["verdict"] == report.verdict
     assert f"hub-backdoor purify {repo}@{sha}" in record["card"]["reproduce"]
+    assert (record["params"]["threads"], record["params"]["determinism"]) == (1, "cpu-fixed-threads")
+    assert "--threads" not in record["card"]["reproduce"]  # the default count: nothing to name
     assert json.loads(pr_files[publish.AUDIT_FILE])["target"] == 7
     card = pr_files["README.md"].decode()
     assert "license: apache-2.0" in card and "Original text." in card and "hub-backdoor" in card

@@ -132,3 +132,43 @@ def test_target_weight_is_a_weighted_mean_of_the_clean_loss():
     assert torch.allclose(heavy[1], want, atol=1e-6)
     with pytest.raises(Exception, match="target_weight"):
         purify(clf, (X, y), target=1, target_weight=0.0, progress=False)
+
+
+def _purified(torch_threads: int, **kw):
+    """Purify the tiny model with torch set to ``torch_threads``; its weights and params."""
+    X, y = w.make_data()
+    clf = TorchClassifier(w.make_model(), head="6")
+    old = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        res = purify(clf, (X, y), target=3, epochs=2, batch_size=16, progress=False, **kw)
+        assert torch.get_num_threads() == torch_threads  # the caller's setting is put back
+    finally:
+        torch.set_num_threads(old)
+    return res, res.model.state_dict()
+
+
+def test_same_seed_and_data_give_identical_weights_at_1_and_2_threads():
+    """A CPU backward pass sums weight gradients in an order that depends on the thread count
+    (this model's weights differed at 1 and 2 threads before the fine-tuning ran at a fixed count)."""
+    from hub_backdoor.card import _reproduce_note
+    from hub_backdoor.publish import purify_flags
+
+    res1, one = _purified(1)
+    res2, two = _purified(2)
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[k], two[k]) for k in one), [k for k in one if not torch.equal(one[k], two[k])]
+    assert res1.params["threads"] == res2.params["threads"] == 1
+    assert res1.params["determinism"] == "cpu-fixed-threads" and res1.params["processes"] == 1
+    assert "--threads" not in purify_flags(res1)  # the default count: the command need not name it
+    assert "1 thread;" in str(_reproduce_note(res1.params))
+
+    # another count is as repeatable, whatever torch's setting, and the command names it
+    res_a, a = _purified(1, threads=2)
+    _, b = _purified(2, threads=2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert res_a.params["threads"] == 2
+    flags = purify_flags(res_a)
+    assert flags[flags.index("--threads") + 1] == "2"
+    with pytest.raises(Exception, match="threads"):
+        purify(TorchClassifier(w.make_model(), head="6"), w.make_data(), target=1, threads=0, progress=False)

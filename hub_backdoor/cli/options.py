@@ -44,7 +44,8 @@ def runtime_options() -> argparse.ArgumentParser:
         type=positive_int,
         default=None,
         metavar="N",
-        help="CPU threads for torch (default: torch's choice)",
+        help="CPU threads for torch (default: torch's choice; purify fine-tunes at N threads, "
+        "default 1, so that its weights do not depend on the core count)",
     )
     return common
 

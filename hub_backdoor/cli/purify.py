@@ -98,7 +98,7 @@ def _purification_options(p: argparse.ArgumentParser) -> None:
 
 #: The purify flags that are keywords of :func:`hub_backdoor.purify`.
 _PURIFY_KEYS = ("beta", "scale", "distill", "keep", "warmup", "epochs", "lr", "target_weight", "train",
-                "holdout")
+                "holdout", "threads")
 
 
 def run(args: argparse.Namespace, ui: UI) -> int:
