@@ -266,16 +266,16 @@ def test_revision_pins_the_audited_commit(timm_clean, timm_backdoored, disk_data
 @pytest.fixture
 def spy_purify(monkeypatch):
     """Captures the PurifyResult (the purified model in memory) of a CLI run."""
-    import hub_backdoor.purification as purification
+    from hub_backdoor import jobs
 
     seen = []
-    real = purification.purify
+    real = jobs.purify_model  # the library's purify, as the workflow layer calls it
 
     def spy(*a, **kw):
         seen.append(real(*a, **kw))
         return seen[-1]
 
-    monkeypatch.setattr(purification, "purify", spy)
+    monkeypatch.setattr(jobs, "purify_model", spy)
     return seen
 
 

@@ -1,7 +1,8 @@
 """A Hugging Face Hub webhook service that audits every new revision of watched model repos.
 
-Run it with ``python -m integrations.hub_webhook`` (``--help`` lists the options; docs/integrations.md,
-"Hub webhook service"); it needs ``pip install 'hub-backdoor[webhook]'`` (FastAPI, uvicorn). The Hub posts an
+Run it with ``hub-backdoor-webhook`` (installed with ``pip install 'hub-backdoor[webhook]'``, which
+brings FastAPI and uvicorn; ``python -m integrations.hub_webhook`` from a checkout); ``--help`` lists
+the options (docs/integrations.md, "Hub webhook service"). The Hub posts an
 event for each push; the service checks the ``X-Webhook-Secret`` header, parses the body with
 huggingface_hub's ``WebhookPayload``, keeps content updates of watched branches of watched model
 repos, and queues ``(repo, commit)`` jobs in SQLite. A background worker audits each commit once (one

@@ -1,4 +1,5 @@
-"""``python -m integrations.hub_webhook``: run the webhook service (see ``--help``)."""
+"""``hub-backdoor-webhook`` (``python -m hub_backdoor_webhook``, or ``python -m integrations.hub_webhook``
+from a checkout): run the webhook service (see ``--help``)."""
 
 from .service import main
 

@@ -74,7 +74,7 @@ class BadPayload(ValueError):
 
 @dataclass
 class Config:
-    """Service settings (``--help`` of ``python -m integrations.hub_webhook`` documents each).
+    """Service settings (``hub-backdoor-webhook --help`` documents each).
 
     ``repos``: watched model repos, ``fnmatch`` patterns (``org/*``), case-insensitive.
     ``datasets``: ``(repo pattern, dataset)`` pairs, first match wins; no match: the model card's
@@ -719,7 +719,7 @@ def _truthy(text: str | None) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m integrations.hub_webhook",
+        prog="hub-backdoor-webhook",
         description="Hugging Face Hub webhook service: audits each new revision of watched model repos "
         "with hub-backdoor and answers in a discussion (and a pull request with the purified model when "
         f"--open-pr). Every option also reads {ENV_PREFIX}<NAME> (e.g. {ENV_PREFIX}REPOS).",
