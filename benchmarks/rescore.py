@@ -50,14 +50,14 @@ def _curve_bound(z: dict[str, Any], flip: float) -> np.ndarray:
 
 def _input_mean_log(z: dict[str, Any]) -> np.ndarray:
     """Mean over flip shares 50-90 % of the log-ratio score (less noisy than one share)."""
-    from hub_backdoor.verification import bound_ratio_scores
+    from hub_backdoor.detection import bound_ratio_scores
 
     return np.mean([bound_ratio_scores(_curve_bound(z, f)) for f in (0.5, 0.6, 0.7, 0.8, 0.9)], axis=0)
 
 
 def _input_ratio_at(flip: float) -> Callable[[dict[str, Any]], np.ndarray]:
     def fn(z: dict[str, Any]) -> np.ndarray:
-        from hub_backdoor.verification import bound_ratio_scores
+        from hub_backdoor.detection import bound_ratio_scores
 
         return bound_ratio_scores(_curve_bound(z, flip))
 
@@ -70,7 +70,7 @@ def _nc(z: dict[str, Any]) -> np.ndarray:
 
 def _log_ratio(x: np.ndarray) -> np.ndarray:
     """``log(median of the others / x_k)``: how much smaller x_k is than a typical class."""
-    from hub_backdoor.verification import bound_ratio_scores
+    from hub_backdoor.detection import bound_ratio_scores
 
     return bound_ratio_scores(np.asarray(x, np.float64))
 

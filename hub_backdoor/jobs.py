@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 from . import zoo
 from .audit import audit
-from .card import build_card, chart_path_for, write_card
+from .card import CardContext, build_card, write_card
 from .data import ReferenceData, find_columns
-from .datasets_io import LoadedDataset, load_reference_dataset
+from .datasets_io import LoadedDataset, load_reference_dataset, looks_like_path
 from .defaults import PURIFY
 from .distributed import is_main_process
 from .errors import (
@@ -29,12 +29,14 @@ from .errors import (
     HubBackdoorError,
     OptionError,
     OutputPathError,
+    ReportError,
     UnsupportedModelError,
 )
-from .hub import check_repo_id
+from .hub import check_repo_id, parse_repo_ref
+from .layout import chart_path_for
 from .loading import LoadedModel, load_model
 from .options import AuditOptions
-from .publish import card_context, check_destinations, publish, purify_flags
+from .publish import PurificationRecord, card_context, check_destinations, load_hint, publish, purify_flags
 from .purification import purify as purify_model
 from .report import AuditReport, atomic_write_text
 from .sarif import to_sarif, write_sarif
@@ -53,6 +55,7 @@ __all__ = [
     "Silent",
     "audit_loaded",
     "audit_source",
+    "card_from_saved",
     "exit_code",
     "load_inputs",
     "protected_inputs",
@@ -636,3 +639,94 @@ def _publish(
     if after.backdoor_found:
         say.result(f"warning: the purified model is still flagged (class {after.target}); see the card")
     return published
+
+
+# -- card -----------------------------------------------------------------------------------------------
+def card_from_saved(source: str, *, report: str, purification: str | None = None, out: str = "card.md",
+                    name: str | None = None, messages: Messages | None = None) -> str | None:
+    """Write the security card of the saved audit ``report`` (and ``purification`` record) of the
+    model ``source`` to ``out`` with its chart (``-``: the card alone to ``messages.data``); returns
+    the card's path. Neither may overwrite the report, the record or a local model folder."""
+    say = messages or Silent()
+    named = [(report, "the --report file"), (purification, "the --purification record")]
+    if Path(source).expanduser().exists():  # a local model folder: its own card and files stay
+        named.append((source, "the model folder"))
+    outputs = [(out, "--out")] + ([(chart_path_for(out), "--out (its chart)")] if out != "-" else [])
+    check_outputs(outputs, named)
+    audited = AuditReport.from_json(report)
+    record = _read_record(purification, audited) if purification else None
+    after = AuditReport.from_dict(record.audit_after) if record and record.audit_after else None
+    src = audited.model.get("source") or {}
+    repo_id = _repo_id(source)
+    if src.get("repo_id") and repo_id and src["repo_id"].lower() != repo_id.lower():
+        say.info(f"warning: the report is for {src['repo_id']}, not {repo_id}")
+    ds = audited.data.get("source") or {}
+    saved = record.card if record else {}
+    name = name or saved.get("model_name") or (repo_id or source)
+    hint = saved.get("load_hint") or (load_hint(str(audited.model.get("kind")), name) if record else "")
+    ctx = CardContext(
+        model_label=repo_id or Path(source).name or source, audited_repo=repo_id,
+        audited_sha=src.get("sha") if repo_id else None, model_name=name, dataset=ds.get("name"),
+        dataset_is_hub=ds.get("kind") == "hub", split=ds.get("split"),
+        purification=record.to_dict() if record else None, report_after=after,
+        reproduce=saved.get("reproduce") or _reproduce_report(audited, source), load_hint=hint,
+        base_model=(repo_id or saved.get("base_model")) if record else None,
+        extra_metadata=dict(saved.get("extra_metadata") or {}),
+    )
+    if out == "-":
+        say.data(str(build_card(audited, ctx, chart_file="")).rstrip("\n"))
+        return None
+    card_path, chart = write_card(audited, ctx, out)
+    say.result(f"wrote card {card_path} (chart {chart})")
+    return str(card_path)
+
+
+def _read_record(path: str, report: AuditReport) -> PurificationRecord:
+    """The purification record at ``path``, checked against ``report``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
+        raise HubBackdoorError(f"cannot read --purification {path} ({' '.join(str(e).split())})") from e
+    try:
+        record = PurificationRecord.from_dict(data)
+    except ReportError as e:
+        joint = " is" if str(e).startswith("not ") else ":"
+        raise ReportError(f"--purification {path}{joint} {e}") from e
+    C = len(report.classes)
+    if not 0 <= record.target < C:
+        raise HubBackdoorError(f"--purification {path}: 'target' must be a class index in 0..{C - 1}")
+    if isinstance(record.audit_before, dict):
+        b = AuditReport.from_dict(record.audit_before)
+        mine, theirs = report.model.get("head_sha256"), b.model.get("head_sha256")
+        if len(b.classes) != C or (mine and theirs and mine != theirs):
+            raise HubBackdoorError(
+                f"--purification {path} belongs to another model than the --report (its audit has another "
+                "head fingerprint or class count); pass the record written with this report"
+            )
+    return record
+
+
+def _repo_id(source: str) -> str | None:
+    """The Hub id ``source`` names, or ``None`` for a folder."""
+    if Path(source).expanduser().exists() or looks_like_path(source):
+        return None
+    return parse_repo_ref(source)[0]
+
+
+def _reproduce_report(report: AuditReport, source: str) -> str:
+    """The audit command line that reproduces a saved report."""
+    src = report.model.get("source") or {}
+    pinned = f"{src['repo_id']}@{src['sha']}" if src.get("type") == "hub" and src.get("sha") else source
+    ds = report.data.get("source") or {}
+    parts = ["hub-backdoor", "audit", pinned]
+    if ds.get("name"):
+        parts += ["--dataset", ds["name"] + (f"@{ds['revision']}" if ds.get("revision") else "")]
+    if ds.get("split"):
+        parts += ["--split", ds["split"]]
+    p = report.params
+    for option, key in (("--max-samples", "max_samples"), ("--soft-margin", "soft_margin")):
+        if p.get(key) is not None:
+            parts += [option, str(p[key])]
+    parts += ["--seed", str(report.seed), "--rule", str(p.get("rule"))]
+    parts += ["--threshold", str(p.get("threshold"))]
+    return " ".join(shlex.quote(x) for x in parts)

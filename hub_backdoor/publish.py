@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from . import card
+from .adapters import load_classifier
 from .card import CardContext
 from .datasets_io import LoadedDataset
+from .defaults import PURIFY
 from .errors import AccuracyBudgetError, HubBackdoorError, OutputPathError, ReportError, UnsupportedModelError
 from .guard import GuardedModel
 from .hub import check_repo_id, push_folder
 from .layout import AUDIT_FILE, PURIFICATION_FILE
-from .loading import LoadedModel
+from .loading import LoadedModel, load_model
 from .purification import PurifyResult
 from .report import AuditReport, atomic_write_text, current_umask, jsonable, library_versions
 
@@ -208,9 +210,6 @@ def load_guarded(purified: Any, *, original: Any = None, target: int | None = No
     to the audited commit. ``target``: the purified class; ``None`` takes the record's.
     ``load_kw`` goes to both loads (``allow_pickle=``, ``token=``, ...). Returned in eval mode.
     """
-    from .adapters import load_classifier
-    from .loading import load_model
-
     record: PurificationRecord | None = None
     if isinstance(purified, (str, Path)):
         loaded = load_model(str(purified), **load_kw)
@@ -348,8 +347,6 @@ def purify_flags(result: PurifyResult) -> list[str]:
     """The ``hub-backdoor purify`` options that give ``result`` again: ``--epochs`` and every
     purification option that differs from the command's default, ``--threads`` among them when
     the CPU fine-tuning ran at another count than the default (the weights depend on it)."""
-    from .defaults import PURIFY
-
     p = result.params
     out = ["--epochs", str(p.get("epochs"))]
     if result.report.target != result.target:  # the audit flagged another class, or none

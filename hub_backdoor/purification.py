@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import metrics
 from .adapters import Classifier, load_classifier
 from .audit import audit as run_audit
 from .data import ReferenceData, make_loader
@@ -279,8 +280,6 @@ def _evaluate(clf: Classifier, data: ReferenceData, transform: Any, trigger: Any
 
 def _metric(name: str, predictions: np.ndarray, references: np.ndarray, target: int) -> float:
     """Metric ``name`` of :mod:`hub_backdoor.metrics` (an ``evaluate`` module, loaded by path)."""
-    from . import metrics
-
     # in memory: a purification leaves no metric cache files behind
     module = metrics.load(name, keep_in_memory=True)
     result = module.compute(predictions=predictions, references=references, target=int(target))

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .report import AuditReport, atomic_write_text, jsonable
 
 __all__ = [
@@ -88,8 +89,6 @@ def to_sarif(report: AuditReport, *, artifact_uri: str | None = None) -> dict[st
         artifact_uri: where results point; default: the model's ``config.json`` (relative to the
             current folder for a local model, a Hub URL for a Hub model).
     """
-    from . import __version__
-
     uri = artifact_uri or default_artifact_uri(report)
     name = str(report.model.get("name", "model"))
     results = []

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OptionError, OutputPathError
+from .errors import OptionError, OutputPathError, ReportError
 
 __all__ = [
     "MIN_CLASS_SAMPLES",
@@ -369,8 +369,6 @@ def check_report_matches(report: Any, clf: Any, label: str, flag: str = "--repor
 
     Reports of schema "1" carry no head fingerprint; their shape is still checked.
     """
-    from .errors import ReportError
-
     C, d = clf.num_classes, clf.embed_dim
     if len(report.classes) != C:
         raise ReportError(f"{flag} is for a {len(report.classes)}-class model; {label} has {C} classes")

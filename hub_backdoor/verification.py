@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from .adapters.base import Classifier
+from .data import ReferenceData
 
 __all__ = [
-    "InputVerification", "MaskVerification", "bound_ratio_scores", "first_crossing", "reference_inputs",
-    "separation_scores",
+    "InputVerification", "MaskVerification", "first_crossing", "reference_inputs",
     "verify_input_space", "verify_mask",
 ]
 
@@ -246,49 +246,6 @@ def verify_input_space(
                              n_images=n, seconds=time.perf_counter() - t0)
 
 
-def bound_ratio_scores(bounds: np.ndarray) -> np.ndarray:
-    """``log(median of the other classes' bounds / bound_k)`` per class: larger = a shorter cut
-    to k than to a typical class. ``bounds (C,)``; ``nan`` entries (not verified) score ``-inf``
-    and are left out of the other classes' median."""
-    b = np.asarray(bounds, dtype=np.float64)
-    out = np.full(len(b), -np.inf)
-    ok = np.flatnonzero(np.isfinite(b))
-    for k in ok:
-        rest = b[[j for j in ok if j != k]]
-        if len(rest):
-            out[k] = math.log(float(np.median(rest)) / max(b[k], 1e-12))
-    return out
-
-
-_TIE = 1e-9  # orders the classes of a set that share one gap; far below any threshold's precision
-
-
-def separation_scores(bounds: np.ndarray, *, max_set: int = 2) -> np.ndarray:
-    """How far the most reachable classes stand apart from the rest, in log units.
-
-    Sort ``log bound`` upwards and take, among the gaps after the ``max_set`` smallest entries,
-    the largest one; every class below that gap scores its size, the others 0. One planted
-    target gives ``log(bound of the runner-up / bound of the target)``; two targets set apart
-    together both score the gap above them, the shorter cut a hair (1e-9 per place) ahead, so
-    that the class an audit names first is the more reachable one rather than the lower index.
-    An extreme-value statistic on the two order statistics that matter, rather than an index
-    scaled by the spread of the other classes (whose width differs between model families).
-    ``bounds (C,)``; ``nan`` entries (not verified) score ``-inf``."""
-    b = np.asarray(bounds, dtype=np.float64)
-    out = np.full(len(b), -np.inf)
-    ok = np.flatnonzero(np.isfinite(b))
-    if len(ok) < 2:
-        return out
-    out[ok] = 0.0
-    order = ok[np.argsort(b[ok], kind="stable")]
-    logs = np.log(np.maximum(b[order], 1e-12))
-    m = min(max_set, len(order) - 1)
-    gaps = np.diff(logs[: m + 1])
-    j = int(np.argmax(gaps))
-    out[order[: j + 1]] = gaps[j] - _TIE * np.arange(j + 1)
-    return out
-
-
 @dataclass
 class MaskVerification:
     """Per-class smallest stamped mask (Neural Cleanse's objective, batched over classes).
@@ -390,8 +347,6 @@ def reference_inputs(
     ``transform``: raw image -> ``(channels, H, W)`` tensor (the reference pass's).
     Returns ``x (n, channels, H, W)`` on ``device`` and ``y (n,)``.
     """
-    from .data import ReferenceData
-
     if isinstance(data, ReferenceData):
         labels = np.array([data[i][1] for i in range(len(data))])
         pick = _stratified(labels, n_images, seed)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from .adapters.base import Classifier
 from .data import ReferenceData, make_loader
+from .errors import HubBackdoorError
 
 __all__ = [
     "ATTACKS",
@@ -46,8 +47,6 @@ DIGIT_NAMES = [str(i) for i in range(10)]
 def _demo_module(name: str) -> Any:
     """Import a module of the ``demo`` extra (scikit-learn, mlxtend), saying how to install it."""
     import importlib
-
-    from .errors import HubBackdoorError
 
     try:
         return importlib.import_module(name)

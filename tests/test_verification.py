@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from hub_backdoor.adapters import TorchClassifier
-from hub_backdoor.verification import bound_ratio_scores, separation_scores, verify_input_space, verify_mask
+from hub_backdoor.detection import bound_ratio_scores, separation_scores
+from hub_backdoor.verification import verify_input_space, verify_mask
 
 
 def _tiny() -> TorchClassifier:

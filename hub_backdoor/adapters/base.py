@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import NonFiniteLogitsError, NonLinearHeadError
+from ..errors import DatasetError, NonFiniteLogitsError, NonLinearHeadError
 
 __all__ = [
     "EXACTNESS_RTOL",
@@ -434,8 +434,6 @@ def to_8bit(img: Any) -> Any:
     else:  # F
         scale = 255.0 if hi <= 1.0 else 1.0 if hi <= 255.0 else None
     if scale is None:
-        from ..errors import DatasetError
-
         raise DatasetError(
             f"a {mode} image with values in [{lo:g}, {hi:g}] has no faithful 8-bit reading; "
             "convert the reference images to 8-bit (or 16-bit unsigned) first"

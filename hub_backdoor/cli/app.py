@@ -12,6 +12,7 @@ import traceback
 import warnings
 from typing import Any
 
+from .. import __version__
 from ..errors import ExitCode, HubBackdoorError, exit_codes_text
 from . import audit, card, demo, purify
 from .options import Parser
@@ -30,8 +31,6 @@ COMMANDS = (audit, purify, card, demo)
 def build_parser(prog: str = "hub-backdoor") -> argparse.ArgumentParser:
     """The ``hub-backdoor`` parser with every command of :data:`COMMANDS` (``prog``: the name usage
     lines show, e.g. ``hf backdoor`` when run as the ``hf`` extension)."""
-    from .. import __version__
-
     parser = Parser(
         prog=prog,
         description="Find and remove backdoors in Hugging Face Hub image classifiers.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..defaults import DEMO, ZOO_ARCHS
 from .options import positive_int, runtime_options
 from .ui import UI
 
@@ -13,8 +14,6 @@ __all__ = ["register", "run"]
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``demo`` command to ``subparsers``."""
-    from ..defaults import DEMO, ZOO_ARCHS
-
     arch, epochs, seed = DEMO["arch"], DEMO["epochs"], DEMO["seed"]
 
     p = subparsers.add_parser(

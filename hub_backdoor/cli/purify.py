@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..defaults import PURIFY, ZOO_ATTACKS
 from ..options import AuditOptions
 from .options import data_options, detection_options, model_options, positive_int, runtime_options
 from .ui import UI
@@ -40,8 +41,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _purification_options(p: argparse.ArgumentParser) -> None:
-    from ..defaults import PURIFY as d  # the library's defaults, so the two cannot drift apart
-    from ..defaults import ZOO_ATTACKS as ATTACKS
+    d, ATTACKS = PURIFY, ZOO_ATTACKS  # the library's defaults, so the two cannot drift apart
 
     g = p.add_argument_group("purification")
     g.add_argument("--report", metavar="PATH", help="use this saved audit instead of auditing again")
