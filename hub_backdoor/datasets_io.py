@@ -85,8 +85,11 @@ def load_reference_dataset(
     card_metadata: dict[str, Any] | None = None,
     model_label: str = "the model",
     token: str | bool | None = None,
+    streaming: bool = False,
 ) -> LoadedDataset:
-    """Load the reference split named by ``spec`` (or by the model card when ``spec`` is None)."""
+    """Load the reference split named by ``spec`` (or by the model card when ``spec`` is None);
+    ``streaming``: as a ``datasets.IterableDataset`` read once, in order (a Hub split is streamed
+    from its files; a local one is read from its files batch by batch)."""
     from_card = False
     if spec is None or not str(spec).strip():
         spec = dataset_from_card(card_metadata)
@@ -102,8 +105,12 @@ def load_reference_dataset(
         loaded = _load_local(path, spec, split)
     elif looks_like_path(spec):
         raise DatasetError(f"dataset folder {spec} does not exist")
+    elif streaming:
+        loaded = _stream_hub(spec, split, token)
     else:
         loaded = _load_hub(spec, split, token)
+    if streaming and loaded.kind != "hub":
+        loaded.dataset = loaded.dataset.to_iterable_dataset()
     loaded.from_card = from_card
     return loaded
 
@@ -221,6 +228,41 @@ def _load_hub(spec: str, split: str | None, token: str | bool | None) -> LoadedD
     if isinstance(ds, datasets.IterableDataset) or not isinstance(ds, datasets.Dataset):
         raise DatasetError(f"dataset {where} did not load as one indexable split")
     return LoadedDataset(ds, repo_id, "hub", split, revision)
+
+
+def _stream_hub(spec: str, split: str | None, token: str | bool | None) -> LoadedDataset:
+    """A Hub split as a stream; a slice must be absolute (``test[:5000]``, ``test[100:600]``): a
+    stream's length is unknown until it is read."""
+    import datasets
+
+    repo_id, revision = parse_repo_ref(spec)
+    check_repo_id(repo_id)
+    where = f"'{repo_id}'" + (f"@{revision}" if revision else "")
+    m = re.match(r"^\s*([\w.-]+)\s*(?:\[\s*(\d*)\s*:\s*(\d*)\s*\])?\s*$", split or "")
+    if split is not None and m is None:
+        raise DatasetError(f"--split {split!r} with --streaming: name one split with an optional absolute "
+                           "slice, e.g. test or test[:5000]")
+    name = m.group(1) if m else None
+    start = int(m.group(2)) if m and m.group(2) else 0
+    stop = int(m.group(3)) if m and m.group(3) else None
+    try:
+        if name is None:
+            names = datasets.get_dataset_split_names(repo_id, revision=revision, token=token)
+            name = next((s for s in PREFERRED_SPLITS if s in names), names[0] if len(names) == 1 else None)
+            if name is None:
+                raise DatasetError(f"dataset {where} has splits {names}; choose one with --split")
+        ds = datasets.load_dataset(repo_id, split=name, revision=revision, token=token, streaming=True)
+    except HubBackdoorError:
+        raise
+    except Exception as e:  # mapped below; anything unknown is re-raised
+        _raise_dataset_error(e, repo_id, revision, name, where)
+    if start:
+        ds = ds.skip(start)
+    if stop is not None:
+        if stop <= start:
+            raise DatasetError(f"--split {split!r} selects no rows")
+        ds = ds.take(stop - start)
+    return LoadedDataset(ds, repo_id, "hub", split or name, revision)
 
 
 def _raise_dataset_error(

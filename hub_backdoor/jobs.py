@@ -181,11 +181,13 @@ def load_inputs(
     if check is not None:
         check(model, None)
     data = load_reference_dataset(
-        dataset, split=split, card_metadata=model.card_metadata, model_label=model.label
+        dataset, split=split, card_metadata=model.card_metadata, model_label=model.label,
+        streaming=options.streaming,
     )
     where = "from the model card " if data.from_card else ""
     part = f", split {data.split}" if data.split else ""
-    say.info(f"reference data {where}{data.name}{part}: {len(data.dataset)} images")
+    size = "streamed" if options.streaming else f"{len(data.dataset)} images"
+    say.info(f"reference data {where}{data.name}{part}: {size}")
     try:
         find_columns(data.dataset, image_column=options.image_column, label_column=options.label_column)
     except DatasetError as e:
@@ -392,6 +394,9 @@ def _check_purify(
     if full["holdout"] < 0 or full["holdout"] >= 1:
         raise HubBackdoorError(f"--holdout {full['holdout']} must be in [0, 1)")
     options.check()
+    if options.streaming:
+        raise OptionError("--streaming is for audits: a purification reads its data several times and "
+                          "holds part of it out; pass a split that fits, e.g. with --max-samples")
     check_purify_options(
         **{k: full[k] for k in ("beta", "scale", "distill", "lr", "epochs", "holdout", "warmup", "keep",
                                 "target_weight", "threads")},

@@ -37,12 +37,15 @@ def positive_int(text: str) -> int:
 
 
 def _opt(
-    default: Any, group: str, help: str, *, type: Any = str, metavar: str | None = None, cli: bool = True
+    default: Any, group: str, help: str, *, type: Any = str, metavar: str | None = None, audit: bool = True
 ) -> Any:
-    """A field with what its flag needs: argparse ``type``, ``metavar``, ``help`` (``{default}``
-    is filled in) and the help group (``data`` or ``detection``)."""
+    """A field with what its flag needs: argparse ``type`` (``bool``: a switch), ``metavar``,
+    ``help`` (``{default}`` is filled in) and the help group (``model``, ``data`` or
+    ``detection``); ``audit``: whether it is a keyword of :func:`hub_backdoor.audit` (else it
+    says how the data is loaded)."""
     return field(
-        default=default, metadata={"group": group, "help": help, "type": type, "metavar": metavar, "cli": cli}
+        default=default,
+        metadata={"group": group, "help": help, "type": type, "metavar": metavar, "audit": audit},
     )
 
 
@@ -124,6 +127,14 @@ class AuditOptions:
         metavar="N",
     )
     device: str | None = _opt(None, "model", "torch device, e.g. cuda (default: cpu)")
+    streaming: bool = _opt(
+        False,
+        "data",
+        "read the reference data as a stream, one batch in memory at a time (audit only; --max-samples "
+        "keeps the first N images, and a Hub split takes absolute slices only, e.g. test[:5000])",
+        type=bool,
+        audit=False,
+    )
 
     def check(self) -> None:
         """Every value in range (:class:`~hub_backdoor.errors.OptionError` naming the option)."""
@@ -150,7 +161,7 @@ class AuditOptions:
     def kwargs(self, *, columns: bool = True) -> dict[str, Any]:
         """Keywords of :func:`hub_backdoor.audit` (``columns``: with the image and label columns,
         which a :class:`~hub_backdoor.data.ReferenceData` already knows)."""
-        kw = dataclasses.asdict(self)
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["audit"]}
         if not columns:
             kw.pop("image_column")
             kw.pop("label_column")
@@ -165,13 +176,14 @@ class AuditOptions:
         """From ``{name: value}`` (``-`` and ``_`` alike; ``None`` values keep the default); an
         unknown name is an :class:`~hub_backdoor.errors.OptionError`."""
         names = set(cls.names())
+        types = {f.name: f.metadata["type"] for f in dataclasses.fields(cls)}
         kw: dict[str, Any] = {}
         for raw, value in values.items():
             name = raw.replace("-", "_")
             if name not in names:
                 raise OptionError(f"{where}: unknown audit option {raw!r}; known: {', '.join(sorted(names))}")
             if value is not None:
-                kw[name] = value
+                kw[name] = _switch(value, raw) if types[name] is bool else value
         return cls(**kw)
 
     @classmethod
@@ -186,8 +198,20 @@ class AuditOptions:
             value = getattr(self, f.name)
             if f.name in skip or value == f.default:
                 continue
-            out += [flag(f.name), str(value)]
+            out += [flag(f.name)] if f.metadata["type"] is bool else [flag(f.name), str(value)]
         return out
+
+
+def _switch(value: Any, name: str) -> bool:
+    """A switch from a config or ``KEY=VALUE`` text: a bool, or true / false, yes / no, 1 / 0."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise OptionError(f"{name} = {value!r}: expected true or false")
 
 
 #: The help groups of the flags, in the order ``--help`` shows them.
@@ -204,9 +228,11 @@ def add_audit_flags(group: Any, which: str) -> None:
 
     for f in dataclasses.fields(AuditOptions):
         meta = f.metadata
-        if meta["group"] != which or not meta["cli"]:
+        if meta["group"] != which:
             continue
         kw: dict[str, Any] = {"default": f.default, "type": meta["type"], "help": meta["help"]}
+        if meta["type"] is bool:
+            kw = {"action": "store_true", "help": meta["help"]}
         if meta["metavar"]:
             kw["metavar"] = meta["metavar"]
         if f.name == "rule":
@@ -215,5 +241,5 @@ def add_audit_flags(group: Any, which: str) -> None:
             kw["help"] = _threshold_help()
         elif f.name == "solver":
             kw["choices"] = ["daqp", "cvxpy"]
-        kw["help"] = kw["help"].replace("{default}", str(f.default)).replace("%", "%%")
+        kw["help"] = kw["help"].replace("%", "%%").replace("{default}", str(f.default))
         group.add_argument(flag(f.name), **kw)

@@ -950,3 +950,19 @@ def test_purification_metrics_say_what_happened(timm_backdoored, digits):
     assert m["latent_trigger_before"] > 0.9  # adding s_t sends the images to the target: that is s_t
     assert m["latent_trigger_after"] < m["latent_trigger_before"]  # what the fine-tune trains away
     assert res.within_budget == (m["acc_drop"] <= 0.5)
+
+
+def test_streaming_reference_data(backdoored_folder, disk_dataset, tmp_path, capsys):
+    # --streaming reads the reference split batch by batch; the verdict and target are the ones of
+    # the same images read whole, and the report says it streamed
+    argv = ["audit", backdoored_folder, "--dataset", disk_dataset, "--split", "test", "--max-samples", "300",
+            "--quiet", "--json", "-"]
+    code, out, err = run([*argv, "--streaming"], capsys)
+    assert code == 1, err
+    streamed = AuditReport.from_json(out)
+    assert streamed.params["streaming"] is True and streamed.target == TIMM_BACKDOORED[1]
+    assert streamed.data["n"] == 300
+    # purification reads its data several times: refused before the model is loaded
+    code, _, err = run(["purify", "./no-such-model", "--dataset", disk_dataset, "--streaming", "--out",
+                        tmp_path / "p"], capsys)
+    assert code == 2 and "--streaming" in one_error_line(err)

@@ -25,7 +25,7 @@ FIELDS = dataclasses.fields(AuditOptions)
 OTHER = {"image_column": "img", "label_column": "y", "max_samples": 7, "seed": 3, "batch_size": 5,
          "threshold": 1.5, "rule": "mad", "soft_margin": 2.0, "margin": 0.1, "solver": "cvxpy",
          "verify_top": 3, "verify_images": 9, "min_reference_accuracy": 0.4, "min_class_samples": 2,
-         "device": "cpu"}
+         "device": "cpu", "streaming": True}
 
 
 def test_every_option_has_a_value_to_try():
@@ -35,9 +35,14 @@ def test_every_option_has_a_value_to_try():
     AuditOptions(**OTHER).check()
 
 
-@pytest.mark.parametrize("f", FIELDS, ids=lambda f: f.name)
+@pytest.mark.parametrize("f", [f for f in FIELDS if f.metadata["audit"]], ids=lambda f: f.name)
 def test_python_default_is_the_audit_s(f):
     assert inspect.signature(hub_backdoor.audit).parameters[f.name].default == f.default
+
+
+def test_the_loading_options_are_the_rest():
+    # what is not an audit() keyword says how the data is loaded (jobs.load_inputs reads it)
+    assert [f.name for f in FIELDS if not f.metadata["audit"]] == ["streaming"]
 
 
 def _subparser(command: str):
@@ -53,8 +58,7 @@ def test_command_line_flags_and_defaults(command):
         # None: the library default, which the flag shows (read now: the tests may set it)
         want = detection.DEFAULT_RULE if f.name == "rule" else f.default
         assert getattr(args, f.name) == want, f.name
-    flags = [f"--{f.name.replace('_', '-')}" for f in FIELDS]
-    argv = ["org/m"] + [x for f, fl in zip(FIELDS, flags) for x in (fl, str(OTHER[f.name]))]
+    argv = ["org/m"] + AuditOptions(**OTHER).to_flags()
     parsed = AuditOptions.from_args(_subparser(command).parse_args(argv))
     assert parsed == AuditOptions(**OTHER)
 
@@ -62,7 +66,7 @@ def test_command_line_flags_and_defaults(command):
 def test_config_file_and_hook(tmp_path):
     lines = ["[tool.hub-backdoor]"]
     for name, value in OTHER.items():
-        text = f'"{value}"' if isinstance(value, str) else str(value)
+        text = f'"{value}"' if isinstance(value, str) else str(value).lower()  # TOML: true
         lines.append(f"{name.replace('_', '-')} = {text}")
     (tmp_path / "pyproject.toml").write_text("\n".join(lines) + "\n")
     config = integrations.read_config(tmp_path / "pyproject.toml")
@@ -86,7 +90,7 @@ def test_action_passes_options_through_and_keeps_the_rule_s_threshold():
     action = yaml.safe_load((ROOT / "integrations" / "github-action" / "action.yml").read_text())
     assert action["inputs"]["threshold"]["default"] == ""  # empty: the rule's own
     # `args:` goes to the same parser as `hub-backdoor audit`
-    argv = ["org/m"] + [x for k, v in OTHER.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    argv = ["org/m"] + AuditOptions(**OTHER).to_flags()
     assert AuditOptions.from_args(integrations._audit_parser().parse_args(argv)) == AuditOptions(**OTHER)
 
 
