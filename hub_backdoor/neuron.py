@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters.base import Classifier
-from .verification import _bar, _frozen, _stratified, bound_ratio_scores, first_crossing
+from .detection import bound_ratio_scores
+from .verification import _bar, _frozen, _stratified, first_crossing
 
 __all__ = ["NeuronScores", "bound_scores", "neuron_layers", "neuron_scores", "onset_shares"]
 
@@ -337,8 +338,8 @@ def neuron_scores(
         A :class:`NeuronScores` (``scores``: the onset shares).
     """
     t0 = time.perf_counter()
-    kw = {"steps": steps, "eps_min": eps_min, "eps_max": eps_max, "inner": inner, "seed": seed,
-          "progress": progress}
+    kw: dict[str, Any] = {"steps": steps, "eps_min": eps_min, "eps_max": eps_max, "inner": inner,
+                          "seed": seed, "progress": progress}
     u = _search(clf, x, y, ks=[], untargeted=True, n_images=n_images, **kw)
     C = clf.num_classes
     bounds = np.full(C, np.nan)
