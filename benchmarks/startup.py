@@ -1,7 +1,9 @@
 """Start-up time of the command line, beside ``hf version``: ``python -m benchmarks.startup``.
 
 Runs each command ``--repeat`` times in fresh processes, alternating them, and writes the median
-wall time of each and its ratio to ``hf version`` to ``--out`` (Markdown and JSON)."""
+wall time of each and its ratio to ``hf version`` to ``--out`` (Markdown and JSON). Then the time
+an untrained model takes to get its inconclusive verdict (exit 4) from ``hub-backdoor audit``: a
+10-class timm model on the bundled digits, and a 1000-class 224-px timm ResNet-18."""
 
 from __future__ import annotations
 
@@ -46,12 +48,51 @@ def measure(repeat: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def untrained(work: Path) -> dict[str, dict[str, float]]:
+    """Seconds (whole command, fresh process) and exit code of ``audit`` on untrained models."""
+    import datasets
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+
+    from hub_backdoor import zoo
+    from hub_backdoor.adapters import load_classifier
+    digits = work / "digits"
+    zoo.digits(size=32).save_to_disk(str(digits))
+    torch.manual_seed(0)
+    small = zoo.MODELS["timm-test-resnet"](seed=0)
+    small.save_pretrained(work / "small")
+    load_classifier(timm.create_model("resnet18", pretrained=False, num_classes=1000).eval()).save_pretrained(
+        work / "resnet18")
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(300)]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=1000)})
+    datasets.Dataset.from_dict({"image": imgs, "label": [int(k) for k in rng.integers(0, 1000, 300)]},
+                               features=feats).save_to_disk(str(work / "noise224"))
+    out = {}
+    for name, model, data, split in (("10-class timm test_resnet, digits", "small", "digits", "test"),
+                                     ("1000-class timm resnet18 224 px, 300 images", "resnet18", "noise224",
+                                      None)):
+        cmd = [_executable("hub-backdoor"), "audit", str(work / model), "--dataset", str(work / data),
+               "--quiet"]
+        cmd += ["--split", split] if split else []
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        out[name] = {"seconds": time.perf_counter() - t0, "exit_code": done.returncode}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--out", default="benchmarks/results/startup")
     args = p.parse_args(argv)
     med = measure(args.repeat)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cold = untrained(Path(tmp))
     base = med["hf version"]
     rows = [f"| `{k}` | {v:.2f} | {v / base:.2f} |" for k, v in med.items()]
     md = "\n".join([
@@ -61,11 +102,17 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---:|---:|",
         *rows,
         "",
+        "Untrained models, `hub-backdoor audit MODEL --dataset DATA --quiet` (whole command, one run each):",
+        "",
+        "| model | seconds | exit code |",
+        "|---|---:|---:|",
+        *[f"| {k} | {v['seconds']:.1f} | {v['exit_code']} |" for k, v in cold.items()],
+        "",
     ])
     out = Path(args.out)
     out.with_suffix(".md").write_text(md)
-    out.with_suffix(".json").write_text(json.dumps({"repeat": args.repeat, "cpu": cpu_name(), "seconds": med},
-                                                   indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"repeat": args.repeat, "cpu": cpu_name(), "seconds": med,
+                                                    "untrained": cold}, indent=2) + "\n")
     print(md)
 
 

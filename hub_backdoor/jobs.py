@@ -477,93 +477,72 @@ def purify_source(
     say = messages or Silent()
     destination = destination or Destination()
     kw = {k: v for k, v in (purify or {}).items() if v is not None}
-    named = _check_purify(
-        options, kw, destination, max_accuracy_drop=max_accuracy_drop, report=report, json_out=json_out
-    )
-    out = Path(destination.out).expanduser() if destination.out else None
-    saved: list[AuditReport] = []
-
-    def protect(model: LoadedModel, data: LoadedDataset | None) -> None:
-
-        if data is None:
-            check_destinations(
-                model,
-                out=out,
-                push_to=destination.push_to,
-                open_pr=destination.open_pr,
-                overwrite=destination.overwrite,
-            )
-        inputs = protected_inputs(model, data, dataset)
-        if out is not None:
-            check_not_protected(out, "--out", [*named, *inputs])
-        check_outputs([(json_out, "--json")], [*named, *inputs])
-        if data is None:
-            if not hasattr(model.clf, "save_pretrained"):
-                raise UnsupportedModelError(
-                    f"cannot save a purified {model.clf.kind} model; only timm and transformers"
-                )
-            if report:  # a report of another model is refused before any data is read
-                saved.append(AuditReport.from_json(report))
-                check_report_matches(saved[0], model.clf, model.label, f"--report {report}")
-            _check_target(target, model)
-
-    model, data = load_inputs(
-        source,
-        dataset=dataset,
-        split=split,
-        options=options,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        messages=say,
-        check=protect,
+    named = _check_purify(options, kw, destination, max_accuracy_drop=max_accuracy_drop, report=report,
+                          json_out=json_out)
+    model, data, before = _load_for_purify(
+        source, dataset=dataset, split=split, options=options, named=named, destination=destination,
+        report=report, target=target, json_out=json_out, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code, say=say,
     )
     ref = ReferenceData(data.dataset, image_column=options.image_column, label_column=options.label_column)
     ref = ref.subset(options.max_samples, options.seed)  # max_samples bounds the fine-tuning too
     holdout = float(kw.get("holdout", 0.2))
     fit = ref.split(holdout, options.seed)[0] if holdout > 0 else ref
-    if saved:
-        before = saved[0]
-        say.info(f"using the audit in {report}")
-    else:
+    if before is None:
         say.info("auditing ...")
         before = audit_loaded(model, data, options, dataset=fit, progress=not say.quiet)
     say.show(before)
     chosen = _choose_target(target, before, model, say)
     if isinstance(chosen, ExitCode):
         return PurifyOutcome(chosen, before)
-    result = _fine_tune(
-        model,
-        ref,
-        before,
-        chosen,
-        options,
-        kw,
-        eval_trigger=eval_trigger,
-        max_accuracy_drop=max_accuracy_drop,
-        say=say,
-    )
+    result = _fine_tune(model, ref, before, chosen, options, kw, eval_trigger=eval_trigger,
+                        max_accuracy_drop=max_accuracy_drop, say=say)
     say.info("auditing the purified model ...")
-    after = audit_loaded(
-        model, data, options, dataset=fit, classifier=result.classifier, progress=not say.quiet
-    )
+    after = audit_loaded(model, data, options, dataset=fit, classifier=result.classifier,
+                         progress=not say.quiet)
     outcome = PurifyOutcome(ExitCode.OK, before, result, after)
     if not is_main_process():  # the other ranks trained the same weights (DDP); rank 0 publishes
         return outcome
     extra = [*destination.flags(), *purify_flags(result)]
     extra += ["--eval-trigger", eval_trigger] if eval_trigger else []
-    outcome.published = _publish(
-        result,
-        model,
-        data,
-        after,
-        destination,
-        options,
-        extra,
-        eval_trigger=eval_trigger,
-        json_out=json_out,
-        say=say,
-    )
+    outcome.published = _publish(result, model, data, after, destination, options, extra,
+                                 eval_trigger=eval_trigger, json_out=json_out, say=say)
     return outcome
+
+
+def _load_for_purify(
+    source: str, *, dataset: str | None, split: str | None, options: AuditOptions,
+    named: list[tuple[Any, str]], destination: Destination, report: str | None, target: int | None,
+    json_out: str | None, allow_pickle: bool, trust_remote_code: bool, say: Messages,
+) -> tuple[LoadedModel, LoadedDataset, AuditReport | None]:
+    """The model, its reference data and its saved audit (``report``, else None), each checked
+    against the destinations and the others before any long work."""
+    out = Path(destination.out).expanduser() if destination.out else None
+    saved: list[AuditReport] = []
+
+    def protect(model: LoadedModel, data: LoadedDataset | None) -> None:
+        if data is None:
+            check_destinations(model, out=out, push_to=destination.push_to, open_pr=destination.open_pr,
+                               overwrite=destination.overwrite)
+        inputs = protected_inputs(model, data, dataset)
+        if out is not None:
+            check_not_protected(out, "--out", [*named, *inputs])
+        check_outputs([(json_out, "--json")], [*named, *inputs])
+        if data is not None:
+            return
+        if not hasattr(model.clf, "save_pretrained"):
+            raise UnsupportedModelError(f"cannot save a purified {model.clf.kind} model; only timm and "
+                                        "transformers")
+        if report:  # a report of another model is refused before any data is read
+            saved.append(AuditReport.from_json(report))
+            check_report_matches(saved[0], model.clf, model.label, f"--report {report}")
+            say.info(f"using the audit in {report}")
+        _check_target(target, model)
+
+    model, data = load_inputs(source, dataset=dataset, split=split, options=options,
+                              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, messages=say,
+                              check=protect)
+    return model, data, (saved[0] if saved else None)
 
 
 def _fine_tune(
