@@ -57,7 +57,7 @@ ALL_ATTACKS = list(ATTACKS)
 #: The main configuration of this project's purification: the library's purify defaults.
 OURS: dict[str, Any] = {**{k: v for k, v in PURIFY.items() if k not in ("min_steps", "threads")},
                         "epochs": None, "resolve_every": None, "freeze_norm": False, "augment": False,
-                        "sam_rho": 0.0}
+                        "sam_rho": 0.0, "sam_adaptive": False}
 #: the keys of OURS that are :func:`hub_backdoor.purify` keywords as they stand (``epochs`` is
 #: resolved per suite first)
 PURIFY_OPTIONS = tuple(k for k in OURS if k != "epochs")
@@ -91,6 +91,9 @@ STUDY: dict[str, dict[str, Any]] = {
     # for small clean sets: augmentation, sharpness-aware steps (FT-SAM)
     "augment (shift + flip)": {"augment": True},
     "SAM (rho 0.05)": {"sam_rho": 0.05},
+    # FT-SAM's own sharpness step: adaptive SAM at its published rho (its loss, learning rate,
+    # schedule and label smoothing are not purify's)
+    "adaptive SAM (rho 2, FT-SAM's)": {"sam_rho": 2.0, "sam_adaptive": True},
     # at full size from the first step the latent term costs tens of nats and wrecks the features
     # at once (a standard-zoo ConvNeXt fell from 83 % to 39 % accuracy in 8 steps): let the shift
     # grow, or train only the last stage
@@ -132,7 +135,7 @@ STUDY |= _GUARD_STUDY
 #: 8 min instead of 5.5)
 STANDARD_ONLY = ("warm-up (s_t grows over half the epochs)", "paper loss, warm-up", "last stage only",
                  "last stage only, warm-up", "no non-target KL (keep 0)", "beta 5",
-                 "augment, beta 5", *_GUARD_STUDY)
+                 "augment, beta 5", "adaptive SAM (rho 2, FT-SAM's)", *_GUARD_STUDY)
 
 STANDARD_ARCHS = ("preact18-w8", "vit-e64d4", "mnv3-050", "hf-convnext")
 #: the standard suite's purification study (on its 10 % models): the paper's loss, the head
@@ -140,7 +143,8 @@ STANDARD_ARCHS = ("preact18-w8", "vit-e64d4", "mnv3-050", "hf-convnext")
 #: target's own clean samples weighed up
 STANDARD_STUDY = ["library default", "paper loss (scale 1, distill 0)", "head trained too",
                   "warm-up (s_t grows over half the epochs)", "paper loss, warm-up", "last stage only",
-                  "last stage only, warm-up", "no non-target KL (keep 0)", "beta 5", "target weight 10"]
+                  "last stage only, warm-up", "no non-target KL (keep 0)", "beta 5", "target weight 10",
+                  "SAM (rho 0.05)", "adaptive SAM (rho 2, FT-SAM's)"]
 
 SUITES: dict[str, dict[str, Any]] = {
     # the test's micro suite: 2 models, 1-2 epochs

@@ -357,16 +357,19 @@ def broadcast_module(module: torch.nn.Module, dist: Dist, src: int = 0) -> None:
 
 def _sharpness_aware(step: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]], x: torch.Tensor,
                      y: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                     sync: GradientSync, rho: float) -> None:
-    """Replace the gradients of ``params`` by those at ``w + rho g / ||g||`` (SAM's inner step)
-    and leave the weights at ``w``."""
+                     sync: GradientSync, rho: float, adaptive: bool = False) -> None:
+    """Replace the gradients of ``params`` by those at ``w + e`` and leave the weights at ``w``:
+    SAM's ``e = rho g / ||g||``, or with ``adaptive`` ASAM's ``e = rho T^2 g / ||T g||`` with
+    ``T = |w|`` elementwise (Kwon et al., 2021), so each weight moves in proportion to its size."""
     grads = [p.grad for p in params]
     if all(g is None for g in grads):
         return
-    norm = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g) for g in grads if g is not None])).clamp_min(1e-12)
     with torch.no_grad():
-        moves = [None if g is None else g * (rho / norm) for g in grads]
+        scaled = [None if g is None else (p.abs() * g if adaptive else g) for p, g in zip(params, grads)]
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(t) for t in scaled if t is not None])).clamp_min(1e-12)
+        moves = [None if t is None else (p.abs() * t if adaptive else t) * (rho / norm)
+                 for p, t in zip(params, scaled)]
         for p, e in zip(params, moves):
             if e is not None:
                 p.add_(e)
@@ -395,6 +398,7 @@ def finetune_loop(
     model: torch.nn.Module | None = None,
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     sam_rho: float = 0.0,
+    sam_adaptive: bool = False,
 ) -> list[dict[str, float]]:
     """A training loop that runs the same on one or several processes (DDP semantics).
 
@@ -412,7 +416,8 @@ def finetune_loop(
         sam_rho: > 0: sharpness-aware minimisation (Foret et al., 2021): each step uses the
             gradient taken at the weights moved by ``sam_rho`` along the normalised (averaged)
             gradient, then the weights move back and the optimizer steps from where they were.
-            It costs a second forward and backward pass per step.
+            It costs a second forward and backward pass per step. ``sam_adaptive``: the move is
+            ASAM's, scaled per weight by its magnitude (``sam_rho`` is then relative to it).
 
     Returns:
         One dict per epoch: ``epoch`` and the sample-weighted mean of each loss over all processes.
@@ -446,7 +451,7 @@ def finetune_loop(
             losses["loss"].backward()
             sync()
             if sam_rho > 0:
-                _sharpness_aware(step, x, y, params, optimizer, sync, sam_rho)
+                _sharpness_aware(step, x, y, params, optimizer, sync, sam_rho, sam_adaptive)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

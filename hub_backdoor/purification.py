@@ -320,6 +320,7 @@ def purify(
     threads: int = int(PURIFY["threads"]),
     augment: bool = False,
     sam_rho: float = 0.0,
+    sam_adaptive: bool = False,
     **load_kw: Any,
 ) -> PurifyResult:
     """Fine-tune a copy of the model so the reconstructed trigger no longer flips its predictions.
@@ -374,6 +375,9 @@ def purify(
         sam_rho: > 0: sharpness-aware minimisation (the optimiser of FT-SAM, Zhu et al., ICCV
             2023): each step takes the gradient at the weights moved by ``sam_rho`` along the
             normalised gradient (a second forward and backward pass per step); 0: plain SGD.
+        sam_adaptive: with ``sam_rho`` > 0, adaptive SAM (ASAM, Kwon et al., 2021), the variant
+            FT-SAM runs: each weight's move is scaled by its magnitude, so ``sam_rho`` is relative
+            (FT-SAM's published setting is 2.0; plain SAM's usual one is 0.05).
 
     Raises:
         OptionError: an option is out of range (before anything is loaded); ReportError:
@@ -485,7 +489,7 @@ def purify(
         history = finetune_loop(
             step, loader, opt, params=params, epochs=epochs, dist=dist, scheduler=sched,
             device=clf.device, seed=seed, before_epoch=before_epoch, progress=progress, model=clf.model,
-            batch_transform=augment_fn, sam_rho=sam_rho,
+            batch_transform=augment_fn, sam_rho=sam_rho, sam_adaptive=sam_adaptive,
         )
     for h in history:
         h.pop("loss", None)
@@ -516,7 +520,7 @@ def purify(
             "holdout": holdout, "resolve_every": resolve_every, "freeze_norm": freeze_norm,
             "distill": distill, "keep": keep, "warmup": warmup, "target_weight": target_weight,
             "seed": seed, "max_accuracy_drop": max_accuracy_drop,
-            "augment": augment, "sam_rho": sam_rho,
+            "augment": augment, "sam_rho": sam_rho, "sam_adaptive": sam_adaptive,
             "threads": run_threads, "determinism": determinism, "processes": dist.world,
         },
         report=report,

@@ -174,9 +174,11 @@ def test_same_seed_and_data_give_identical_weights_at_1_and_2_threads():
         purify(TorchClassifier(w.make_model(), head="6"), w.make_data(), target=1, threads=0, progress=False)
 
 
-def test_sam_rho_takes_the_gradient_at_the_perturbed_weights():
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_rho_takes_the_gradient_at_the_perturbed_weights(adaptive):
     """finetune_loop's sharpness-aware step: the update is SGD's with the gradient taken at
-    ``w + rho g / ||g||``, and the weights are not left at the perturbed point."""
+    ``w + rho g / ||g||`` (adaptive: ``w + rho |w|^2 g / || |w| g ||``), and the weights are not
+    left at the perturbed point."""
     from hub_backdoor.distributed import finetune_loop
 
     torch.manual_seed(0)
@@ -190,15 +192,16 @@ def test_sam_rho_takes_the_gradient_at_the_perturbed_weights():
 
     p0 = [t.clone().requires_grad_() for t in w0]
     g = torch.autograd.grad(loss_at(p0), p0)
-    norm = torch.sqrt(sum((gi * gi).sum() for gi in g))
-    p1 = [(t + rho * gi / norm).requires_grad_() for t, gi in zip(w0, g)]
+    T = [t.abs() if adaptive else torch.ones_like(t) for t in w0]
+    norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(T, g)))
+    p1 = [(t + rho * ti * ti * gi / norm).requires_grad_() for t, ti, gi in zip(w0, T, g)]
     g_sam = torch.autograd.grad(loss_at(p1), p1)
     want = [t - lr * gi for t, gi in zip(w0, g_sam)]
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     opt = torch.optim.SGD(lin.parameters(), lr=lr)
     finetune_loop(lambda xb, yb: {"loss": torch.nn.functional.cross_entropy(lin(xb), yb)}, loader, opt,
-                  params=list(lin.parameters()), epochs=1, sam_rho=rho)
+                  params=list(lin.parameters()), epochs=1, sam_rho=rho, sam_adaptive=adaptive)
     for p, t in zip(lin.parameters(), want):
         torch.testing.assert_close(p.detach(), t, rtol=1e-5, atol=1e-6)
     plain = [t - lr * gi for t, gi in zip(w0, g)]
@@ -212,7 +215,7 @@ def test_sam_and_augment_are_options_that_change_the_weights_only_when_set():
     _, off = _purified(1, sam_rho=0.0, augment=False)
     assert all(torch.equal(plain[k], off[k]) for k in plain)
     assert res.params["sam_rho"] == 0.0 and res.params["augment"] is False
-    for kw in ({"sam_rho": 0.05}, {"augment": True}):
+    for kw in ({"sam_rho": 0.05}, {"sam_rho": 0.5, "sam_adaptive": True}, {"augment": True}):
         res_on, on = _purified(1, **kw)
         _, again = _purified(1, **kw)
         assert any(not torch.equal(plain[k], on[k]) for k in plain), kw
