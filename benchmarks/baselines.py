@@ -2,7 +2,8 @@
 (trigger reverse engineering + MAD, then unlearning), FST (feature shift tuning) and CLP (data-free
 channel Lipschitz pruning).
 
-* FT: the fine-tune of this project's loss with ``beta = distill = 0`` (same schedule and data order).
+* FT: :func:`hub_backdoor.purify` with no latent and no KL term and every layer trained
+  (``benchmarks.run.FT``): plain fine-tuning through the same loop, schedule and data order.
 * Neural Cleanse (Wang et al., S&P 2019): per class a mask m and pattern p minimising
   ``CE(f((1 - m) x + m p), k) + lambda |m|_1`` (Adam, all classes optimised jointly in one batch);
   lambda is fixed (``2 / (H W)``: a full-image mask costs 2 nats) instead of NC's adaptive schedule.
@@ -31,7 +32,7 @@ from torch.func import vmap
 from hub_backdoor.adapters.base import Classifier
 from hub_backdoor.detection import anomaly_index
 
-from .group import Member, frozen, head_name
+from .group import Member, _stamp, frozen, head_name
 
 
 def nc_reverse(clf: Classifier, X: torch.Tensor, *, steps: int, bs: int, seed: int,
@@ -117,6 +118,33 @@ def nc_unlearn(clf: Classifier, rev: dict[str, Any], *, lr: float, share: float 
     if t is None:
         return None
     return Member(clf=clf, lr=lr, stamp=(rev["masks"][t], rev["patterns"][t], share))
+
+
+def unlearn_train(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, *, epochs: int, lr: float, bs: int,
+                  seed: int, stamp: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> Classifier:
+    """Neural Cleanse's unlearning alone (the reference loop of a :func:`nc_unlearn` member):
+    cross-entropy on the clean data with ``stamp = (mask, pattern, share)`` on the first ``share``
+    of each batch, labels kept; SGD (momentum 0.9, wd 5e-4), one-cycle; every layer trains."""
+    from .core import autocast, batches, n_steps
+
+    dev = X.device
+    torch.manual_seed(seed)
+    model = clf.model
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * n_steps(len(X), bs))
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for idx in batches(torch.randperm(len(X), generator=g).to(dev), bs):
+            xb = X[idx] if stamp is None else _stamp(X[idx], *stamp)
+            with autocast(dev):
+                loss = F.cross_entropy(model(xb), Y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    return clf
 
 
 def fst_member(clf: Classifier, *, lr: float, alpha: float = 0.2, seed: int = 0) -> Member:

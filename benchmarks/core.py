@@ -1,5 +1,5 @@
-"""Tensor-level training, evaluation, the audit (timed by stage) and the fine-tuning loop shared by
-this project's purification and the baselines. Data live on the run's device as float tensors
+"""Tensor-level training of the zoo, evaluation and the audit (timed by stage); the purification
+runs through :func:`hub_backdoor.purify`. Data live on the run's device as float tensors
 (uint8 -> [-1, 1]); on CUDA training and evaluation run under bf16 autocast, the audit's reference
 pass in float32 (the QP needs exact logits)."""
 
@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from hub_backdoor.adapters.base import Classifier
 from hub_backdoor.detection import NEEDS_NONNEG, DetectionInput, dormant_share
 from hub_backdoor.guard import guarded_logits
-from hub_backdoor.purification import auto_epochs, purification_loss, trainable_parameters, warmup_factor
-from hub_backdoor.reconstruction import ConstraintState, reconstruct, solve_class
+from hub_backdoor.reconstruction import ConstraintState, reconstruct
 
 
 def to_tensor(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -45,26 +44,8 @@ def batches(perm: torch.Tensor, bs: int) -> list[torch.Tensor]:
     return [perm[i * bs : (i + 1) * bs if i < steps - 1 else len(perm)] for i in range(steps)]
 
 
-def shift_flip(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Each image of ``x (B, ch, H, W)`` shifted by up to ``pad`` pixels (zero padding) and
-    flipped left-right with probability 1/2 (seeded by ``g``)."""
-    B, _, H, W = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (B,), generator=g).tolist()
-    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g).tolist()
-    flip = (torch.rand(B, generator=g) < 0.5).tolist()
-    out = torch.stack([xp[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
-    return torch.where(torch.tensor(flip, device=x.device)[:, None, None, None], out.flip(3), out)
-
-
 def n_steps(n: int, bs: int) -> int:
     return max(1, n // bs)
-
-
-def freeze_bn(model: torch.nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
 
 
 def train_model(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, *, epochs: int, lr: float, bs: int,
@@ -246,128 +227,3 @@ def audit_stats(inp: DetectionInput) -> dict[str, list[float]]:
         "quantile_norms": inp.quantile_norms.tolist(),
         "dormant_share": dormant_share(inp.perturbations, inp.h_std).tolist(),
     }
-
-
-@torch.no_grad()
-def solve_target(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, target: int, bs: int = 256) -> np.ndarray:
-    """Re-solve s_t on the current model (the purification study's "re-solve" option)."""
-    was = clf.model.training
-    clf.model.eval()
-    worst = torch.as_tensor(ConstraintState.empty(clf.num_classes).worst, device=X.device)
-    from hub_backdoor.reconstruction import fold_worst
-
-    for i in range(0, len(X), bs):
-        logits, _ = clf.forward(X[i : i + bs])
-        fold_worst(worst, logits.float(), Y[i : i + bs])
-    clf.model.train(was)
-    W, b = clf.head_numpy()
-    return solve_class(W, b, worst.cpu().numpy(), target).s
-
-
-# -- fine-tuning (ours and the baselines) -------------------------------------------------------
-def finetune(
-    clf: Classifier,
-    X: torch.Tensor,
-    Y: torch.Tensor,
-    *,
-    epochs: int | None,
-    lr: float,
-    bs: int,
-    seed: int,
-    train: str | list[str] = "all",  # "backbone", "all" or name prefixes (as purify's train=)
-    beta: float = 0.0,
-    scale: float = 1.0,
-    distill: float = 0.0,
-    keep: float = 0.0,
-    s_t: np.ndarray | None = None,
-    target: int | None = None,
-    resolve_every: int | None = None,
-    stamp: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-    freeze_norm: bool = False,
-    augment: bool = False,
-    sam_rho: float = 0.0,
-    norm_frozen: bool = False,
-    warmup: float = 0.0,
-    target_weight: float = 1.0,
-) -> Classifier:
-    """Fine-tune ``clf`` in place on clean data with the loss of ``hub_backdoor.purify``
-    (:func:`hub_backdoor.purification.purification_loss`: ``CE(f(x), y) + beta CE(head(h(x) +
-    scale s_t), y) + distill KL(f_0(x) || f(x))`` + ``keep`` times the KL over the classes but
-    ``target``) and its optimiser: SGD momentum 0.9, wd 5e-4,
-    one-cycle, BatchNorm in train mode unless ``freeze_norm``. ``beta = distill = 0`` is plain
-    fine-tuning (FT). ``stamp``: adds a trigger to part of each batch, labels kept (NC unlearning).
-    ``augment``: random 2-pixel shifts and horizontal flips of each batch (a small clean set is
-    otherwise memorised). ``sam_rho``: sharpness-aware steps (FT-SAM: the gradient is taken at
-    the weights moved by ``rho`` along the normalised gradient). ``norm_frozen``: the affine
-    parameters of every normalisation layer (BatchNorm, LayerNorm, GroupNorm) stay as they are.
-    ``warmup``: as purify's (the latent shift grows over that share of the epochs).
-    ``target_weight``: as purify's (the clean CE of the target's own samples weighs this much).
-    """
-    dev = X.device
-    torch.manual_seed(seed)
-    model = clf.model
-    teacher = clf.copy().model.eval() if distill > 0 or keep > 0 else None
-    params = trainable_parameters(clf, train)
-    if norm_frozen:
-        norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
-        frozen_ids = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters()}
-        params = [p for p in params if id(p) not in frozen_ids]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-    if epochs is None:  # the library's default: 10 epochs, or at least min_steps steps
-        epochs = auto_epochs(n_steps(len(X), bs))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * n_steps(len(X), bs))
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    s_now = torch.zeros(clf.embed_dim, device=dev) if s_t is None else torch.as_tensor(
-        s_t, dtype=torch.float32, device=dev)
-    for epoch in range(epochs):
-        if resolve_every and epoch > 0 and epoch % resolve_every == 0 and target is not None:
-            s_now = torch.as_tensor(solve_target(clf, X, Y, target), dtype=torch.float32, device=dev)
-        s = warmup_factor(epoch, epochs, warmup) * scale * s_now
-        model.train()
-        if freeze_norm:
-            freeze_bn(model)
-        perm = torch.randperm(len(X), generator=g).to(dev)
-        for idx in batches(perm, bs):
-            xb, yb = X[idx], Y[idx]
-            if stamp is not None:
-                xb = stamp(xb, g)
-            if augment:
-                xb = shift_flip(xb, g)
-
-            def batch_loss(xb: torch.Tensor = xb, yb: torch.Tensor = yb, s: torch.Tensor = s) -> torch.Tensor:
-                with autocast(dev):
-                    t_logits = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(xb)
-                    loss, _, _ = purification_loss(clf, xb, yb, s, beta=beta if s_t is not None else 0.0,
-                                                   teacher_logits=t_logits, distill=distill, keep=keep,
-                                                   target=target, target_weight=target_weight)
-                return loss
-
-            opt.zero_grad(set_to_none=True)
-            batch_loss().backward()
-            if sam_rho > 0:  # SAM: the step uses the gradient at the worst nearby weights
-                grads = [p.grad for p in params]
-                norm = torch.sqrt(sum((g_ * g_).sum() for g_ in grads if g_ is not None)).clamp_min(1e-12)
-                moves = []
-                with torch.no_grad():
-                    for p, g_ in zip(params, grads):
-                        e = torch.zeros_like(p) if g_ is None else sam_rho * g_ / norm
-                        p.add_(e)
-                        moves.append(e)
-                opt.zero_grad(set_to_none=True)
-                batch_loss().backward()
-                with torch.no_grad():
-                    for p, e in zip(params, moves):
-                        p.sub_(e)
-            opt.step()
-            sched.step()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
-    return clf

@@ -6,13 +6,15 @@ Why: at 32x32 with batches of 64-256 a training step on a GPU is launch-bound (t
 launches, not FLOPs. Stacked, G members cost the launches of one (the convolutions become grouped
 convolutions, the linear layers batched matmuls), and the work per launch grows G-fold.
 
-Each member is mathematically the run :func:`benchmarks.core.train_model` /
-:func:`benchmarks.core.finetune` would do alone, up to float rounding (``tests/test_benchmarks.py``
-checks it): its own initial weights, data order (generator seeded with its ``seed``), learning
-rate, trainable parameters, loss weights (``beta``, ``scale``, ``distill``, ``s_t``) and, for
-Neural Cleanse's unlearning, its own trigger stamped on a share of each batch. What members must
-share: the architecture, the number of steps, the batch size, BatchNorm's mode and the schedule's
-shape (SGD with momentum, one-cycle; a member's learning rate scales it).
+Used for the zoo's training and for the baselines that fine-tune with losses of their own (Neural
+Cleanse's unlearning, FST); this project's purification runs through :func:`hub_backdoor.purify`
+alone, one model at a time. Each member is mathematically the run :func:`benchmarks.core.train_model`
+/ :func:`benchmarks.baselines.unlearn_train` / :func:`benchmarks.baselines.fst_train` would do alone,
+up to float rounding (``tests/test_benchmarks.py`` checks it): its own initial weights, data order
+(generator seeded with its ``seed``), learning rate and, for Neural Cleanse's unlearning, its own
+trigger stamped on a share of each batch. What members must share: the architecture, the number of
+steps, the batch size, BatchNorm's mode and the schedule's shape (SGD with momentum, one-cycle; a
+member's learning rate scales it).
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from hub_backdoor.adapters.base import Classifier
-from hub_backdoor.purification import purification_loss, trainable_parameters, warmup_factor
 
 from . import core
 from .core import autocast, batches, metrics, n_steps
@@ -39,15 +40,6 @@ class Member:
     clf: Classifier
     lr: float
     seed: int = 0
-    train: str | list[str] = "all"  # as purify's train=: "all", "backbone" or name prefixes
-    beta: float = 0.0
-    scale: float = 1.0
-    distill: float = 0.0
-    keep: float = 0.0  # as purify's: KL to the original over the classes but ``target``
-    target: int | None = None  # the class s_t leads to (the keep term leaves it out)
-    s_t: np.ndarray | None = None  # (d,)
-    warmup: float = 0.0  # as purify's: the latent shift grows over this share of the epochs
-    target_weight: float = 1.0  # as purify's: clean-CE weight of the target's own samples
     stamp: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (mask, pattern, share): NC unlearning
     X: torch.Tensor | None = None  # (N, ch, H, W) own data (zoo training); None: the group's shared set
     Y: torch.Tensor | None = None
@@ -58,21 +50,17 @@ class Member:
 
 
 class _Loss(torch.nn.Module):
-    """``purification_loss`` as a module, so ``functional_call`` can swap in a member's weights
-    (the classifier's hooks read the swapped model: it is the same module object)."""
+    """Cross-entropy (plus FST's anchor term) as a module, so ``functional_call`` can swap in a
+    member's weights."""
 
     def __init__(self, clf: Classifier, head: str | None) -> None:
         super().__init__()
         self.model = clf.model
-        self.__dict__["clf"] = clf  # not a submodule: its parameters are ``model``'s
         self.head = head  # the linear head's module path (FST's anchor term)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, beta: torch.Tensor,
-                distill: torch.Tensor, keep: torch.Tensor, target: torch.Tensor, tw: torch.Tensor,
-                t_logits: torch.Tensor | None, anchor: torch.Tensor | None,
-                alpha: torch.Tensor) -> torch.Tensor:
-        loss = purification_loss(self.clf, x, y, s, beta=beta, teacher_logits=t_logits, distill=distill,
-                                 keep=keep, target=target, target_weight=tw)[0]
+    def forward(self, x: torch.Tensor, y: torch.Tensor, anchor: torch.Tensor | None,
+                alpha: torch.Tensor | None) -> torch.Tensor:
+        loss = F.cross_entropy(self.model(x), y)
         if anchor is not None:
             loss = loss + alpha * (self.model.get_submodule(self.head).weight * anchor).sum()
         return loss
@@ -96,12 +84,12 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
         nesterov: bool = False, stacked: bool = True) -> list[list[float]]:
     """Train every member for ``epochs`` over its data in batches of ``bs`` (remainder joined to
     the last batch, as :func:`benchmarks.core.batches`); SGD (momentum 0.9, Nesterov for the zoo's
-    training), one-cycle schedule peaking at each member's ``lr``, weight decay 5e-4 on trainable
-    parameters only. ``X (N, ch, H, W)``, ``Y (N,)``: the shared data of members without their
-    own. Returns each member's mean loss per epoch (for fine-tunes run unstacked: empty lists).
+    training), one-cycle schedule peaking at each member's ``lr``, weight decay 5e-4; every layer
+    trains. ``X (N, ch, H, W)``, ``Y (N,)``: the shared data of members without their own.
+    Returns each member's mean loss per epoch (for fine-tunes run unstacked: empty lists).
 
-    ``stacked=False`` runs each member alone with the reference loops of :mod:`benchmarks.core`
-    (what a stacked run must equal; also the way out where ``vmap`` fails on a machine).
+    ``stacked=False`` runs each member alone with the reference loops (what a stacked run must
+    equal; also the way out where ``vmap`` fails on a machine).
     """
     if not stacked or any(m.optimizer != "sgd" for m in members):
         return [_alone(m, X, Y, epochs=epochs, bs=bs, nesterov=nesterov) for m in members]
@@ -123,26 +111,14 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
     loss_mod = _Loss(base, head).train()
     params, bufs = _stack([m.clf.model for m in members])
     pkeys = list(params)
-    # a member's learning rate and frozen parameters as a gradient scale: plain SGD is linear in
-    # the gradient, so scaling (g + wd p) by lr_i (0 where frozen) is SGD at lr_i on its parameters
-    trains = [_trainable_names(m) for m in members]
+    # a member's learning rate as a gradient scale: plain SGD is linear in the gradient, so
+    # scaling (g + wd p) by lr_i is SGD at lr_i
     scales = []
-    for key, name in zip(pkeys, names):
-        col = torch.tensor([m.lr if name in t else 0.0 for m, t in zip(members, trains)], device=dev)
+    for key in pkeys:
+        col = torch.tensor([m.lr for m in members], device=dev)
         scales.append(col.view(G, *([1] * (params[key].dim() - 1))).expand_as(params[key]).contiguous())
     opt = torch.optim.SGD(params.values(), lr=1.0, momentum=momentum, nesterov=nesterov)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=epochs * n_steps(N, bs))
-
-    d = members[0].clf.embed_dim
-    s = torch.stack([torch.zeros(d) if m.s_t is None else m.scale * torch.as_tensor(m.s_t).float()
-                     for m in members]).to(dev)
-    beta = torch.tensor([m.beta if m.s_t is not None else 0.0 for m in members], device=dev)
-    distill = torch.tensor([m.distill for m in members], device=dev)
-    keep = torch.tensor([m.keep if m.target is not None else 0.0 for m in members], device=dev)
-    target = torch.tensor([-1 if m.target is None else m.target for m in members], device=dev)
-    tw = torch.tensor([m.target_weight for m in members], device=dev)
-    # the originals
-    teacher = frozen([m.clf for m in members]) if bool((distill > 0).any() or (keep > 0).any()) else None
 
     anchor = alpha = None
     if head is not None:
@@ -153,11 +129,11 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
         norm0 = torch.stack([w[i].detach().norm() if m.anchor is None else m.anchor[0].norm().to(w)
                              for i, m in enumerate(members)])
 
-    def step_loss(p, b, x, y, s, beta, distill, keep, target, tw, t, anchor, alpha):  # noqa: ANN001, ANN202
-        return functional_call(loss_mod, (p, b), (x, y, s, beta, distill, keep, target, tw, t, anchor, alpha))
+    def step_loss(p, b, x, y, anchor, alpha):  # noqa: ANN001, ANN202
+        return functional_call(loss_mod, (p, b), (x, y, anchor, alpha))
 
-    opt_in = [0 if t is not None else None for t in (teacher, anchor, alpha)]
-    v_loss = vmap(step_loss, in_dims=(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, *opt_in), randomness="different")
+    opt_in = [0 if t is not None else None for t in (anchor, alpha)]
+    v_loss = vmap(step_loss, in_dims=(0, 0, 0, 0, *opt_in), randomness="different")
     own_data = any(m.X is not None for m in members)
     seeds = {m.seed for m in members}
     gens = [torch.Generator(device="cpu").manual_seed(m.seed) for m in members]
@@ -166,10 +142,7 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
     Ys = torch.stack([y for _, y in data]) if own_data else None
     ar = torch.arange(G, device=dev)[:, None]
     losses: list[list[float]] = [[] for _ in members]
-    s_full = s
-    for epoch in range(epochs):
-        grow = torch.tensor([warmup_factor(epoch, epochs, m.warmup) for m in members], device=dev)
-        s = s_full * grow[:, None]
+    for _ in range(epochs):
         if len(seeds) == 1:  # one data order for all (and one gather)
             perm = torch.randperm(N, generator=gens[0]).to(dev)
             for g in gens[1:]:
@@ -183,12 +156,7 @@ def fit(members: Sequence[Member], X: torch.Tensor | None, Y: torch.Tensor | Non
             xb, yb = (Xs[ar, idx], Ys[ar, idx]) if own_data else (X[idx], Y[idx])  # (G, B, ...)
             xb = _stamped(members, xb)
             with autocast(dev):
-                t_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = vmap(teacher[0])(teacher[1], teacher[2], xb)
-                loss = v_loss(params, bufs, xb, yb, s, beta, distill, keep, target, tw, t_logits, anchor,
-                              alpha)
+                loss = v_loss(params, bufs, xb, yb, anchor, alpha)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             grads = [params[k].grad for k in pkeys]
@@ -227,15 +195,9 @@ def _alone(m: Member, X: torch.Tensor | None, Y: torch.Tensor | None, *, epochs:
 
         fst_train(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed, w0=m.anchor[0], alpha=m.anchor[1])
         return []
-    stamp = None
-    if m.stamp is not None:
+    from .baselines import unlearn_train
 
-        def stamp(xb: torch.Tensor, _g: torch.Generator) -> torch.Tensor:
-            return _stamp(xb, *m.stamp)
-
-    core.finetune(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed, train=m.train, beta=m.beta,
-                  scale=m.scale, distill=m.distill, keep=m.keep, target=m.target, s_t=m.s_t, stamp=stamp,
-                  warmup=m.warmup, target_weight=m.target_weight)
+    unlearn_train(m.clf, x, y, epochs=epochs, lr=m.lr, bs=bs, seed=m.seed, stamp=m.stamp)
     return []
 
 
@@ -246,11 +208,6 @@ def _unfused(clf: Classifier) -> Classifier:
         if hasattr(mod, "fused_attn"):
             mod.fused_attn = False
     return clf
-
-
-def _trainable_names(m: Member) -> set[str]:
-    ids = {id(p) for p in trainable_parameters(m.clf, m.train)}
-    return {n for n, p in m.clf.model.named_parameters() if id(p) in ids}
 
 
 def _stamp(xb: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor, share: float) -> torch.Tensor:

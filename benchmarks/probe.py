@@ -3,8 +3,8 @@
     python -m benchmarks.probe [--models ID,...] [--variant NAME ...] [--out FILE]
 
 Trains (or loads from the standard suite's cache) the 10 %-poison BadNets, Blend and Trojan
-models of every family, solves s_t as the audit does, and fine-tunes each with the study variants
-named (``benchmarks.run.STUDY``) through the library's loss (:func:`benchmarks.core.finetune`).
+models of every family, solves s_t as the audit does, and purifies each with the study variants
+named (``benchmarks.run.STUDY``) through :func:`hub_backdoor.purify`.
 Per model and variant it prints ACC / ASR, the target class's own accuracy and the held-out
 latent-trigger share at scales 1 and 2 (clean test images of the other classes that ``h + scale
 * s_t`` sends to the target), and ACC / ASR of the guarded model (:mod:`hub_backdoor.guard`).
@@ -27,7 +27,7 @@ import torch
 
 from . import core
 from .models import audit_view
-from .run import OURS, RESULTS, STANDARD_ARCHS, STUDY, Runner, finetune_variant, model_specs
+from .run import OURS, RESULTS, STANDARD_ARCHS, STUDY, Runner, model_specs, zoo_report
 
 PROBE_MODELS = [f"{a}-{k}-10pct" for k in ("badnets", "blend", "trojan") for a in STANDARD_ARCHS]
 
@@ -48,7 +48,9 @@ def probe(runner: Runner, spec: dict[str, Any], variants: list[str]) -> dict[str
     t = spec["target"]
     clf, _ = runner.trained(spec)
     trig = runner.triggered(spec)[0]
-    s_t = core.audit(audit_view(clf), runner.Xc, runner.Yc).perturbations[t]
+    au = core.audit(audit_view(clf), runner.Xc, runner.Yc)
+    report = zoo_report(clf, au.perturbations, au.inp.norms)
+    s_t = au.perturbations[t]
     Xh, Yh = runner.Xte[:1000], runner.Yte[:1000]
 
     def measure(c: Any) -> dict[str, float]:
@@ -63,7 +65,7 @@ def probe(runner: Runner, spec: dict[str, Any], variants: list[str]) -> dict[str
     for name in variants:
         p = {**OURS, **STUDY[name]}
         t0 = time.perf_counter()
-        tuned = finetune_variant(clf.copy(), runner.Xc, runner.Yc, p, s_t, t, epochs=p["epochs"])
+        tuned = runner.purified(spec, clf, report, p, t)
         res[name] = measure(tuned) | {"seconds": time.perf_counter() - t0}
     return res
 

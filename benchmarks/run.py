@@ -2,8 +2,9 @@
 
 Builds the zoo (attacks x poison rates x architectures, plus as many clean models per architecture
 as backdoored ones), audits every model (this project's stage 1 with all candidate detection rules
-from one reconstruction, Neural Cleanse's detection), removes the backdoor with this project's
-latent fine-tuning and the baselines (FT, NC, CLP), runs the purification study, and writes
+from one reconstruction, Neural Cleanse's detection), removes the backdoor with
+:func:`hub_backdoor.purify` itself and the baselines (FT as purify settings, NC, FST, CLP), runs the
+purification study (each variant a set of purify options), and writes
 ``benchmarks/results/<suite>.json`` and ``<suite>.md``. Resumable: trained models and per-model
 evaluations are cached under ``benchmarks/results/cache/<suite>/`` (git-ignored) and reused when
 their configuration is unchanged.
@@ -39,8 +40,9 @@ from hub_backdoor.detection import (
     RULES,
     DetectionInput,
 )
-from hub_backdoor.purification import auto_epochs
-from hub_backdoor.report import atomic_write_text
+from hub_backdoor.purification import purify
+from hub_backdoor.report import AuditReport, ClassRow, atomic_write_text
+from hub_backdoor.validation import head_fingerprint
 from hub_backdoor.verification import verify_input_space, verify_mask
 
 from . import baselines, core, group, stats
@@ -53,11 +55,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALL_ATTACKS = list(ATTACKS)
 
 #: The main configuration of this project's purification: the library's purify defaults.
-OURS: dict[str, Any] = {**{k: v for k, v in PURIFY.items() if k != "min_steps"}, "epochs": None,
-                        "resolve_every": None, "freeze_norm": False, "augment": False, "sam_rho": 0.0,
-                        "norm_frozen": False}
-#: study variants that run alone (:func:`benchmarks.core.finetune`), not in a stacked group
-ALONE_KEYS = ("freeze_norm", "resolve_every", "augment", "sam_rho", "norm_frozen")
+OURS: dict[str, Any] = {**{k: v for k, v in PURIFY.items() if k not in ("min_steps", "threads")},
+                        "epochs": None, "resolve_every": None, "freeze_norm": False, "augment": False,
+                        "sam_rho": 0.0, "sam_adaptive": False}
+#: the keys of OURS that are :func:`hub_backdoor.purify` keywords as they stand (``epochs`` is
+#: resolved per suite first)
+PURIFY_OPTIONS = tuple(k for k in OURS if k != "epochs")
+#: plain fine-tuning (FT) as purify settings: no latent term, no KL terms, every layer trained
+FT: dict[str, Any] = {**OURS, "beta": 0.0, "distill": 0.0, "keep": 0.0, "warmup": 0.0, "target_weight": 1.0,
+                      "train": "all"}
 
 #: Purification study: variants of OURS, run with the true target (stage 2 alone).
 STUDY: dict[str, dict[str, Any]] = {
@@ -82,11 +88,12 @@ STUDY: dict[str, dict[str, Any]] = {
     # from a side study on the quick suite's models (DER 87.1 and 87.5 vs 85.7 there)
     "scale 3, distill 6": {"scale": 3.0, "distill": 6.0},
     "beta 20, distill 6": {"beta": 20.0, "distill": 6.0},
-    # for small clean sets: augmentation, sharpness-aware steps (FT-SAM), normalisation layers kept
+    # for small clean sets: augmentation, sharpness-aware steps (FT-SAM)
     "augment (shift + flip)": {"augment": True},
     "SAM (rho 0.05)": {"sam_rho": 0.05},
-    "norm layers frozen": {"norm_frozen": True},
-    "augment, norm layers frozen": {"augment": True, "norm_frozen": True},
+    # FT-SAM's own sharpness step: adaptive SAM at its published rho (its loss, learning rate,
+    # schedule and label smoothing are not purify's)
+    "adaptive SAM (rho 2, FT-SAM's)": {"sam_rho": 2.0, "sam_adaptive": True},
     # at full size from the first step the latent term costs tens of nats and wrecks the features
     # at once (a standard-zoo ConvNeXt fell from 83 % to 39 % accuracy in 8 steps): let the shift
     # grow, or train only the last stage
@@ -128,7 +135,7 @@ STUDY |= _GUARD_STUDY
 #: 8 min instead of 5.5)
 STANDARD_ONLY = ("warm-up (s_t grows over half the epochs)", "paper loss, warm-up", "last stage only",
                  "last stage only, warm-up", "no non-target KL (keep 0)", "beta 5",
-                 "augment, beta 5", *_GUARD_STUDY)
+                 "augment, beta 5", "adaptive SAM (rho 2, FT-SAM's)", *_GUARD_STUDY)
 
 STANDARD_ARCHS = ("preact18-w8", "vit-e64d4", "mnv3-050", "hf-convnext")
 #: the standard suite's purification study (on its 10 % models): the paper's loss, the head
@@ -136,7 +143,8 @@ STANDARD_ARCHS = ("preact18-w8", "vit-e64d4", "mnv3-050", "hf-convnext")
 #: target's own clean samples weighed up
 STANDARD_STUDY = ["library default", "paper loss (scale 1, distill 0)", "head trained too",
                   "warm-up (s_t grows over half the epochs)", "paper loss, warm-up", "last stage only",
-                  "last stage only, warm-up", "no non-target KL (keep 0)", "beta 5", "target weight 10"]
+                  "last stage only, warm-up", "no non-target KL (keep 0)", "beta 5", "target weight 10",
+                  "SAM (rho 0.05)", "adaptive SAM (rho 2, FT-SAM's)"]
 
 SUITES: dict[str, dict[str, Any]] = {
     # the test's micro suite: 2 models, 1-2 epochs
@@ -188,7 +196,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "epochs": 1, "lr": 0.05, "bs": 128, "ft_epochs": 1, "nc_steps": 2, "nc_bs": 4, "ours_epochs": 2,
         "verify": {"n_images": 20, "steps": 6}, "verify_mask": {"steps": 3, "batch": 4},
         "study": ["library default", "paper loss (scale 1, distill 0)", "augment (shift + flip)",
-                  "SAM (rho 0.05)", "norm layers frozen"], "study_rates": [0.1],
+                  "SAM (rho 0.05)"], "study_rates": [0.1],
         "clean_fraction": 0.05, "group": 1, "stacked": False, "stats": "standard-smoke",
         "channels_last": True,
     },
@@ -205,8 +213,8 @@ SUITES: dict[str, dict[str, Any]] = {
     },
 }
 
-EVAL_VERSION = 6  # 4: detection and removal cached apart; several triggers per model; 5: the guarded
-# model; 6: the guarded model of every study variant
+EVAL_VERSION = 7  # 4: detection and removal cached apart; several triggers per model; 5: the guarded
+# model; 6: the guarded model of every study variant; 7: ours, FT and the study through purify()
 FT_BS = 64  # batch size of every fine-tune (the clean sets are small)
 WORKING_ASR = 0.5  # a backdoor "works" when its ASR before defense reaches this
 
@@ -255,16 +263,34 @@ def share(specs: list[dict[str, Any]], i: int, n: int) -> list[dict[str, Any]]:
     return [m for m in specs if m["id"] in mine]
 
 
-def finetune_variant(clf: Any, X: torch.Tensor, Y: torch.Tensor, p: dict[str, Any], s_t: np.ndarray,
-                     target: int, *, epochs: int | None = None) -> Any:
-    """``clf`` fine-tuned in place, one by one, with the purification settings ``p`` (OURS with a
-    study variant over it) against ``target``'s ``s_t`` (``epochs``: None, the library's default)."""
-    return core.finetune(
-        clf, X, Y, epochs=epochs, lr=p["lr"], bs=FT_BS, seed=0, train=p["train"], beta=p["beta"],
-        scale=p["scale"], distill=p["distill"], keep=p["keep"], s_t=s_t, target=target,
-        resolve_every=p["resolve_every"], freeze_norm=p["freeze_norm"], augment=p["augment"],
-        sam_rho=p["sam_rho"], norm_frozen=p["norm_frozen"], warmup=p["warmup"],
-        target_weight=p["target_weight"])
+def zoo_report(clf: Any, perturbations: np.ndarray, norms: np.ndarray) -> AuditReport:
+    """The harness's audit of ``clf`` (:func:`benchmarks.core.audit`: per class the latent change
+    ``perturbations (C, d)`` and its norm) as the report :func:`hub_backdoor.purify` takes; it
+    carries nothing the purification does not read (no verdict of a rule: the target is given)."""
+    W, b = clf.head_numpy()
+    rows = [ClassRow(index=k, name=str(k), norm=float(n), anomaly_index=0.0, flagged=False, n_reference=0)
+            for k, n in enumerate(np.asarray(norms, dtype=np.float64))]
+    return AuditReport(
+        verdict="clean", target=None, flagged=[], classes=rows,
+        model={"name": clf.name, "num_classes": clf.num_classes, "embed_dim": clf.embed_dim,
+               "head_sha256": head_fingerprint(W, b)},
+        params={"margin": 0.0}, data={}, timings={}, versions={}, seed=0, created="",
+        perturbations=np.asarray(perturbations))
+
+
+def purify_variant(clf: Any, X: torch.Tensor, Y: torch.Tensor, p: dict[str, Any], report: AuditReport,
+                   target: int, *, epochs: int | None = None, last: list[str] | None = None) -> Any:
+    """``clf`` purified by :func:`hub_backdoor.purify` with the settings ``p`` (OURS with a study
+    variant over it) against ``target``, on the clean set ``X``, ``Y`` (model inputs, so the
+    models' preprocessing is the identity) and all of it (no held-out part: the harness measures
+    on its own test set); ``epochs``: None, the library's default; ``last``: the prefixes
+    ``train="last"`` stands for. Returns the purified classifier; ``clf`` is left as it was."""
+    kw = {k: p[k] for k in PURIFY_OPTIONS}
+    if kw["train"] == "last":
+        kw["train"] = last
+    res = purify(clf, (X.cpu(), Y.cpu()), report=report, target=target, epochs=epochs, holdout=0.0,
+                 batch_size=FT_BS, seed=0, progress=False, device=clf.device, **kw)
+    return res.classifier
 
 
 def planted(spec: dict[str, Any]) -> list[tuple[str, int]]:
@@ -288,7 +314,8 @@ class Runner:
     def __init__(self, suite: str, device: torch.device, out: Path, log: bool = True,
                  cached_only: bool = False, stacked: bool = True) -> None:
         self.suite, self.cfg, self.dev, self.out = suite, SUITES[suite], device, out
-        # models trained / fine-tuned stacked (benchmarks/group.py) or one by one; a CPU suite sets
+        # the zoo's models and the NC / FST fine-tunes stacked (benchmarks/group.py) or one by one
+        # (purify() always runs one model at a time); a CPU suite sets
         # "stacked": False (on a CPU stacking measured 0.7-1.0x at real batch sizes)
         self.stacked = stacked and self.cfg.get("stacked", True)
         self.channels_last = not self.stacked and self.cfg.get("channels_last", False)
@@ -505,7 +532,8 @@ class Runner:
         trig = self.triggered(spec)[0]
         if "acc_target" not in rec["metrics"]["none"]:  # a detection record from before that field
             rec["metrics"]["none"] = core.evaluate(clf.model, self.Xte, self.Yte, *trig, spec["target"])
-        self.remove(spec, clf, z["perturbations"], rev, rec["detection"], rec, trig)
+        self.remove(spec, clf, zoo_report(clf, z["perturbations"], z["norms"]), rev, rec["detection"], rec,
+                    trig)
         rec["eval_seconds"] = rec.get("eval_seconds", 0.0) + time.perf_counter() - t_model
         _write_json(folder / "eval.json", rec)
         self.counters["evaluated"] += 1
@@ -606,84 +634,71 @@ class Runner:
         core.sync(self.dev)
         rec["phases"][phase] = rec["phases"].get(phase, 0.0) + time.perf_counter() - t0
 
-    def remove(self, spec: dict[str, Any], clf: Any, perturbations: np.ndarray, rev: dict[str, Any],
+    def purified(self, spec: dict[str, Any], clf: Any, report: AuditReport, p: dict[str, Any], k: int,
+                 epochs: int | None = None) -> Any:
+        """``spec``'s model ``clf`` purified by :func:`hub_backdoor.purify` with settings ``p``
+        against class ``k`` on the defender's clean set (what :meth:`remove` measures; ``epochs``:
+        ``p``'s, else the suite's ``ours_epochs``, else the library's default)."""
+        return purify_variant(clf, self.Xc, self.Yc, p, report, k,
+                              epochs=epochs or p["epochs"] or self.cfg.get("ours_epochs"),
+                              last=ARCHS[spec["arch"]]["last"])
+
+    def remove(self, spec: dict[str, Any], clf: Any, report: AuditReport, rev: dict[str, Any],
                flagged: dict[str, list[int]], rec: dict[str, Any], trig: tuple[Any, Any]) -> None:
-        """Every removal of one backdoored model: ours (for each class some rule flags first, and
-        for the true target), FT, NC unlearning, FST and the purification study's variants as
-        fine-tunes of one group per number of epochs; CLP and the study's variants that cannot
-        share a group (frozen BatchNorm, re-solving s_t) one by one."""
+        """Every removal of one backdoored model: ours through :func:`hub_backdoor.purify` (for
+        each class some rule flags first, and for the true target), FT (purify's loop with no
+        latent or KL term, every layer trained) and the purification study's variants, one by
+        one; NC unlearning and FST (baselines with their own losses) as fine-tunes of one group;
+        CLP."""
         cfg, target = self.cfg, spec["target"]
+        perturbations = np.asarray(report.perturbations)
 
         def ev_model(c: Any) -> dict[str, float]:
             return core.evaluate(c.model, self.Xte, self.Yte, *trig, target)
-
-        def ev_group(cs: list[Any]) -> list[dict[str, float]]:
-            return group.evaluate(cs, self.Xte, self.Yte, *trig, target, stacked=self.stacked)
-
-        jobs: list[tuple[tuple[str, str], int, group.Member]] = []  # ((where, name), epochs, member)
-
-        def ours(p: dict[str, Any], k: int) -> tuple[int, group.Member]:
-            train = ARCHS[spec["arch"]]["last"] if p["train"] == "last" else p["train"]
-            epochs = p["epochs"] or cfg.get("ours_epochs") or auto_epochs(core.n_steps(len(self.Xc), FT_BS))
-            return epochs, group.Member(clf=clf.copy(), lr=p["lr"], train=train, beta=p["beta"],
-                                        scale=p["scale"], distill=p["distill"], keep=p["keep"], target=k,
-                                        s_t=perturbations[k], warmup=p["warmup"],
-                                        target_weight=p["target_weight"])
-
-        for k in sorted({target} | {f[0] for f in flagged.values() if f}):
-            jobs.append((("ours_by_class", str(k)), *ours(OURS, k)))
-        jobs.append((("metrics", "ft"), cfg["ft_epochs"], group.Member(clf=clf.copy(), lr=OURS["lr"])))
-        nc = baselines.nc_unlearn(clf.copy(), rev, lr=OURS["lr"])
-        if nc is not None:
-            jobs.append((("metrics", "nc"), cfg["ft_epochs"], nc))
-        else:
-            rec["metrics"]["nc"] = rec["metrics"]["none"]  # nothing flagged: the model is left as it is
-        fst = baselines.fst_member(clf.copy(), lr=0.01)  # FST's own learning rate
-        jobs.append((("metrics", "fst"), cfg["ft_epochs"], fst))
-        in_study = spec["rate"] in cfg.get("study_rates", [spec["rate"]]) and any(
-            fnmatch.fnmatch(spec["id"], pat) for pat in cfg.get("study_models", ["*"]))
-        study = cfg["study"] if in_study else []
-        alone = []
-        for name in study:
-            p = {**OURS, **STUDY[name]}
-            if not STUDY[name]:
-                continue  # the library default: ours on the true target, copied below
-            if any(p[k] for k in ALONE_KEYS):
-                alone.append(name)
-            else:
-                jobs.append((("study", name), *ours(p, target)))
-        for epochs in sorted({e for _, e, _ in jobs}):
-            part = [(where, m) for where, e, m in jobs if e == epochs]
-            with self.timed(rec, "fine-tunes (stacked)" if self.stacked else "fine-tunes"):
-                group.fit([m for _, m in part], self.Xc, self.Yc, epochs=epochs, bs=FT_BS,
-                          stacked=self.stacked)
-            with self.timed(rec, "evaluations"):
-                evs = ev_group([m.clf for _, m in part])
-            for ((where, name), _), ev in zip(part, evs):
-                rec[where][name] = ev
 
         def guarded(c: Any, k: int) -> dict[str, float]:  # the original unless it says k
             fn = core.guarded_predict(clf.model, c.model, k)
             return core.metrics(fn, self.Xte, self.Yte, *trig, target)
 
+        for k in sorted({target} | {f[0] for f in flagged.values() if f}):
+            with self.timed(rec, "purification (purify())"):
+                c = self.purified(spec, clf, report, OURS, k)
+            with self.timed(rec, "evaluations"):
+                rec["ours_by_class"][str(k)] = ev_model(c)
+                rec["guarded_by_class"][str(k)] = guarded(c, k)
+        with self.timed(rec, "purification (purify())"):
+            ft = self.purified(spec, clf, report, FT, target, epochs=cfg["ft_epochs"])
         with self.timed(rec, "evaluations"):
-            for (where, k), _, m in jobs:
-                if where == "ours_by_class":
-                    rec["guarded_by_class"][k] = guarded(m.clf, int(k))
-                elif where == "study":
-                    rec["study_guarded"][k] = guarded(m.clf, target)
-        for name in study:
-            if not STUDY[name]:
+            rec["metrics"]["ft"] = ev_model(ft)
+
+        # the baselines with losses of their own, stacked where the suite stacks
+        jobs: list[tuple[str, group.Member]] = []
+        nc = baselines.nc_unlearn(clf.copy(), rev, lr=OURS["lr"])
+        if nc is not None:
+            jobs.append(("nc", nc))
+        else:
+            rec["metrics"]["nc"] = rec["metrics"]["none"]  # nothing flagged: the model is left as it is
+        jobs.append(("fst", baselines.fst_member(clf.copy(), lr=0.01)))  # FST's own learning rate
+        with self.timed(rec, "fine-tunes (stacked)" if self.stacked else "fine-tunes"):
+            group.fit([m for _, m in jobs], self.Xc, self.Yc, epochs=cfg["ft_epochs"], bs=FT_BS,
+                      stacked=self.stacked)
+        with self.timed(rec, "evaluations"):
+            for (name, _), ev in zip(jobs, group.evaluate([m.clf for _, m in jobs], self.Xte, self.Yte, *trig,
+                                                          target, stacked=self.stacked)):
+                rec["metrics"][name] = ev
+
+        in_study = spec["rate"] in cfg.get("study_rates", [spec["rate"]]) and any(
+            fnmatch.fnmatch(spec["id"], pat) for pat in cfg.get("study_models", ["*"]))
+        for name in cfg["study"] if in_study else []:
+            if not STUDY[name]:  # the library default: ours on the true target
                 rec["study"][name] = rec["ours_by_class"][str(target)]
                 rec["study_guarded"][name] = rec["guarded_by_class"][str(target)]
-        for name in alone:
-            p = {**OURS, **STUDY[name]}
-            with self.timed(rec, "fine-tunes (alone: frozen BN, re-solve)"):
-                tuned = finetune_variant(clf.copy(), self.Xc, self.Yc, p, perturbations[target], target,
-                                         epochs=p["epochs"] or cfg.get("ours_epochs"))
+                continue
+            with self.timed(rec, "purification (purify())"):
+                c = self.purified(spec, clf, report, {**OURS, **STUDY[name]}, target)
             with self.timed(rec, "evaluations"):
-                rec["study"][name] = ev_model(tuned)
-                rec["study_guarded"][name] = guarded(tuned, target)
+                rec["study"][name] = ev_model(c)
+                rec["study_guarded"][name] = guarded(c, target)
         with self.timed(rec, "evaluations"):
             rec["metrics"]["head blind to s_t (reference)"] = ev_model(
                 baselines.erase_direction(clf.copy(), perturbations[target], self.Xc))
@@ -1069,7 +1084,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="with --workers: evaluate only the models whose id matches this pattern "
                          "(e.g. '*-10pct'); the tables still cover every cached model")
     ap.add_argument("--one-by-one", action="store_true",
-                    help="train and fine-tune each model alone instead of stacked (same results to rounding)")
+                    help="train each model and run each baseline fine-tune (NC, FST) alone instead of "
+                         "stacked (same results to rounding)")
     ap.add_argument("--phase", choices=("detect", "all"), default="all",
                     help="detect: train, audit and score every detection rule only (no removal)")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/n": one worker's share

@@ -350,34 +350,32 @@ def _kernels(fn: Any) -> int:
 
 def bench_group(*, arch: str, sizes: list[int], steps: int = 6, device: str = "cpu", mode: str = "finetune",
                 sink: list[dict[str, Any]]) -> None:
-    """G models run one by one (:mod:`benchmarks.core`'s loops) and as one stacked group of G
+    """G models run one by one (the reference loops) and as one stacked group of G
     (:func:`benchmarks.group.fit`), side by side: wall seconds per model and step, and on CUDA
     the kernels launched per model and step (the ratios are what stacking saves). ``mode``:
-    "finetune" (this project's loss, frozen head, distillation; batch 64, shared data) or "train"
+    "finetune" (a baseline's fine-tune: cross-entropy, every layer; batch 64, shared data) or "train"
     (the zoo's training: cross-entropy, batch 256, each model its own data). 32x32 inputs. Setup
     (copying and stacking the weights) is inside the timing."""
-    from benchmarks import core, group
+    from benchmarks import baselines, core, group
     from benchmarks.models import build
 
     dev = torch.device(device)
     bs = 64 if mode == "finetune" else 256
     X = torch.randn(bs * steps, 1, 32, 32, device=dev)
     Y = torch.randint(0, 10, (bs * steps,), device=dev)
-    kw = {"lr": 0.003, "train": "backbone", "beta": 10.0, "scale": 2.0, "distill": 3.0}
     src = build(arch, 10, 1, 32, seed=0)
     src.model.to(dev)
-    s_t = np.ones(src.embed_dim)
 
     def alone(g: int) -> None:
         for i in range(g):
             if mode == "finetune":
-                core.finetune(src.copy(), X, Y, epochs=1, bs=bs, seed=0, s_t=s_t, **kw)
+                baselines.unlearn_train(src.copy(), X, Y, epochs=1, lr=0.003, bs=bs, seed=0)
             else:
                 core.train_model(src.copy(), X, Y, epochs=1, lr=0.05, bs=bs, seed=i)
 
     def grouped(g: int) -> None:
         if mode == "finetune":
-            members = [group.Member(clf=src.copy(), s_t=s_t, **kw) for _ in range(g)]
+            members = [group.Member(clf=src.copy(), lr=0.003) for _ in range(g)]
             group.fit(members, X, Y, epochs=1, bs=bs)
         else:  # own data each (the same tensor: the gather is what counts)
             members = [group.Member(clf=src.copy(), lr=0.05, seed=i, X=X, Y=Y) for i in range(g)]

@@ -355,6 +355,33 @@ def broadcast_module(module: torch.nn.Module, dist: Dist, src: int = 0) -> None:
             t.copy_(buf.to(t.device))
 
 
+def _sharpness_aware(step: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]], x: torch.Tensor,
+                     y: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                     sync: GradientSync, rho: float, adaptive: bool = False) -> None:
+    """Replace the gradients of ``params`` by those at ``w + e`` and leave the weights at ``w``:
+    SAM's ``e = rho g / ||g||``, or with ``adaptive`` ASAM's ``e = rho T^2 g / ||T g||`` with
+    ``T = |w|`` elementwise (Kwon et al., 2021), so each weight moves in proportion to its size."""
+    grads = [p.grad for p in params]
+    if all(g is None for g in grads):
+        return
+    with torch.no_grad():
+        scaled = [None if g is None else (p.abs() * g if adaptive else g) for p, g in zip(params, grads)]
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(t) for t in scaled if t is not None])).clamp_min(1e-12)
+        moves = [None if t is None else (p.abs() * t if adaptive else t) * (rho / norm)
+                 for p, t in zip(params, scaled)]
+        for p, e in zip(params, moves):
+            if e is not None:
+                p.add_(e)
+    optimizer.zero_grad(set_to_none=True)
+    step(x, y)["loss"].backward()
+    sync()  # averaged as the first gradient was: every process moves and steps alike
+    with torch.no_grad():
+        for p, e in zip(params, moves):
+            if e is not None:
+                p.sub_(e)
+
+
 def finetune_loop(
     step: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
     loader: torch.utils.data.DataLoader,
@@ -369,6 +396,9 @@ def finetune_loop(
     before_epoch: Callable[[int], None] | None = None,
     progress: bool = False,
     model: torch.nn.Module | None = None,
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sam_rho: float = 0.0,
+    sam_adaptive: bool = False,
 ) -> list[dict[str, float]]:
     """A training loop that runs the same on one or several processes (DDP semantics).
 
@@ -381,6 +411,13 @@ def finetune_loop(
         before_epoch: called with the epoch index before each epoch (e.g. to re-solve s_t, to
             set train mode / freeze BatchNorm); it runs on every process.
         model: when given, rank 0's parameters and buffers are broadcast at the start and the end.
+        batch_transform: applied to each batch of inputs (on ``device``) before ``step`` sees it,
+            once per batch (e.g. random augmentation).
+        sam_rho: > 0: sharpness-aware minimisation (Foret et al., 2021): each step uses the
+            gradient taken at the weights moved by ``sam_rho`` along the normalised (averaged)
+            gradient, then the weights move back and the optimizer steps from where they were.
+            It costs a second forward and backward pass per step. ``sam_adaptive``: the move is
+            ASAM's, scaled per weight by its magnitude (``sam_rho`` is then relative to it).
 
     Returns:
         One dict per epoch: ``epoch`` and the sample-weighted mean of each loss over all processes.
@@ -407,10 +444,14 @@ def finetune_loop(
         for x, y in loader:
             if device is not None:
                 x, y = x.to(device), y.to(device)
+            if batch_transform is not None:
+                x = batch_transform(x)
             losses = step(x, y)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             sync()
+            if sam_rho > 0:
+                _sharpness_aware(step, x, y, params, optimizer, sync, sam_rho, sam_adaptive)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

@@ -28,9 +28,10 @@ weights bit for bit on a CPU of the same kind (docs/purification.md, "Reproducib
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,7 @@ from .validation import check_purify_options, check_report_matches
 
 __all__ = [
     "PurifyResult", "auto_epochs", "head_parameters", "last_stage_prefixes", "purification_loss",
-    "purify", "trainable_parameters", "warmup_factor",
+    "purify", "shift_flip", "trainable_parameters", "warmup_factor",
 ]
 
 
@@ -317,6 +318,9 @@ def purify(
     max_samples: int | None = None,
     max_accuracy_drop: float = 0.01,
     threads: int = int(PURIFY["threads"]),
+    augment: bool = False,
+    sam_rho: float = 0.0,
+    sam_adaptive: bool = False,
     **load_kw: Any,
 ) -> PurifyResult:
     """Fine-tune a copy of the model so the reconstructed trigger no longer flips its predictions.
@@ -365,6 +369,15 @@ def purify(
             options and ``threads`` give identical weights on a CPU of the same kind. More threads
             can be faster on an idle many-core machine; the count is recorded in :attr:`params`
             (``threads``, with ``determinism``). Not used on a GPU (``determinism`` then says so).
+        augment: shift each fine-tuning image by up to 2 pixels (zero padding) and flip it left to
+            right with probability 1/2, drawn from ``seed``: a few hundred clean images are
+            otherwise memorised.
+        sam_rho: > 0: sharpness-aware minimisation (the optimiser of FT-SAM, Zhu et al., ICCV
+            2023): each step takes the gradient at the weights moved by ``sam_rho`` along the
+            normalised gradient (a second forward and backward pass per step); 0: plain SGD.
+        sam_adaptive: with ``sam_rho`` > 0, adaptive SAM (ASAM, Kwon et al., 2021), the variant
+            FT-SAM runs: each weight's move is scaled by its magnitude, so ``sam_rho`` is relative
+            (FT-SAM's published setting is 2.0; plain SAM's usual one is 0.05).
 
     Raises:
         OptionError: an option is out of range (before anything is loaded); ReportError:
@@ -375,7 +388,7 @@ def purify(
         beta=beta, scale=scale, distill=distill, lr=lr, epochs=epochs, holdout=holdout,
         batch_size=batch_size, seed=seed, max_samples=max_samples, resolve_every=resolve_every,
         device=device, warmup=warmup, keep=keep, target_weight=target_weight,
-        max_accuracy_drop=max_accuracy_drop, threads=threads,
+        max_accuracy_drop=max_accuracy_drop, threads=threads, sam_rho=sam_rho,
     )
     torch.manual_seed(seed)
     original = load_classifier(source, **load_kw)
@@ -468,10 +481,15 @@ def purify(
         )
         return {"loss": loss, "loss_clean": loss_clean, "loss_trigger": loss_trig}
 
+    augment_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    if augment:
+        augment_fn = partial(shift_flip, generator=torch.Generator().manual_seed(seed))
+
     with _fixed_threads(run_threads):
         history = finetune_loop(
             step, loader, opt, params=params, epochs=epochs, dist=dist, scheduler=sched,
             device=clf.device, seed=seed, before_epoch=before_epoch, progress=progress, model=clf.model,
+            batch_transform=augment_fn, sam_rho=sam_rho, sam_adaptive=sam_adaptive,
         )
     for h in history:
         h.pop("loss", None)
@@ -502,6 +520,7 @@ def purify(
             "holdout": holdout, "resolve_every": resolve_every, "freeze_norm": freeze_norm,
             "distill": distill, "keep": keep, "warmup": warmup, "target_weight": target_weight,
             "seed": seed, "max_accuracy_drop": max_accuracy_drop,
+            "augment": augment, "sam_rho": sam_rho, "sam_adaptive": sam_adaptive,
             "threads": run_threads, "determinism": determinism, "processes": dist.world,
         },
         report=report,
@@ -510,6 +529,18 @@ def purify(
         max_accuracy_drop=float(max_accuracy_drop),
         original=original,
     )
+
+
+def shift_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Each image of ``x (B, channels, H, W)`` shifted by up to ``pad`` pixels (zero padding) and
+    flipped left to right with probability 1/2, drawn from ``generator`` (a CPU generator)."""
+    B, _, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=generator).tolist()
+    flip = torch.rand(B, generator=generator) < 0.5
+    out = torch.stack([xp[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
+    return torch.where(flip.to(x.device)[:, None, None, None], out.flip(3), out)
 
 
 @contextmanager

@@ -183,6 +183,7 @@ def check_purify_options(
     target_weight: Any = 1.0,
     max_accuracy_drop: Any = 0.01,
     threads: Any = 1,
+    sam_rho: Any = 0.0,
 ) -> None:
     """The options of :func:`hub_backdoor.purify` (and ``hub-backdoor purify``); the accuracy
     budget ``max_accuracy_drop`` is a share (the CLI's ``--max-accuracy-drop`` is in points)."""
@@ -192,6 +193,7 @@ def check_purify_options(
     check_number(distill, "distill", ge=0)
     check_number(keep, "keep", ge=0)
     check_number(target_weight, "target_weight", gt=0)
+    check_number(sam_rho, "sam_rho", ge=0)
     check_number(max_accuracy_drop, "max_accuracy_drop", ge=0, le=1)
     check_number(lr, "lr", gt=0)
     if epochs is not None:

@@ -172,3 +172,71 @@ def test_same_seed_and_data_give_identical_weights_at_1_and_2_threads():
     assert flags[flags.index("--threads") + 1] == "2"
     with pytest.raises(Exception, match="threads"):
         purify(TorchClassifier(w.make_model(), head="6"), w.make_data(), target=1, threads=0, progress=False)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_rho_takes_the_gradient_at_the_perturbed_weights(adaptive):
+    """finetune_loop's sharpness-aware step: the update is SGD's with the gradient taken at
+    ``w + rho g / ||g||`` (adaptive: ``w + rho |w|^2 g / || |w| g ||``), and the weights are not
+    left at the perturbed point."""
+    from hub_backdoor.distributed import finetune_loop
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    lin = torch.nn.Linear(3, 2)
+    w0 = [p.detach().clone() for p in lin.parameters()]
+    rho, lr = 0.5, 0.1
+
+    def loss_at(params):
+        return torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, *params), y)
+
+    p0 = [t.clone().requires_grad_() for t in w0]
+    g = torch.autograd.grad(loss_at(p0), p0)
+    T = [t.abs() if adaptive else torch.ones_like(t) for t in w0]
+    norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(T, g)))
+    p1 = [(t + rho * ti * ti * gi / norm).requires_grad_() for t, ti, gi in zip(w0, T, g)]
+    g_sam = torch.autograd.grad(loss_at(p1), p1)
+    want = [t - lr * gi for t, gi in zip(w0, g_sam)]
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    opt = torch.optim.SGD(lin.parameters(), lr=lr)
+    finetune_loop(lambda xb, yb: {"loss": torch.nn.functional.cross_entropy(lin(xb), yb)}, loader, opt,
+                  params=list(lin.parameters()), epochs=1, sam_rho=rho, sam_adaptive=adaptive)
+    for p, t in zip(lin.parameters(), want):
+        torch.testing.assert_close(p.detach(), t, rtol=1e-5, atol=1e-6)
+    plain = [t - lr * gi for t, gi in zip(w0, g)]
+    assert any(float((p.detach() - t).abs().max()) > 1e-4 for p, t in zip(lin.parameters(), plain))
+
+
+def test_sam_and_augment_are_options_that_change_the_weights_only_when_set():
+    """``sam_rho=0`` and ``augment=False`` are purify's plain loop (the same weights as without the
+    options); set, they change the weights, repeatably, and the record names them."""
+    res, plain = _purified(1)
+    _, off = _purified(1, sam_rho=0.0, augment=False)
+    assert all(torch.equal(plain[k], off[k]) for k in plain)
+    assert res.params["sam_rho"] == 0.0 and res.params["augment"] is False
+    for kw in ({"sam_rho": 0.05}, {"sam_rho": 0.5, "sam_adaptive": True}, {"augment": True}):
+        res_on, on = _purified(1, **kw)
+        _, again = _purified(1, **kw)
+        assert any(not torch.equal(plain[k], on[k]) for k in plain), kw
+        assert all(torch.equal(on[k], again[k]) for k in on), kw
+        assert all(res_on.params[k] == v for k, v in kw.items())
+    with pytest.raises(Exception, match="sam_rho"):
+        purify(TorchClassifier(w.make_model(), head="6"), w.make_data(), target=1, sam_rho=-1.0,
+               progress=False)
+
+
+def test_shift_flip_moves_pixels_within_the_padding():
+    from hub_backdoor.purification import shift_flip
+
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6) + 1
+    g = torch.Generator().manual_seed(0)
+    outs = [shift_flip(x, g) for _ in range(8)]
+    assert all(o.shape == x.shape for o in outs)
+    assert any(not torch.equal(o, x) for o in outs)
+    for o in outs:  # every pixel kept comes from the same image, 2 pixels away at most (or mirrored)
+        for i in range(2):
+            kept = o[i][o[i] > 0]
+            assert set(kept.tolist()) <= set(x[i].flatten().tolist())
+    torch.testing.assert_close(shift_flip(x, torch.Generator().manual_seed(3)),
+                               shift_flip(x, torch.Generator().manual_seed(3)))
