@@ -23,6 +23,9 @@ PURIFY: dict[str, float | int | str] = {
     "warmup": 0.0,  # share of the epochs over which scale * s_t grows from 0; 0 is the paper
     "target_weight": 1.0,  # clean-CE weight of the target class's own samples; 1 is the paper
     "train": "backbone",  # the linear head stays as it is; "all" trains it too
+    "augment": False,  # random 2-pixel shifts and flips of the fine-tuning images
+    "sam_rho": 0.0,  # > 0: sharpness-aware minimisation (FT-SAM's optimiser); 0 is plain SGD
+    "sam_adaptive": False,  # with sam_rho: adaptive SAM, the variant FT-SAM runs
     # CPU threads the fine-tuning runs at, whatever torch's setting: a CPU backward pass reduces
     # in a thread-dependent order, so a fixed count makes the weights repeatable; one thread never
     # oversubscribes a small or shared machine

@@ -389,7 +389,7 @@ def _check_purify(
         check_repo_id(destination.push_to)
 
     full = {**{k: PURIFY[k] for k in ("beta", "scale", "distill", "lr", "warmup", "keep", "target_weight",
-                                      "threads")},
+                                      "threads", "sam_rho")},
             "epochs": None, "holdout": 0.2, **purify}
     if full["holdout"] < 0 or full["holdout"] >= 1:
         raise HubBackdoorError(f"--holdout {full['holdout']} must be in [0, 1)")
@@ -399,7 +399,7 @@ def _check_purify(
                           "holds part of it out; pass a split that fits, e.g. with --max-samples")
     check_purify_options(
         **{k: full[k] for k in ("beta", "scale", "distill", "lr", "epochs", "holdout", "warmup", "keep",
-                                "target_weight", "threads")},
+                                "target_weight", "threads", "sam_rho")},
         batch_size=options.batch_size, seed=options.seed, max_samples=options.max_samples,
         device=options.device,
     )

@@ -362,6 +362,10 @@ def purify_flags(result: PurifyResult) -> list[str]:
             out += [flag, str(p[key])]
     if isinstance(p.get("train"), str) and p["train"] != PURIFY["train"]:
         out += ["--train", str(p["train"])]
+    if p.get("sam_rho") and p["sam_rho"] != PURIFY["sam_rho"]:
+        out += ["--sam-rho", str(p["sam_rho"])] + (["--sam-adaptive"] if p.get("sam_adaptive") else [])
+    if p.get("augment"):
+        out += ["--augment"]
     if "max_accuracy_drop" in p and p["max_accuracy_drop"] != 0.01:
         out += ["--max-accuracy-drop", f"{100 * float(p['max_accuracy_drop']):g}"]
     if str(p.get("determinism", "")).startswith("cpu") and p.get("threads") != PURIFY["threads"]:

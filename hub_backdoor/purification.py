@@ -318,9 +318,9 @@ def purify(
     max_samples: int | None = None,
     max_accuracy_drop: float = 0.01,
     threads: int = int(PURIFY["threads"]),
-    augment: bool = False,
-    sam_rho: float = 0.0,
-    sam_adaptive: bool = False,
+    augment: bool = bool(PURIFY["augment"]),
+    sam_rho: float = float(PURIFY["sam_rho"]),
+    sam_adaptive: bool = bool(PURIFY["sam_adaptive"]),
     **load_kw: Any,
 ) -> PurifyResult:
     """Fine-tune a copy of the model so the reconstructed trigger no longer flips its predictions.

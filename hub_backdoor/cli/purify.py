@@ -74,6 +74,13 @@ def _purification_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train", choices=["backbone", "last-stage", "all"], default=d["train"],
                    help=f"parameters that change: the backbone (head frozen), only its last stage, or "
                         f"all (default {d['train']})")
+    g.add_argument("--augment", action="store_true",
+                   help="shift each fine-tuning image by up to 2 pixels and flip it (default off)")
+    g.add_argument("--sam-rho", type=float, default=d["sam_rho"], metavar="RHO",
+                   help=f"sharpness-aware minimisation with this radius, the optimiser of FT-SAM (default "
+                        f"{d['sam_rho']}: off)")
+    g.add_argument("--sam-adaptive", action="store_true",
+                   help="with --sam-rho: adaptive SAM, the variant FT-SAM runs (RHO is then relative)")
     g.add_argument(
         "--holdout",
         type=float,
@@ -98,7 +105,7 @@ def _purification_options(p: argparse.ArgumentParser) -> None:
 
 #: The purify flags that are keywords of :func:`hub_backdoor.purify`.
 _PURIFY_KEYS = ("beta", "scale", "distill", "keep", "warmup", "epochs", "lr", "target_weight", "train",
-                "holdout", "threads")
+                "holdout", "threads", "augment", "sam_rho", "sam_adaptive")
 
 
 def run(args: argparse.Namespace, ui: UI) -> int:
