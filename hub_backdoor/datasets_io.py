@@ -105,10 +105,8 @@ def load_reference_dataset(
         loaded = _load_local(path, spec, split)
     elif looks_like_path(spec):
         raise DatasetError(f"dataset folder {spec} does not exist")
-    elif streaming:
-        loaded = _stream_hub(spec, split, token)
     else:
-        loaded = _load_hub(spec, split, token)
+        loaded = _load_hub(spec, split, token, streaming)
     if streaming and loaded.kind != "hub":
         loaded.dataset = loaded.dataset.to_iterable_dataset()
     loaded.from_card = from_card
@@ -208,61 +206,49 @@ def _apply(dd: Any, instructions: list[Any]) -> Any:
 
 
 # -- Hub ----------------------------------------------------------------------------------------------
-def _load_hub(spec: str, split: str | None, token: str | bool | None) -> LoadedDataset:
+def _load_hub(
+    spec: str, split: str | None, token: str | bool | None, streaming: bool = False
+) -> LoadedDataset:
+    """A Hub split, loaded (indexable) or (``streaming``) as a stream; a streamed slice must be
+    absolute (``test[:5000]``, ``test[100:600]``): a stream's length is unknown until it is read."""
     import datasets
 
     repo_id, revision = parse_repo_ref(spec)
     check_repo_id(repo_id)
     where = f"'{repo_id}'" + (f"@{revision}" if revision else "")
-    try:
-        if split is None:
-            names = datasets.get_dataset_split_names(repo_id, revision=revision, token=token)
-            split = next((s for s in PREFERRED_SPLITS if s in names), names[0] if len(names) == 1 else None)
-            if split is None:
-                raise DatasetError(f"dataset {where} has splits {names}; choose one with --split")
-        ds = datasets.load_dataset(repo_id, split=split, revision=revision, token=token)
-    except HubBackdoorError:
-        raise
-    except Exception as e:  # mapped below; anything unknown is re-raised
-        _raise_dataset_error(e, repo_id, revision, split, where)
-    if isinstance(ds, datasets.IterableDataset) or not isinstance(ds, datasets.Dataset):
-        raise DatasetError(f"dataset {where} did not load as one indexable split")
-    return LoadedDataset(ds, repo_id, "hub", split, revision)
-
-
-def _stream_hub(spec: str, split: str | None, token: str | bool | None) -> LoadedDataset:
-    """A Hub split as a stream; a slice must be absolute (``test[:5000]``, ``test[100:600]``): a
-    stream's length is unknown until it is read."""
-    import datasets
-
-    repo_id, revision = parse_repo_ref(spec)
-    check_repo_id(repo_id)
-    where = f"'{repo_id}'" + (f"@{revision}" if revision else "")
-    m = re.match(r"^\s*([\w.-]+)\s*(?:\[\s*(\d*)\s*:\s*(\d*)\s*\])?\s*$", split or "")
-    if split is not None and m is None:
-        raise DatasetError(f"--split {split!r} with --streaming: name one split with an optional absolute "
-                           "slice, e.g. test or test[:5000]")
-    name = m.group(1) if m else None
-    start = int(m.group(2)) if m and m.group(2) else 0
-    stop = int(m.group(3)) if m and m.group(3) else None
+    name, start, stop = (_stream_slice(split) if streaming else (split, 0, None))
     try:
         if name is None:
             names = datasets.get_dataset_split_names(repo_id, revision=revision, token=token)
             name = next((s for s in PREFERRED_SPLITS if s in names), names[0] if len(names) == 1 else None)
             if name is None:
                 raise DatasetError(f"dataset {where} has splits {names}; choose one with --split")
-        ds = datasets.load_dataset(repo_id, split=name, revision=revision, token=token, streaming=True)
+        ds = datasets.load_dataset(repo_id, split=name, revision=revision, token=token, streaming=streaming)
     except HubBackdoorError:
         raise
     except Exception as e:  # mapped below; anything unknown is re-raised
         _raise_dataset_error(e, repo_id, revision, name, where)
-    if start:
-        ds = ds.skip(start)
-    if stop is not None:
-        if stop <= start:
-            raise DatasetError(f"--split {split!r} selects no rows")
-        ds = ds.take(stop - start)
+    if streaming:
+        ds = ds.skip(start) if start else ds
+        ds = ds.take(stop - start) if stop is not None else ds
+    elif isinstance(ds, datasets.IterableDataset) or not isinstance(ds, datasets.Dataset):
+        raise DatasetError(f"dataset {where} did not load as one indexable split")
     return LoadedDataset(ds, repo_id, "hub", split or name, revision)
+
+
+def _stream_slice(split: str | None) -> tuple[str | None, int, int | None]:
+    """``test[100:600]`` -> ``("test", 100, 600)``: the split name and an absolute slice."""
+    m = re.match(r"^\s*([\w.-]+)\s*(?:\[\s*(\d*)\s*:\s*(\d*)\s*\])?\s*$", split or "")
+    if split is None:
+        return None, 0, None
+    if m is None:
+        raise DatasetError(f"--split {split!r} with --streaming: name one split with an optional absolute "
+                           "slice, e.g. test or test[:5000]")
+    start = int(m.group(2)) if m.group(2) else 0
+    stop = int(m.group(3)) if m.group(3) else None
+    if stop is not None and stop <= start:
+        raise DatasetError(f"--split {split!r} selects no rows")
+    return m.group(1), start, stop
 
 
 def _raise_dataset_error(
