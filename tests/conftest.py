@@ -47,6 +47,14 @@ os.environ.update(
 )
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `./dev test` runs two workers on two cores: one torch thread each, so they do not fight over
+    # the cores (two threads each made the heaviest files slower than one process alone)
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def local_hub() -> LocalHub:
     """The session's in-memory Hub (its ``endpoint`` is ``HF_ENDPOINT``)."""
