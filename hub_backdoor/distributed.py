@@ -114,11 +114,11 @@ class Dist:
             return tensor.clone()
         import torch.distributed as tdist
 
-        reduce_ops = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}
-        if op not in reduce_ops:
+        kinds = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}
+        if op not in kinds:
             raise ValueError(f"all_reduce: op must be 'sum' or 'max', got {op!r}")
         out = tensor.detach().to(self._comm_device()).clone()
-        tdist.all_reduce(out, op=reduce_ops[op])
+        tdist.all_reduce(out, op=kinds[op])
         return out.to(tensor.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
