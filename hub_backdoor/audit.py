@@ -182,7 +182,8 @@ def audit(
                                     device=clf.device)
             classes = screened_classes(rec.norms, rec.perturbations, ref.h_std, top=verify_top)
             if "input" in needs:
-                ver = verify_input_space(clf, x, y, classes=classes, seed=seed, progress=progress)
+                ver = verify_input_space(clf, x, y, classes=classes, n_images=verify_images, seed=seed,
+                                         progress=progress)
             if "mask" in needs:
                 mask = verify_mask(clf, x, y, classes=classes, seed=seed, progress=progress)
         C = clf.num_classes

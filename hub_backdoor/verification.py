@@ -103,9 +103,13 @@ def _bar(progress: bool, total: int, desc: str, unit: str) -> Iterator[Any]:
 
 
 def _stratified(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices of about ``n`` samples, as many of each label as the data allow (seeded)."""
+    """Indices of about ``n`` samples, as many of each label as the data allow (seeded); with more
+    labels than ``n``, one sample from each of ``n`` labels drawn at random, so that the cost of
+    what runs on the sample does not grow with the number of classes."""
     rng = np.random.default_rng(seed)
     labels = np.unique(y)
+    if len(labels) > n > 0:
+        labels = np.sort(rng.choice(labels, size=n, replace=False))
     per = max(1, n // max(1, len(labels)))
     idx = [rng.permutation(np.flatnonzero(y == c))[:per] for c in labels]
     return np.sort(np.concatenate(idx)) if idx else np.zeros(0, dtype=np.int64)

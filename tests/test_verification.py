@@ -97,6 +97,10 @@ def test_many_classes_search_only_the_latent_screens_candidates():
                    min_reference_accuracy=0.0)
     searched = [r.index for r in report.classes if r.input_bound is not None]
     assert len(searched) == VERIFY_TOP and len(report.classes) == C
+    # the search's images are the option's count, not one per class: its cost must not grow with C
+    small = audit(TorchClassifier(net, head="4"), (x, y), rule="input-gap", progress=False,
+                  min_reference_accuracy=0.0, verify_images=12)
+    assert next(st["images"] for st in small.evidence["stages"] if st["stage"] == "additive verification") == 12
 
 
 def test_the_search_leaves_a_conv_models_parameters_as_they_were():
