@@ -15,10 +15,10 @@ from .calibration import load_calibration
 from .data import ReferenceData, StreamingReference, reference_data
 from .defaults import VERIFY
 from .detection import AUDIT_RULES, REGISTRY, DetectionInput, detect
-from .distributed import reconstruct_distributed, resolve
+from .distributed import resolve
 from .embeddings import ReferencePass, reference_pass
 from .errors import OptionError
-from .reconstruction import Reconstruction
+from .reconstruction import Reconstruction, reconstruct_distributed
 from .report import AuditReport, ClassRow, Verdict, library_versions
 from .validation import (
     MIN_CLASS_SAMPLES,

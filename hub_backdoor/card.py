@@ -27,7 +27,7 @@ from .report import AuditReport, atomic_write_text, current_umask
 
 __all__ = [
     "CardContext", "RULE_TEXT", "TEMPLATE_PATH", "atomic_write_bytes", "build_card", "chart_path_for",
-    "flag_norm", "metadata_block", "render_chart", "rule_text", "split_card", "write_card",
+    "flag_norm", "metadata_block", "render_chart", "rule_text", "write_card",
 ]
 
 #: The card template (Jinja, as ``ModelCard.from_template`` expects); shipped as package data.
@@ -168,7 +168,6 @@ def _md(text: Any) -> str:
 def _plain(text: Any) -> str:
     """A value from the model or the data (a class name) as literal text in Markdown and HTML."""
     import html
-    import re
 
     escaped = html.escape(str(text), quote=False).replace("\n", " ")
     return re.sub(r"([\\`*_{}\[\]()#+!|~>-])", r"\\\1", escaped)
@@ -731,20 +730,6 @@ def write_card(
     atomic_write_bytes(chart_path, png)
     atomic_write_text(path, str(card) if str(card).endswith("\n") else str(card) + "\n")
     return path, chart_path
-
-
-def split_card(text: str) -> tuple[dict[str, Any], str]:
-    """A README's YAML metadata (``{}`` when none) and its body."""
-    import yaml
-
-    m = re.match(r"^\ufeff?---\s*\n(.*?)\n---\s*(\n|$)", text, flags=re.DOTALL)
-    if m is None:
-        return {}, text
-    try:
-        meta = yaml.safe_load(m.group(1))
-    except yaml.YAMLError:
-        meta = None
-    return (meta if isinstance(meta, dict) else {}), text[m.end() :]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -34,16 +34,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import HubBackdoorError
-from .reconstruction import Reconstruction, reconstruct
 
 __all__ = [
     "Dist",
@@ -52,7 +49,6 @@ __all__ = [
     "finetune_loop",
     "is_main_process",
     "launched_distributed",
-    "reconstruct_distributed",
     "resolve",
     "shard_reference_loader",
     "shard_training_loader",
@@ -263,56 +259,6 @@ def steps_per_epoch(loader: torch.utils.data.DataLoader, dist: Dist) -> int:
     """Optimizer steps per epoch on each process once :func:`shard_training_loader` has sharded
     ``loader`` (size a learning-rate schedule with it)."""
     return -(-len(loader) // dist.world)
-
-
-# -- stage 1 ----------------------------------------------------------------------------------------
-def reconstruct_distributed(
-    W: np.ndarray, b: np.ndarray, state: Any, dist: Dist, *, classes: list[int] | None = None, **kw: Any
-) -> Any:
-    """:func:`hub_backdoor.reconstruction.reconstruct` with the classes split over processes.
-
-    Class k goes to process ``k % world``; every process returns the full :class:`Reconstruction`.
-    Results equal the single-process ones (each class's QP is solved by the same code on the same
-    data); ``seconds`` is the slowest process's wall time, ``per_class_seconds`` each solve's own.
-    """
-    if not dist.active:
-        return reconstruct(W, b, state, classes=classes, **kw)
-    C = np.asarray(W).shape[0]
-    ks = list(range(C)) if classes is None else [int(k) for k in classes]
-    mine = ks[dist.rank :: dist.world]
-    t0 = time.perf_counter()
-    rec = dist.run(reconstruct, W, b, state, classes=mine, **kw)
-    S = dist.all_reduce(torch.as_tensor(rec.perturbations), "sum").numpy()
-    parts = dist.all_gather_object(
-        {
-            "ks": mine,
-            "norms": rec.norms[mine],
-            "statuses": [rec.statuses[k] for k in mine],
-            "seconds": [rec.per_class_seconds[k] for k in mine],
-            "notes": rec.notes,
-            "wall": time.perf_counter() - t0,
-        }
-    )
-    norms = np.full(C, np.nan)
-    statuses = ["skipped"] * C
-    per = [0.0] * C
-    notes: list[str] = []
-    for p in parts:
-        for k, n, st, sec in zip(p["ks"], p["norms"], p["statuses"], p["seconds"]):
-            norms[k], statuses[k], per[k] = n, st, sec
-        notes.extend(n for n in p["notes"] if n not in notes)
-    return Reconstruction(
-        perturbations=S,
-        norms=norms,
-        margin=rec.margin,
-        solver=rec.solver,
-        soft_margin=rec.soft_margin,
-        statuses=statuses,
-        nonneg=rec.nonneg,
-        seconds=max(p["wall"] for p in parts),
-        per_class_seconds=per,
-        notes=notes,
-    )
 
 
 # -- fine-tuning (purification) -----------------------------------------------------------------------

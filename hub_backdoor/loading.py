@@ -15,10 +15,9 @@ from typing import Any
 
 from .adapters.base import Classifier
 from .adapters.folder import load_folder
-from .card import split_card
 from .datasets_io import looks_like_path
 from .errors import CorruptWeightsError, HubBackdoorError, UnsupportedModelError
-from .hub import download_model
+from .hub import download_model, split_card
 
 __all__ = ["LoadedModel", "load_model"]
 
