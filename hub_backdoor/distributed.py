@@ -14,7 +14,7 @@ How the work is split (docs/multi-gpu.md):
 * **Reference pass.** The reference set is sharded over processes: a map-style dataset by
   accelerate's :func:`~accelerate.data_loader.prepare_data_loader` with ``even_batches=False``
   (no sample is repeated, so per-class counts, accuracy and the fingerprint are exact), a stream by
-  position (:class:`~hub_backdoor.data.StreamingReference`). Stage 1 needs only the logits: each
+  position (:class:`~hub_backdoor.sources.reference.StreamingReference`). Stage 1 needs only the logits: each
   process folds them into its ``(C, C)`` running maximum, and the processes merge it with an
   all-reduce MAX (exact, order-free); counts and embedding sums use SUM, the order-free
   fingerprint (LtHash) adds its vectors.

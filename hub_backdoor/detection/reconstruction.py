@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distributed import Dist
-from .errors import SolverError
+from ..distributed import Dist
+from ..errors import SolverError
 
 __all__ = [
     "SOLVERS",

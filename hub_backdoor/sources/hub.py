@@ -34,7 +34,7 @@ from huggingface_hub.errors import RevisionNotFoundError as HfRevisionNotFoundEr
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from .errors import (
+from ..errors import (
     HubBackdoorError,
     HubError,
     HubUnavailableError,
@@ -42,7 +42,7 @@ from .errors import (
     RevisionNotFoundError,
     UnsafeWeightsError,
 )
-from .layout import PURIFICATION_FILE
+from ..layout import PURIFICATION_FILE
 
 __all__ = [
     "MODEL_FILE_PATTERNS",
