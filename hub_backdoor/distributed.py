@@ -27,7 +27,11 @@ How the work is split (docs/multi-gpu.md):
 * **Fine-tuning** (:class:`GradientSync`, :func:`shard_training_loader`, :func:`finetune_loop`):
   DDP semantics (gradients averaged over processes after each backward, identical parameters
   everywhere, rank 0's BatchNorm buffers at the end) without wrapping the module, so the adapters'
-  forward hooks and ``head_affine`` keep working on the original model.
+  forward hooks and ``head_affine`` keep working on the original model (a model from
+  ``Accelerator.prepare`` syncs only when called through its wrapper).
+
+Every collective is one of accelerate's own operations (``reduce``, ``gather_object``,
+``broadcast``, ``broadcast_object_list``, ``wait_for_everyone``) on the accelerator's device.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
 
 from .errors import HubBackdoorError
 
@@ -96,50 +101,28 @@ class Dist:
         """Several processes take part (collectives needed)."""
         return self.world > 1
 
-    # -- collectives (no-ops for one process) ---------------------------------------------------
-    def _comm_device(self) -> torch.device:
-        import torch.distributed as tdist
-
-        if tdist.get_backend() == "nccl":
-            return self.device or torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
+    # -- collectives: accelerate's own operations (no-ops for one process) ----------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """A reduced copy of ``tensor`` (``op``: "sum" or "max") on the tensor's own device."""
+        if op not in ("sum", "max"):
+            raise ValueError(f"all_reduce: op must be 'sum' or 'max', got {op!r}")
         if not self.active:
             return tensor.clone()
-        import torch.distributed as tdist
-
-        kinds = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}
-        if op not in kinds:
-            raise ValueError(f"all_reduce: op must be 'sum' or 'max', got {op!r}")
-        out = tensor.detach().to(self._comm_device()).clone()
-        tdist.all_reduce(out, op=kinds[op])
+        # the collective runs where the process group's backend can reach (gloo: CPU, nccl: the GPU)
+        out = reduce(tensor.detach().to(self.device), reduction=op)
         return out.to(tensor.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        if not self.active:
-            return [obj]
-        import torch.distributed as tdist
-
-        out: list[Any] = [None] * self.world
-        tdist.all_gather_object(out, obj)
-        return out
+        """Every process's ``obj``, in rank order."""
+        return gather_object([obj]) if self.active else [obj]
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        if not self.active:
-            return obj
-        import torch.distributed as tdist
-
-        box = [obj if self.rank == src else None]
-        tdist.broadcast_object_list(box, src=src)
-        return box[0]
+        """Process ``src``'s ``obj`` on every process."""
+        return broadcast_object_list([obj], from_process=src)[0] if self.active else obj
 
     def barrier(self) -> None:
         if self.active:
-            import torch.distributed as tdist
-
-            tdist.barrier()
+            self.accelerator.wait_for_everyone()
 
     def agree(self, error: BaseException | None) -> None:
         """Collective error check: raise on every process if any process failed.
@@ -279,7 +262,7 @@ class GradientSync:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = self.dist.all_reduce(flat, "sum") / self.dist.world
+        flat = reduce(flat.to(self.dist.device), reduction="mean").to(flat.device)
         i = 0
         for p in self.params:
             n = p.numel()
@@ -291,14 +274,9 @@ def broadcast_module(module: torch.nn.Module, dist: Dist, src: int = 0) -> None:
     """Copy ``src``'s parameters and buffers to every process (DDP's start and final state)."""
     if not dist.active:
         return
-    import torch.distributed as tdist
-
-    dev = dist._comm_device()
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            buf = t.detach().to(dev).clone()
-            tdist.broadcast(buf, src=src)
-            t.copy_(buf.to(t.device))
+            t.copy_(broadcast(t.detach().to(dist.device).clone(), from_process=src).to(t.device))
 
 
 def _sharpness_aware(step: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]], x: torch.Tensor,
