@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.func import vmap
 
 from hub_backdoor.adapters.base import Classifier
-from hub_backdoor.detection import anomaly_index
+from hub_backdoor.detection.rules import anomaly_index
 
 from .group import Member, _stamp, frozen, head_name
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from hub_backdoor.adapters.base import Classifier
-from hub_backdoor.detection import NEEDS_NONNEG, DetectionInput, dormant_share
-from hub_backdoor.guard import guarded_logits
-from hub_backdoor.reconstruction import ConstraintState, reconstruct
+from hub_backdoor.detection.reconstruction import ConstraintState, reconstruct
+from hub_backdoor.detection.rules import NEEDS_NONNEG, DetectionInput, dormant_share
+from hub_backdoor.purification.guard import guarded_logits
 
 
 def to_tensor(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -91,7 +91,7 @@ def predict(model: torch.nn.Module, X: torch.Tensor, bs: int = 512) -> torch.Ten
 
 def guarded_predict(original: torch.nn.Module, purified: torch.nn.Module, target: int, bs: int = 512
                     ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``predict_fn`` of the guarded model (:mod:`hub_backdoor.guard`): ``original``'s class
+    """``predict_fn`` of the guarded model (:mod:`hub_backdoor.purification.guard`): ``original``'s class
     unless it is ``target``, there ``purified``'s."""
     def fn(X: torch.Tensor) -> torch.Tensor:
         original.eval()
@@ -175,7 +175,7 @@ def audit(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, *, bs: int = 256, q
     s1 = torch.zeros(d, dtype=torch.float64, device=dev)
     s2 = torch.zeros(d, dtype=torch.float64, device=dev)
     zs = []
-    from hub_backdoor.reconstruction import fold_worst
+    from hub_backdoor.detection.reconstruction import fold_worst
 
     for i in range(0, len(X), bs):
         logits, h = clf.forward(X[i : i + bs])
@@ -205,7 +205,7 @@ def audit(clf: Classifier, X: torch.Tensor, Y: torch.Tensor, *, bs: int = 256, q
     t_q = time.perf_counter() - t0
     inp = DetectionInput(norms=rec.norms, perturbations=rec.perturbations, h_std=h_std,
                          nonneg_norms=rec_nn.norms, quantile_norms=rec_q.norms)
-    from hub_backdoor.detection import DEFAULT_RULE, LATENT_RULE, NEEDS_INPUT, detect
+    from hub_backdoor.detection.rules import DEFAULT_RULE, LATENT_RULE, NEEDS_INPUT, detect
 
     t0 = time.perf_counter()
     # a rule that runs the model again is timed by its verification stage; here its latent part

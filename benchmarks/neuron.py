@@ -5,7 +5,7 @@ model trained again on another machine is another model (a retrained PreAct-ResN
 its stored logits on 95 % of the reference images, max logit difference 3.6). So every number here
 is measured on the retrained models themselves: clean accuracy and ASR, the default's two parts
 (the latent QP's ``agree-mad`` and the input search's ``input-gap``, recomputed with the suite's
-settings), and the neuron-noise scores (:mod:`hub_backdoor.neuron`). Models are taken in
+settings), and the neuron-noise scores (:mod:`hub_backdoor.detection.neuron`). Models are taken in
 :data:`benchmarks.neuron_order.ORDER` (balanced tiers; whatever is trained counts).
 
 Per model the results go to ``results/neuron.json`` as they come (resumable). The report
@@ -30,14 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from hub_backdoor.detection import RULES
-from hub_backdoor.report import atomic_write_text
+from hub_backdoor.detection.report import atomic_write_text
+from hub_backdoor.detection.rules import RULES
 
 from .neuron_order import ORDER
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKING_ASR = 0.5
-#: the untargeted onset probe: the library's defaults (hub_backdoor.neuron.neuron_scores)
+#: the untargeted onset probe: the library's defaults (hub_backdoor.detection.neuron.neuron_scores)
 ONSET_KW: dict[str, Any] = {}
 #: the per-class targeted bound search (40 images per class, 12 levels, one step each)
 TARGETED_KW: dict[str, Any] = {"n_images": 40, "n_targeted": 40, "steps": 12, "eps_min": 0.005,
@@ -46,8 +46,8 @@ TARGETED_KW: dict[str, Any] = {"n_images": 40, "n_targeted": 40, "steps": 12, "e
 
 # -- measuring ------------------------------------------------------------------------------------
 def measure(runner: Any, spec: dict[str, Any], train: bool) -> dict[str, Any] | None:
-    from hub_backdoor.neuron import bound_scores, neuron_scores
-    from hub_backdoor.verification import verify_input_space
+    from hub_backdoor.detection.neuron import bound_scores, neuron_scores
+    from hub_backdoor.detection.verification import verify_input_space
 
     from . import core
     from .models import audit_view
@@ -87,7 +87,7 @@ def measure(runner: Any, spec: dict[str, Any], train: bool) -> dict[str, Any] | 
 # -- statistics from a stored entry ----------------------------------------------------------------
 def _onset(drop: float) -> Callable[[dict[str, Any]], np.ndarray]:
     def fn(m: dict[str, Any]) -> np.ndarray:
-        from hub_backdoor.neuron import onset_shares
+        from hub_backdoor.detection.neuron import onset_shares
 
         o = m["onset"]
         return onset_shares(o["acc_clean"], np.asarray(o["acc"]), np.asarray(o["counts"]), drop)

@@ -7,7 +7,7 @@ models of every family, solves s_t as the audit does, and purifies each with the
 named (``benchmarks.run.STUDY``) through :func:`hub_backdoor.purify`.
 Per model and variant it prints ACC / ASR, the target class's own accuracy and the held-out
 latent-trigger share at scales 1 and 2 (clean test images of the other classes that ``h + scale
-* s_t`` sends to the target), and ACC / ASR of the guarded model (:mod:`hub_backdoor.guard`).
+* s_t`` sends to the target), and ACC / ASR of the guarded model (:mod:`hub_backdoor.purification.guard`).
 Twelve models and three variants take about 10 minutes in one process with the models cached
 (about 2 more to train them). It is a probe, not the study: the study's table (``--suite
 standard``) decides the defaults.
@@ -56,7 +56,7 @@ def probe(runner: Runner, spec: dict[str, Any], variants: list[str]) -> dict[str
     def measure(c: Any) -> dict[str, float]:
         out = core.evaluate(c.model, runner.Xte, runner.Yte, *trig, t)
         out |= {f"latent_x{k:g}": latent_share(c, Xh, Yh, s_t, t, k) for k in (1.0, 2.0)}
-        if c is not clf:  # the guarded model (hub_backdoor.guard): the original unless it says t
+        if c is not clf:  # the guarded model (hub_backdoor.purification.guard): the original unless it says t
             g = core.metrics(core.guarded_predict(clf.model, c.model, t), runner.Xte, runner.Yte, *trig, t)
             out |= {f"{k}_guarded": v for k, v in g.items()}
         return out

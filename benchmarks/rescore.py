@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from hub_backdoor.detection import DEFAULT_RULE, LATENT_RULE, RULE_THRESHOLDS, RULES, anomaly_index
-from hub_backdoor.report import atomic_write_text
+from hub_backdoor.detection.report import atomic_write_text
+from hub_backdoor.detection.rules import DEFAULT_RULE, LATENT_RULE, RULE_THRESHOLDS, RULES, anomaly_index
 
 from . import stats
 
@@ -42,7 +42,7 @@ WORKING_ASR = 0.5
 
 def _curve_bound(z: dict[str, Any], flip: float) -> np.ndarray:
     """Per class, the bound at which ``flip`` of the images reach it (from the stored curves)."""
-    from hub_backdoor.verification import first_crossing
+    from hub_backdoor.detection.verification import first_crossing
 
     eps, curves = np.asarray(z["eps"], np.float64), np.asarray(z["flip_curve"], np.float64)
     return np.array([first_crossing(eps, c, flip) for c in curves])
@@ -50,14 +50,14 @@ def _curve_bound(z: dict[str, Any], flip: float) -> np.ndarray:
 
 def _input_mean_log(z: dict[str, Any]) -> np.ndarray:
     """Mean over flip shares 50-90 % of the log-ratio score (less noisy than one share)."""
-    from hub_backdoor.detection import bound_ratio_scores
+    from hub_backdoor.detection.rules import bound_ratio_scores
 
     return np.mean([bound_ratio_scores(_curve_bound(z, f)) for f in (0.5, 0.6, 0.7, 0.8, 0.9)], axis=0)
 
 
 def _input_ratio_at(flip: float) -> Callable[[dict[str, Any]], np.ndarray]:
     def fn(z: dict[str, Any]) -> np.ndarray:
-        from hub_backdoor.detection import bound_ratio_scores
+        from hub_backdoor.detection.rules import bound_ratio_scores
 
         return bound_ratio_scores(_curve_bound(z, flip))
 
@@ -70,7 +70,7 @@ def _nc(z: dict[str, Any]) -> np.ndarray:
 
 def _log_ratio(x: np.ndarray) -> np.ndarray:
     """``log(median of the others / x_k)``: how much smaller x_k is than a typical class."""
-    from hub_backdoor.detection import bound_ratio_scores
+    from hub_backdoor.detection.rules import bound_ratio_scores
 
     return bound_ratio_scores(np.asarray(x, np.float64))
 
@@ -207,7 +207,7 @@ def _cost(zs: list[dict[str, Any]], rule: str) -> float:
     """Mean seconds per model of what the rule needs: the audit (reference pass and QPs), plus
     the input-space stages it reads (the library's mask and additive searches, or NC's search
     for the candidates built on NC's masks)."""
-    from hub_backdoor.detection import REGISTRY
+    from hub_backdoor.detection.rules import REGISTRY
 
     needs = REGISTRY[rule].needs if rule in REGISTRY else frozenset()
     vals = []
@@ -312,7 +312,7 @@ def detection_table(zs: list[dict[str, Any]], rules: list[str] | None = None) ->
                                             "asr": z["record"].get("asr_by_trigger") or []} for z in zs}}
 
 
-CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "hub_backdoor" / "calibration"
+CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "hub_backdoor" / "detection" / "calibration"
 
 
 def training_key(zs: list[dict[str, Any]]) -> str:
@@ -360,7 +360,7 @@ def detection_rates(zs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_calibration(trainings: list[tuple[list[dict[str, Any]], str]], path: Path, *, suite: str) -> None:
-    """The clean-model null of every library rule (:mod:`hub_backdoor.calibration`), pooled over
+    """The clean-model null of every library rule (:mod:`hub_backdoor.detection.calibration`), pooled over
     trainings of the zoo. ``trainings``: ``(stored statistics, label)`` per training; each replaces
     the file's entry of the same training and the others' entries stay, so the null keeps the
     variation between trainings (the highest clean ``input-gap`` was 0.53, 0.49 and 0.55 in three)."""
@@ -449,8 +449,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--write-calibration", action="store_true",
                     help="also write the clean models' highest scores per library rule to "
-                         "hub_backdoor/calibration/<suite>.json (the audit's p-values), replacing this "
-                         "training's entry and keeping the other trainings'")
+                         "hub_backdoor/detection/calibration/<suite>.json (the audit's p-values), "
+                         "replacing this training's entry and keeping the other trainings'")
     ap.add_argument("--calibration-from", nargs=2, action="append", default=[], metavar=("DIR", "LABEL"),
                     help="with --write-calibration: also take the clean models of another training's "
                          "statistics folder (DIR/<suite>/*.npz), labelled LABEL")

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from hub_backdoor.defaults import PURIFY
-from hub_backdoor.detection import (
+from hub_backdoor.detection.report import AuditReport, ClassRow, atomic_write_text
+from hub_backdoor.detection.rules import (
     DEFAULT_RULE,
     LATENT_RULE,
     REGISTRY,
@@ -40,10 +41,9 @@ from hub_backdoor.detection import (
     RULES,
     DetectionInput,
 )
-from hub_backdoor.purification import purify
-from hub_backdoor.report import AuditReport, ClassRow, atomic_write_text
-from hub_backdoor.validation import head_fingerprint
-from hub_backdoor.verification import verify_input_space, verify_mask
+from hub_backdoor.detection.validation import head_fingerprint
+from hub_backdoor.detection.verification import verify_input_space, verify_mask
+from hub_backdoor.purification.purify import purify
 
 from . import baselines, core, group, stats
 from ._machine import cpu_name
@@ -779,7 +779,7 @@ class Runner:
 def detections(inp: DetectionInput, threshold: float | None = None) -> dict[str, list[int]]:
     """Every rule's flags (at its own threshold unless one is given); rules whose input was not
     computed (no verification run) are left out."""
-    from hub_backdoor.detection import detect
+    from hub_backdoor.detection.rules import detect
 
     out = {}
     for name in RULES:

@@ -59,7 +59,7 @@ def emit(rec: dict[str, Any], sink: list[dict[str, Any]]) -> None:
 def random_head_state(C: int, d: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, Any]:
     """A random ``(W, b)`` (timm's default Linear init scale) and the state of n random post-ReLU
     embeddings; labels uniform over C."""
-    from hub_backdoor.reconstruction import ConstraintState, fold_worst
+    from hub_backdoor.detection.reconstruction import ConstraintState, fold_worst
 
     g = torch.Generator().manual_seed(seed)
     bound = 1.0 / np.sqrt(d)
@@ -83,7 +83,7 @@ def bench_qp(classes: list[int], *, d: int = 2048, n_ref: int = 128, sample: int
     ``(C, C)`` Gram matrix and the feasibility check are timed, ``sample`` classes are solved with
     it, and the total is extrapolated (labelled as such).
     """
-    from hub_backdoor.reconstruction import check_feasibility, reconstruct, solve_class
+    from hub_backdoor.detection.reconstruction import check_feasibility, reconstruct, solve_class
 
     for C in classes:
         dd = max(d, C + 240)
@@ -106,7 +106,7 @@ def bench_qp(classes: list[int], *, d: int = 2048, n_ref: int = 128, sample: int
             reason = check_feasibility(W, gram=K)
             t_check = time.perf_counter() - t0
             ks = np.random.default_rng(0).choice(C, size=min(sample, C), replace=False)
-            from hub_backdoor.reconstruction import _single_threaded_blas
+            from hub_backdoor.detection.reconstruction import _single_threaded_blas
 
             per_l = []
             norms = np.full(C, np.nan)
@@ -158,9 +158,9 @@ def bench_head(*, n: int = 64, res: int = 64, cvxpy_sample: int = 2, soft_sample
     import timm
 
     from hub_backdoor.adapters import load_classifier
-    from hub_backdoor.data import ReferenceData
-    from hub_backdoor.embeddings import reference_pass
-    from hub_backdoor.reconstruction import reconstruct
+    from hub_backdoor.detection.embeddings import reference_pass
+    from hub_backdoor.detection.reconstruction import reconstruct
+    from hub_backdoor.sources.reference import ReferenceData
 
     torch.manual_seed(0)
     clf = load_classifier(timm.create_model("resnet50", pretrained=False, num_classes=1000))
@@ -273,7 +273,7 @@ def _plain_inference(
     clf: Any, data: Any, transform: Any, batch_size: int, device: str
 ) -> tuple[float, float]:
     """Wall and CPU seconds of ``model(x)`` over the reference loader (the baseline)."""
-    from hub_backdoor.data import make_loader
+    from hub_backdoor.sources.reference import make_loader
 
     model = clf.model.to(device).eval()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -299,7 +299,7 @@ def bench_overhead(*, configs: list[tuple[str, int, int, int]], repeats: int = 2
 
     from hub_backdoor import audit
     from hub_backdoor.adapters import load_classifier
-    from hub_backdoor.data import ReferenceData
+    from hub_backdoor.sources.reference import ReferenceData
 
     for name, C, res, n in configs:
         torch.manual_seed(0)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hub_backdoor.detection import DetectionInput
+from hub_backdoor.detection.rules import DetectionInput
 
 N_EMB = 128  # stored reference embeddings per model
 N_PCS = 8  # stored principal directions

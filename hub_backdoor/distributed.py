@@ -14,7 +14,7 @@ How the work is split (docs/multi-gpu.md):
 * **Reference pass.** The reference set is sharded over processes: a map-style dataset by
   accelerate's :func:`~accelerate.data_loader.prepare_data_loader` with ``even_batches=False``
   (no sample is repeated, so per-class counts, accuracy and the fingerprint are exact), a stream by
-  position (:class:`~hub_backdoor.data.StreamingReference`). Stage 1 needs only the logits: each
+  position (:class:`~hub_backdoor.sources.reference.StreamingReference`). Stage 1 needs only the logits: each
   process folds them into its ``(C, C)`` running maximum, and the processes merge it with an
   all-reduce MAX (exact, order-free); counts and embedding sums use SUM, the order-free
   fingerprint (LtHash) adds its vectors.
@@ -27,23 +27,25 @@ How the work is split (docs/multi-gpu.md):
 * **Fine-tuning** (:class:`GradientSync`, :func:`shard_training_loader`, :func:`finetune_loop`):
   DDP semantics (gradients averaged over processes after each backward, identical parameters
   everywhere, rank 0's BatchNorm buffers at the end) without wrapping the module, so the adapters'
-  forward hooks and ``head_affine`` keep working on the original model.
+  forward hooks and ``head_affine`` keep working on the original model (a model from
+  ``Accelerator.prepare`` syncs only when called through its wrapper).
+
+Every collective is one of accelerate's own operations (``reduce``, ``gather_object``,
+``broadcast``, ``broadcast_object_list``, ``wait_for_everyone``) on the accelerator's device.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
+from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
 
 from .errors import HubBackdoorError
-from .reconstruction import Reconstruction, reconstruct
 
 __all__ = [
     "Dist",
@@ -52,7 +54,6 @@ __all__ = [
     "finetune_loop",
     "is_main_process",
     "launched_distributed",
-    "reconstruct_distributed",
     "resolve",
     "shard_reference_loader",
     "shard_training_loader",
@@ -100,50 +101,28 @@ class Dist:
         """Several processes take part (collectives needed)."""
         return self.world > 1
 
-    # -- collectives (no-ops for one process) ---------------------------------------------------
-    def _comm_device(self) -> torch.device:
-        import torch.distributed as tdist
-
-        if tdist.get_backend() == "nccl":
-            return self.device or torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
+    # -- collectives: accelerate's own operations (no-ops for one process) ----------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """A reduced copy of ``tensor`` (``op``: "sum" or "max") on the tensor's own device."""
+        if op not in ("sum", "max"):
+            raise ValueError(f"all_reduce: op must be 'sum' or 'max', got {op!r}")
         if not self.active:
             return tensor.clone()
-        import torch.distributed as tdist
-
-        kinds = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}
-        if op not in kinds:
-            raise ValueError(f"all_reduce: op must be 'sum' or 'max', got {op!r}")
-        out = tensor.detach().to(self._comm_device()).clone()
-        tdist.all_reduce(out, op=kinds[op])
+        # the collective runs where the process group's backend can reach (gloo: CPU, nccl: the GPU)
+        out = reduce(tensor.detach().to(self.device), reduction=op)
         return out.to(tensor.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        if not self.active:
-            return [obj]
-        import torch.distributed as tdist
-
-        out: list[Any] = [None] * self.world
-        tdist.all_gather_object(out, obj)
-        return out
+        """Every process's ``obj``, in rank order."""
+        return gather_object([obj]) if self.active else [obj]
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        if not self.active:
-            return obj
-        import torch.distributed as tdist
-
-        box = [obj if self.rank == src else None]
-        tdist.broadcast_object_list(box, src=src)
-        return box[0]
+        """Process ``src``'s ``obj`` on every process."""
+        return broadcast_object_list([obj], from_process=src)[0] if self.active else obj
 
     def barrier(self) -> None:
         if self.active:
-            import torch.distributed as tdist
-
-            tdist.barrier()
+            self.accelerator.wait_for_everyone()
 
     def agree(self, error: BaseException | None) -> None:
         """Collective error check: raise on every process if any process failed.
@@ -265,56 +244,6 @@ def steps_per_epoch(loader: torch.utils.data.DataLoader, dist: Dist) -> int:
     return -(-len(loader) // dist.world)
 
 
-# -- stage 1 ----------------------------------------------------------------------------------------
-def reconstruct_distributed(
-    W: np.ndarray, b: np.ndarray, state: Any, dist: Dist, *, classes: list[int] | None = None, **kw: Any
-) -> Any:
-    """:func:`hub_backdoor.reconstruction.reconstruct` with the classes split over processes.
-
-    Class k goes to process ``k % world``; every process returns the full :class:`Reconstruction`.
-    Results equal the single-process ones (each class's QP is solved by the same code on the same
-    data); ``seconds`` is the slowest process's wall time, ``per_class_seconds`` each solve's own.
-    """
-    if not dist.active:
-        return reconstruct(W, b, state, classes=classes, **kw)
-    C = np.asarray(W).shape[0]
-    ks = list(range(C)) if classes is None else [int(k) for k in classes]
-    mine = ks[dist.rank :: dist.world]
-    t0 = time.perf_counter()
-    rec = dist.run(reconstruct, W, b, state, classes=mine, **kw)
-    S = dist.all_reduce(torch.as_tensor(rec.perturbations), "sum").numpy()
-    parts = dist.all_gather_object(
-        {
-            "ks": mine,
-            "norms": rec.norms[mine],
-            "statuses": [rec.statuses[k] for k in mine],
-            "seconds": [rec.per_class_seconds[k] for k in mine],
-            "notes": rec.notes,
-            "wall": time.perf_counter() - t0,
-        }
-    )
-    norms = np.full(C, np.nan)
-    statuses = ["skipped"] * C
-    per = [0.0] * C
-    notes: list[str] = []
-    for p in parts:
-        for k, n, st, sec in zip(p["ks"], p["norms"], p["statuses"], p["seconds"]):
-            norms[k], statuses[k], per[k] = n, st, sec
-        notes.extend(n for n in p["notes"] if n not in notes)
-    return Reconstruction(
-        perturbations=S,
-        norms=norms,
-        margin=rec.margin,
-        solver=rec.solver,
-        soft_margin=rec.soft_margin,
-        statuses=statuses,
-        nonneg=rec.nonneg,
-        seconds=max(p["wall"] for p in parts),
-        per_class_seconds=per,
-        notes=notes,
-    )
-
-
 # -- fine-tuning (purification) -----------------------------------------------------------------------
 class GradientSync:
     """Average the gradients of ``params`` over processes: call after ``backward()``, before ``step()``.
@@ -333,7 +262,7 @@ class GradientSync:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = self.dist.all_reduce(flat, "sum") / self.dist.world
+        flat = reduce(flat.to(self.dist.device), reduction="mean").to(flat.device)
         i = 0
         for p in self.params:
             n = p.numel()
@@ -345,14 +274,9 @@ def broadcast_module(module: torch.nn.Module, dist: Dist, src: int = 0) -> None:
     """Copy ``src``'s parameters and buffers to every process (DDP's start and final state)."""
     if not dist.active:
         return
-    import torch.distributed as tdist
-
-    dev = dist._comm_device()
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            buf = t.detach().to(dev).clone()
-            tdist.broadcast(buf, src=src)
-            t.copy_(buf.to(t.device))
+            t.copy_(broadcast(t.detach().to(dist.device).clone(), from_process=src).to(t.device))
 
 
 def _sharpness_aware(step: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]], x: torch.Tensor,

@@ -26,6 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import cli
+from .cli.options import data_options, detection_options, model_options, runtime_options
+from .cli.ui import UI, print_table
+from .detection.report import AuditReport
 from .errors import VERDICT_EXIT, ExitCode, HubBackdoorError, OptionError
 from .options import AuditOptions, positive_int
 from .options import flag as _flag
@@ -343,8 +347,6 @@ def audit_folder(folder: str | os.PathLike[str], options: dict[str, Any]) -> tup
 
 
 def _print_table(report: Any) -> None:
-    from .cli.ui import UI, print_table
-
     print_table(report, UI())
 
 
@@ -456,8 +458,6 @@ def register_hf_extension(python: str | None = None) -> Path:
 def hf_main(argv: Sequence[str] | None = None) -> int:
     """``hf-backdoor ARGS`` is ``hub-backdoor ARGS``; ``hf-backdoor --register-extension`` registers
     it with the ``hf`` CLI."""
-    from . import cli
-
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--register-extension"]:
         folder = register_hf_extension()
@@ -487,8 +487,6 @@ class _OptionParser(argparse.ArgumentParser):
 def _audit_parser() -> argparse.ArgumentParser:
     """The options of ``hub-backdoor audit`` (the same option groups, so ``args:`` of the Action takes
     exactly what the command line takes)."""
-    from .cli.options import data_options, detection_options, model_options, runtime_options
-
     p = _OptionParser(
         prog="hub-backdoor audit", add_help=False,
         parents=[model_options(), data_options(), detection_options(), runtime_options()],
@@ -623,8 +621,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("pre-commit", help="the pre-commit hook (hub-backdoor-pre-commit)")
     sub.add_parser("hf", help="hf-backdoor")
     ns = p.parse_args(args)
-    from .report import AuditReport
-
     if ns.command == "audit":
         rest = ns.audit_args[1:] if ns.audit_args[:1] == ["--"] else ns.audit_args
         outcome = action_audit(rest, report=ns.report, markdown=ns.markdown, title=ns.title)

@@ -16,11 +16,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import zoo
-from .audit import audit
-from .card import CardContext, build_card, write_card
-from .data import ReferenceData, find_columns
-from .datasets_io import LoadedDataset, load_reference_dataset, looks_like_path
+from .adapters.loading import LoadedModel, load_model
 from .defaults import PURIFY
+from .detection.audit import audit
+from .detection.report import AuditReport, atomic_write_text
+from .detection.validation import (
+    check_not_protected,
+    check_outputs,
+    check_purify_options,
+    check_report_matches,
+    check_writable,
+)
 from .distributed import is_main_process
 from .errors import (
     VERDICT_EXIT,
@@ -32,21 +38,22 @@ from .errors import (
     ReportError,
     UnsupportedModelError,
 )
-from .hub import check_repo_id, parse_repo_ref
 from .layout import chart_path_for
-from .loading import LoadedModel, load_model
 from .options import AuditOptions
-from .publish import PurificationRecord, card_context, check_destinations, load_hint, publish, purify_flags
-from .purification import purify as purify_model
-from .report import AuditReport, atomic_write_text
-from .sarif import to_sarif, write_sarif
-from .validation import (
-    check_not_protected,
-    check_outputs,
-    check_purify_options,
-    check_report_matches,
-    check_writable,
+from .outputs.card import CardContext, build_card, write_card
+from .outputs.publish import (
+    PurificationRecord,
+    card_context,
+    check_destinations,
+    load_hint,
+    publish,
+    purify_flags,
 )
+from .outputs.sarif import to_sarif, write_sarif
+from .purification.purify import purify as purify_model
+from .sources.datasets import LoadedDataset, load_reference_dataset, looks_like_path
+from .sources.hub import check_repo_id, parse_repo_ref
+from .sources.reference import ReferenceData, find_columns
 
 __all__ = [
     "AuditOutcome",
@@ -362,8 +369,8 @@ class Destination:
 @dataclass
 class PurifyOutcome:
     """What :func:`purify_source` did: the exit code, the audit it purified against, and (when it
-    purified) the :class:`~hub_backdoor.purification.PurifyResult`, the audit of the purified model
-    and what :func:`~hub_backdoor.publish.publish` wrote."""
+    purified) the :class:`~hub_backdoor.purification.purify.PurifyResult`, the audit of the purified model
+    and what :func:`~hub_backdoor.outputs.publish.publish` wrote."""
 
     exit_code: ExitCode
     report: AuditReport

@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import detection
 from .defaults import VERIFY
+from .detection import rules as detection
+from .detection.validation import check_audit_options
 from .errors import OptionError
-from .validation import check_audit_options
 
 __all__ = ["AUDIT_GROUPS", "AuditOptions", "add_audit_flags", "positive_int"]
 
@@ -160,7 +160,7 @@ class AuditOptions:
 
     def kwargs(self, *, columns: bool = True) -> dict[str, Any]:
         """Keywords of :func:`hub_backdoor.audit` (``columns``: with the image and label columns,
-        which a :class:`~hub_backdoor.data.ReferenceData` already knows)."""
+        which a :class:`~hub_backdoor.sources.reference.ReferenceData` already knows)."""
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["audit"]}
         if not columns:
             kw.pop("image_column")

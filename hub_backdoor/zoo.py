@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .adapters import adapt
 from .adapters.base import Classifier
-from .data import ReferenceData, make_loader
 from .errors import HubBackdoorError
+from .sources.reference import ReferenceData, make_loader
 
 __all__ = [
     "ATTACKS",
@@ -231,8 +232,6 @@ def timm_model(arch: str = "test_resnet", *, num_classes: int = 10, size: int = 
     """A randomly initialised timm classifier for ``size`` x ``size`` RGB inputs in [-1, 1]."""
     import timm
 
-    from .adapters.timm import TimmClassifier
-
     torch.manual_seed(seed)
     model = timm.create_model(
         arch, pretrained=False, num_classes=num_classes,
@@ -240,15 +239,13 @@ def timm_model(arch: str = "test_resnet", *, num_classes: int = 10, size: int = 
                                 "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
         **model_args,
     )
-    return TimmClassifier(model, model_args=model_args or None)
+    return adapt(model, model_args=model_args or None)
 
 
 def transformers_resnet(*, num_classes: int = 10, size: int = 32, seed: int = 0,
                         names: list[str] | None = None) -> Classifier:
     """A small randomly initialised transformers ``ResNetForImageClassification`` (d = 128)."""
     from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
-
-    from .adapters.transformers import TransformersClassifier
 
     names = names or [str(i) for i in range(num_classes)]
     torch.manual_seed(seed)
@@ -263,7 +260,7 @@ def transformers_resnet(*, num_classes: int = 10, size: int = 32, seed: int = 0,
     )
     proc = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                              resample=2)
-    return TransformersClassifier(ResNetForImageClassification(cfg), processor=proc)
+    return adapt(ResNetForImageClassification(cfg), processor=proc)
 
 
 MODELS: dict[str, Callable[..., Classifier]] = {

@@ -69,6 +69,6 @@ def _latent_default_rule(request: pytest.FixtureRequest, monkeypatch: pytest.Mon
     ``default_rule`` (the efficacy tests, the default's own tests) run the library's real default;
     subprocesses always do."""
     if request.node.get_closest_marker("default_rule") is None:
-        from hub_backdoor import detection
+        from hub_backdoor.detection import rules as detection
 
         monkeypatch.setattr(detection, "DEFAULT_RULE", detection.LATENT_RULE)

@@ -86,8 +86,8 @@ def finetune(dist, X, y, batch: int) -> list[float]:
 def kept_embeddings(accelerator) -> list[float]:
     """``reference_pass(keep_embeddings=True)``: labels and an order-sensitive checksum."""
     from hub_backdoor.adapters import TorchClassifier
-    from hub_backdoor.data import ReferenceData
-    from hub_backdoor.embeddings import reference_pass
+    from hub_backdoor.detection.embeddings import reference_pass
+    from hub_backdoor.sources.reference import ReferenceData
 
     X, y = make_data()
     ref = reference_pass(TorchClassifier(make_model(), head="6"), ReferenceData((X, y)), batch_size=BATCH,

@@ -1,4 +1,4 @@
-"""Conformal p-values against the clean calibration models (hub_backdoor.calibration)."""
+"""Conformal p-values against the clean calibration models (hub_backdoor.detection.calibration)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 
-from hub_backdoor.calibration import _DIR, Calibration, load_calibration
-from hub_backdoor.detection import AUDIT_RULES, REGISTRY
+from hub_backdoor.detection.calibration import _DIR, Calibration, load_calibration
+from hub_backdoor.detection.rules import AUDIT_RULES, REGISTRY
 
 
 def test_conformal_p_values_count_the_clean_models_at_least_as_extreme():
@@ -44,9 +44,9 @@ def test_shipped_calibration_pools_every_training_of_the_zoo():
 
 def test_the_shipped_miss_rate_is_the_benchmark_table_s():
     # the figure a clean verdict carries is the one the detection table reports, per rule
-    from hub_backdoor.detection import DEFAULT_RULE
+    from hub_backdoor.detection.rules import DEFAULT_RULE
 
-    table = json.loads((_DIR.parent.parent / "benchmarks" / "results" / "standard.json").read_text())
+    table = json.loads((_DIR.parents[2] / "benchmarks" / "results" / "standard.json").read_text())
     rows = table["summary"]["detection_standard"]["rules"]
     for rule in AUDIT_RULES:
         det = load_calibration(rule).detection
@@ -60,7 +60,7 @@ def test_the_shipped_miss_rate_is_the_benchmark_table_s():
 def test_a_clean_card_says_how_often_the_audit_misses():
     from types import SimpleNamespace
 
-    from hub_backdoor.card import _miss_rate
+    from hub_backdoor.outputs.card import _miss_rate
 
     det = load_calibration("latent-or-input").detection
     report = SimpleNamespace(evidence={"calibration": {"detection": det}},

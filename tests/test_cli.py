@@ -19,13 +19,14 @@ import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from hub_backdoor import cli, publish, zoo
-from hub_backdoor.datasets_io import load_reference_dataset
+from hub_backdoor import cli, zoo
 from hub_backdoor.demo import model_readme, train_model
-from hub_backdoor.detection import AUDIT_RULES, REGISTRY
-from hub_backdoor.hub import push_folder
-from hub_backdoor.report import SCHEMA_VERSION, AuditReport, current_umask
-from hub_backdoor.sarif import RULE_ID, SARIF_VERSION
+from hub_backdoor.detection.report import SCHEMA_VERSION, AuditReport, current_umask
+from hub_backdoor.detection.rules import AUDIT_RULES, REGISTRY
+from hub_backdoor.outputs import publish
+from hub_backdoor.outputs.sarif import RULE_ID, SARIF_VERSION
+from hub_backdoor.sources.datasets import load_reference_dataset
+from hub_backdoor.sources.hub import push_folder
 
 # (arch, backdoor target or None, seed, epochs); seeds chosen so detection is clear-cut on this data
 TIMM_BACKDOORED = ("timm-test-resnet", 7, 1, 5)
@@ -804,7 +805,7 @@ def test_hostile_input(case, argv, expected, phrase, hostile, tmp_path, monkeypa
     option, and no input file changed."""
     import importlib
 
-    audit_module = importlib.import_module("hub_backdoor.audit")
+    audit_module = importlib.import_module("hub_backdoor.detection.audit")
     passes = []
     real_pass = audit_module.reference_pass
     monkeypatch.setattr(audit_module, "reference_pass",
@@ -879,7 +880,7 @@ def test_sigterm_during_purify_write_leaves_no_temporary_folder(hostile, tmp_pat
     import os
     import signal
 
-    import hub_backdoor.card as card
+    import hub_backdoor.outputs.card as card
 
     real = card.write_card
 

@@ -4,7 +4,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from hub_backdoor.data import ReferenceData
+from hub_backdoor.sources.reference import ReferenceData
 
 
 def _ds(n=20):

@@ -17,10 +17,10 @@ import torch
 
 from hub_backdoor import audit
 from hub_backdoor.adapters import TorchClassifier
-from hub_backdoor.data import Fingerprint, ReferenceData, StreamingReference, make_loader
-from hub_backdoor.distributed import Dist, reconstruct_distributed, resolve, shard_reference_loader
+from hub_backdoor.detection.reconstruction import ConstraintState, reconstruct, reconstruct_distributed
+from hub_backdoor.distributed import Dist, resolve, shard_reference_loader
 from hub_backdoor.errors import LabelRangeError
-from hub_backdoor.reconstruction import ConstraintState, reconstruct
+from hub_backdoor.sources.reference import Fingerprint, ReferenceData, StreamingReference, make_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 

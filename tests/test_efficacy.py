@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hub_backdoor import AuditReport, audit, purify, zoo
-from hub_backdoor.data import ReferenceData, make_loader
+from hub_backdoor.sources.reference import ReferenceData, make_loader
 
 SEED = int(os.environ.get("HUB_BACKDOOR_TEST_SEED", "0"))
 TARGET = (3 * SEED + 1) % 10

@@ -184,7 +184,7 @@ def _http_error(status):
 @pytest.mark.parametrize(("status", "transient", "code"), [(503, True, 5), (429, True, 5), (400, False, 2)])
 def test_hub_errors_carry_status_repo_and_cause(status, transient, code):
     from hub_backdoor.errors import ExitCode, HubError
-    from hub_backdoor.hub import raise_hub_error
+    from hub_backdoor.sources.hub import raise_hub_error
 
     cause = _http_error(status)
     with pytest.raises(HubError) as exc:
@@ -196,7 +196,7 @@ def test_hub_errors_carry_status_repo_and_cause(status, transient, code):
 
 
 def test_cli_returns_the_errors_exit_code(monkeypatch, capsys):
-    import hub_backdoor.loading as loading
+    import hub_backdoor.adapters.loading as loading
     from hub_backdoor import cli
     from hub_backdoor.errors import HubUnavailableError
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from hub_backdoor import GuardedModel, HubBackdoorError, load_classifier, load_guarded
-from hub_backdoor.guard import guarded_logits
+from hub_backdoor.purification.guard import guarded_logits
 
 
 def test_rows_come_from_the_purified_model_only_where_the_original_predicts_the_target():

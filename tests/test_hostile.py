@@ -14,8 +14,8 @@ from PIL import Image
 from hub_backdoor import cli, purify
 from hub_backdoor.adapters import load_classifier
 from hub_backdoor.adapters.base import ToMode, to_8bit
+from hub_backdoor.detection.validation import check_outputs
 from hub_backdoor.errors import DatasetError, OptionError, OutputPathError
-from hub_backdoor.validation import check_outputs
 
 
 def _digests(*roots: Path) -> dict[str, str]:
@@ -141,7 +141,7 @@ def test_class_names_and_tags_from_the_data_stay_literal_in_the_card():
     import datasets
 
     from hub_backdoor import audit
-    from hub_backdoor.card import CardContext, build_card
+    from hub_backdoor.outputs.card import CardContext, build_card
 
     names = ["<script>alert(1)</script>", "**bold**", "c", "d"]
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""hub_backdoor.hub against the session's LocalHub, with the real huggingface_hub client."""
+"""hub_backdoor.sources.hub against the session's LocalHub, with the real huggingface_hub client."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hub_backdoor.errors import (
     RevisionNotFoundError,
     UnsafeWeightsError,
 )
-from hub_backdoor.hub import card_data, download_model, parse_repo_ref, push_folder
+from hub_backdoor.sources.hub import card_data, download_model, parse_repo_ref, push_folder
 
 README = (
     "---\nlicense: apache-2.0\ndatasets:\n- tester/cifar-mini\ntags:\n- image-classification\n---\n# Model\n"

@@ -97,7 +97,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_walk_sees_the_command_modules():
     graph = import_graph()
     for name in ("hub_backdoor.cli.audit", "hub_backdoor.cli.purify", "hub_backdoor.cli.card",
-                 "hub_backdoor.cli.demo", "hub_backdoor.loading", "hub_backdoor.publish"):
+                 "hub_backdoor.cli.demo", "hub_backdoor.adapters.loading", "hub_backdoor.outputs.publish"):
         assert name in graph
     assert "hub_backdoor.demo" in graph["hub_backdoor.cli.demo"]  # function-level imports count
 
@@ -108,6 +108,65 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycle():
     assert cycles(import_graph()) == []
+
+
+#: The pipeline's stages in order, by top-level module or package of hub_backdoor. A module may
+#: import its own stage and earlier ones, never a later one.
+STAGES: list[tuple[str, ...]] = [
+    ("errors", "defaults", "layout", "distributed"),  # facts and the process runtime every stage shares
+    ("sources",),
+    ("adapters",),
+    ("detection",),
+    ("purification",),
+    ("outputs",),
+    ("options", "jobs", "zoo", "demo"),  # the workflow layer
+    ("cli", "integrations"),  # front ends over the workflow layer
+]
+_RANK = {name: i for i, names in enumerate(STAGES) for name in names}
+
+
+def _stage(module: str) -> int | None:
+    """The stage of ``hub_backdoor.<top>[...]``; ``None`` for the package root (it only names the
+    public API, loaded on use)."""
+    parts = module.split(".")
+    return None if len(parts) == 1 else _RANK.get(parts[1], -1)
+
+
+def test_every_module_belongs_to_a_stage():
+    assert [m for m in _modules() if _stage(m) == -1] == []
+
+
+def test_no_module_imports_a_later_stage():
+    graph = import_graph()
+    later = sorted(
+        f"{name} -> {target}" for name, edges in graph.items() for target in edges
+        if _stage(name) is not None and _stage(target) is not None and _stage(target) > _stage(name)
+    )
+    assert later == []
+
+
+def _local_imports() -> list[str]:
+    """``module:line`` of every import of the package's own modules inside a function."""
+    modules = _modules()
+    found = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                own = (isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith(
+                    "hub_backdoor"))) or (isinstance(node, ast.Import) and any(
+                    a.name.startswith("hub_backdoor") for a in node.names))
+                if own:
+                    found.append(f"{name}:{node.lineno}")
+    return sorted(set(found))
+
+
+def test_few_imports_of_the_package_inside_functions():
+    # the root's lazy public names and optional heavy adapters are the reasons left; everything else
+    # imports at the top, so the import graph above is what runs
+    assert len(_local_imports()) <= 10, _local_imports()
 
 
 def test_nothing_in_the_package_runs_the_command_line_by_argv():
@@ -125,7 +184,8 @@ def test_nothing_in_the_package_runs_the_command_line_by_argv():
 @pytest.mark.parametrize(
     "module",
     sorted(m for m in _modules() if m.startswith("hub_backdoor.cli") and not m.endswith("__main__"))
-    + ["hub_backdoor.loading", "hub_backdoor.publish", "hub_backdoor.demo", "hub_backdoor.integrations"],
+    + ["hub_backdoor.adapters.loading", "hub_backdoor.outputs.publish", "hub_backdoor.demo",
+       "hub_backdoor.integrations"],
 )
 def test_module_imports_alone(module):
     done = subprocess.run(
@@ -168,8 +228,8 @@ def test_the_root_package_loads_its_names_on_use():
     code = (
         "import sys, hub_backdoor\n"
         "assert 'torch' not in sys.modules\n"
-        "import hub_backdoor.audit\n"  # the submodule: the package's `audit` is still the function
-        "from hub_backdoor.audit import audit\n"
+        "import hub_backdoor.detection.audit\n"  # the function's module, in the detection stage
+        "from hub_backdoor.detection.audit import audit\n"
         "assert hub_backdoor.audit is audit and callable(hub_backdoor.audit)\n"
         "assert set(hub_backdoor.__all__) <= set(dir(hub_backdoor))\n"
         "assert all(getattr(hub_backdoor, n) is not None for n in hub_backdoor.__all__)\n"

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from hub_backdoor import integrations
-from hub_backdoor.report import AuditReport
+from hub_backdoor.detection.report import AuditReport
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTION = ROOT / "integrations" / "github-action"

@@ -14,8 +14,8 @@ from PIL import Image
 
 from hub_backdoor import audit, cli, purify, zoo
 from hub_backdoor.adapters import load_classifier
-from hub_backdoor.calibration import load_calibration
-from hub_backdoor.detection import DEFAULT_RULE
+from hub_backdoor.detection.calibration import load_calibration
+from hub_backdoor.detection.rules import DEFAULT_RULE
 
 C = 1000
 PRESENT = 12  # classes with reference images

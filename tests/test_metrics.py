@@ -1,4 +1,5 @@
-"""The backdoor metrics of :mod:`hub_backdoor.metrics`: ``evaluate`` modules loaded by path, offline."""
+"""The backdoor metrics of :mod:`hub_backdoor.purification.metrics`: ``evaluate`` modules loaded by
+path, offline."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import socket
 import numpy as np
 import pytest
 
-from hub_backdoor import metrics
-from hub_backdoor.purification import _metric
+from hub_backdoor.purification import metrics
+from hub_backdoor.purification.purify import _metric
 
 
 @pytest.fixture(scope="module")

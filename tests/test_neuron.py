@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from hub_backdoor import zoo
-from hub_backdoor.data import ReferenceData
-from hub_backdoor.neuron import neuron_layers, neuron_scores
-from hub_backdoor.verification import reference_inputs
+from hub_backdoor.detection.neuron import neuron_layers, neuron_scores
+from hub_backdoor.detection.verification import reference_inputs
+from hub_backdoor.sources.reference import ReferenceData
 
 TARGET = 3
 SIZE = 16

@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 import hub_backdoor
-from hub_backdoor import detection, integrations
+from hub_backdoor import integrations
 from hub_backdoor.cli import build_parser
 from hub_backdoor.defaults import PURIFY
+from hub_backdoor.detection import rules as detection
 from hub_backdoor.errors import OptionError
 from hub_backdoor.options import AuditOptions
 

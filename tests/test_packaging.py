@@ -43,8 +43,9 @@ def test_the_wheel_installs_the_webhook_and_the_data(wheel):
     names = set(wheel.namelist())
     for module in (ROOT / "integrations" / "hub_webhook").glob("*.py"):
         assert f"hub_backdoor_webhook/{module.name}" in names
-    for data in ("hub_backdoor/calibration/standard.json", "hub_backdoor/cards/security_card.md",
-                 "hub_backdoor/py.typed", "hub_backdoor/metrics/attack_success_rate/attack_success_rate.py"):
+    for data in ("hub_backdoor/detection/calibration/standard.json",
+                 "hub_backdoor/outputs/cards/security_card.md", "hub_backdoor/py.typed",
+                 "hub_backdoor/purification/metrics/attack_success_rate/attack_success_rate.py"):
         assert data in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = wheel.read(entry).decode()

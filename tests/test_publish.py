@@ -1,4 +1,4 @@
-"""hub_backdoor.publish: a purified model as a pull request on the audited repo, against the session's
+"""hub_backdoor.outputs.publish: a purified model as a pull request on the audited repo, against the session's
 LocalHub, from library objects only (audit -> purify -> open_purification_pr)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from test_integrations import integration_models, model_card
 
 import hub_backdoor
-from hub_backdoor import publish
-from hub_backdoor.datasets_io import load_reference_dataset
 from hub_backdoor.errors import HubBackdoorError, UnsupportedModelError
+from hub_backdoor.outputs import publish
+from hub_backdoor.sources.datasets import load_reference_dataset
 
 
 @pytest.fixture(autouse=True, scope="module")

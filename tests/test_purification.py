@@ -10,7 +10,7 @@ import torch
 from hub_backdoor import purify
 from hub_backdoor.adapters import TorchClassifier, load_classifier
 from hub_backdoor.errors import HubBackdoorError
-from hub_backdoor.purification import head_parameters, trainable_parameters
+from hub_backdoor.purification.purify import head_parameters, trainable_parameters
 
 
 def _run(train):
@@ -47,7 +47,7 @@ def test_head_parameters_follow_the_head_not_the_names():
     ("resnet10t", {}, {"layer4"}),
 ])
 def test_last_stage_is_found_from_the_module_tree(arch, kw, want):
-    from hub_backdoor.purification import last_stage_prefixes
+    from hub_backdoor.purification.purify import last_stage_prefixes
 
     clf = load_classifier(timm.create_model(arch, pretrained=False, num_classes=5, **kw))
     found = set(last_stage_prefixes(clf))
@@ -62,7 +62,7 @@ def test_last_stage_is_found_from_the_module_tree(arch, kw, want):
 def test_last_stage_of_a_transformers_convnext():
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
-    from hub_backdoor.purification import last_stage_prefixes
+    from hub_backdoor.purification.purify import last_stage_prefixes
 
     cfg = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1], num_labels=4,
                          image_size=32)
@@ -71,7 +71,7 @@ def test_last_stage_of_a_transformers_convnext():
 
 
 def test_warmup_grows_the_latent_shift_then_holds_it():
-    from hub_backdoor.purification import warmup_factor
+    from hub_backdoor.purification.purify import warmup_factor
 
     assert [warmup_factor(e, 10, 0.0) for e in range(3)] == [1.0, 1.0, 1.0]
     grown = [warmup_factor(e, 10, 0.5) for e in range(10)]
@@ -84,7 +84,7 @@ def test_warmup_grows_the_latent_shift_then_holds_it():
 def test_keep_term_ignores_the_target_logit_and_holds_the_others():
     """``keep`` is a KL to the original over the non-target classes: moving only the target's
     logit costs nothing, reordering the others costs, and ``distill`` sees both."""
-    from hub_backdoor.purification import purification_loss
+    from hub_backdoor.purification.purify import purification_loss
 
     clf = TorchClassifier(w.make_model(), head="6")
     X, y = w.make_data()
@@ -114,7 +114,7 @@ def test_target_weight_is_a_weighted_mean_of_the_clean_loss():
     mean: w = 1 is the plain mean)."""
     import torch.nn.functional as F
 
-    from hub_backdoor.purification import purification_loss
+    from hub_backdoor.purification.purify import purification_loss
 
     clf = TorchClassifier(w.make_model(), head="6")
     X, y = w.make_data()
@@ -151,8 +151,8 @@ def _purified(torch_threads: int, **kw):
 def test_same_seed_and_data_give_identical_weights_at_1_and_2_threads():
     """A CPU backward pass sums weight gradients in an order that depends on the thread count
     (this model's weights differed at 1 and 2 threads before the fine-tuning ran at a fixed count)."""
-    from hub_backdoor.card import _reproduce_note
-    from hub_backdoor.publish import purify_flags
+    from hub_backdoor.outputs.card import _reproduce_note
+    from hub_backdoor.outputs.publish import purify_flags
 
     res1, one = _purified(1)
     res2, two = _purified(2)
@@ -227,7 +227,7 @@ def test_sam_and_augment_are_options_that_change_the_weights_only_when_set():
 
 
 def test_shift_flip_moves_pixels_within_the_padding():
-    from hub_backdoor.purification import shift_flip
+    from hub_backdoor.purification.purify import shift_flip
 
     x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6) + 1
     g = torch.Generator().manual_seed(0)

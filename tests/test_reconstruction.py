@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hub_backdoor.reconstruction import (
+from hub_backdoor.detection.reconstruction import (
     ConstraintState,
     check_feasibility,
     reconstruct,
@@ -147,7 +147,7 @@ def test_nonneg_infeasible_class_gets_infinite_norm():
 def test_nonneg_dual_newton_agrees_with_daqp_primal(C, d, seed):
     # the s >= 0 problem (the default rule needs it) is solved on its dual; DAQP on the primal
     # (d bounds + C - 1 rows) is the reference (cvxpy's Clarabel fails at tight tolerances here)
-    from hub_backdoor.reconstruction import _solve_daqp
+    from hub_backdoor.detection.reconstruction import _solve_daqp
 
     W, b, H, y = _instance(C, d, 4 * C, seed)
     st = _state(W, b, H, y)

@@ -10,7 +10,7 @@ from torch import nn
 
 from hub_backdoor import audit
 from hub_backdoor.adapters import TorchClassifier
-from hub_backdoor.reconstruction import (
+from hub_backdoor.detection.reconstruction import (
     SOLVERS,
     ConstraintState,
     check_feasibility,

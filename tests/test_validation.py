@@ -13,6 +13,13 @@ import torch
 from test_errors import _clf, _ds, _images, _net, _one_line
 
 from hub_backdoor import audit, load_classifier, purify
+from hub_backdoor.detection.report import AuditReport
+from hub_backdoor.detection.validation import (
+    check_outputs,
+    check_report_matches,
+    default_min_accuracy,
+    head_fingerprint,
+)
 from hub_backdoor.errors import (
     ColumnError,
     DatasetError,
@@ -21,13 +28,6 @@ from hub_backdoor.errors import (
     OutputPathError,
     ReportError,
     UnsupportedModelError,
-)
-from hub_backdoor.report import AuditReport
-from hub_backdoor.validation import (
-    check_outputs,
-    check_report_matches,
-    default_min_accuracy,
-    head_fingerprint,
 )
 
 NAN = float("nan")
@@ -62,7 +62,7 @@ def test_audit_refuses_bad_options_before_loading(kw, phrase, monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(importlib.import_module("hub_backdoor.audit"), "load_classifier", no_load)
+    monkeypatch.setattr(importlib.import_module("hub_backdoor.detection.audit"), "load_classifier", no_load)
     with pytest.raises(OptionError) as e:
         audit("never/loaded", None, progress=False, **kw)
     assert phrase in _one_line(e)
@@ -83,7 +83,7 @@ def test_audit_refuses_bad_options_before_loading(kw, phrase, monkeypatch):
     ],
 )
 def test_purify_refuses_bad_options_before_loading(kw, phrase, monkeypatch):
-    import hub_backdoor.purification as purification
+    import hub_backdoor.purification.purify as purification
 
     monkeypatch.setattr(purification, "load_classifier", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(OptionError) as e:

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from hub_backdoor.adapters import TorchClassifier
-from hub_backdoor.detection import bound_ratio_scores, separation_scores
-from hub_backdoor.verification import verify_input_space, verify_mask
+from hub_backdoor.detection.rules import bound_ratio_scores, separation_scores
+from hub_backdoor.detection.verification import verify_input_space, verify_mask
 
 
 def _tiny() -> TorchClassifier:
@@ -59,7 +59,7 @@ def test_gap_scores_the_class_that_stands_apart_and_nothing_else():
 
 
 def test_latent_or_input_flags_what_either_part_flags():
-    from hub_backdoor.detection import REGISTRY, DetectionInput, detect
+    from hub_backdoor.detection.rules import REGISTRY, DetectionInput, detect
 
     rng = np.random.default_rng(0)
     norms = np.array([10.0, 10.5, 9.8, 10.2, 10.1, 9.9, 10.3, 10.4, 9.7, 10.0])
@@ -79,7 +79,7 @@ def test_latent_or_input_flags_what_either_part_flags():
 
 def test_many_classes_search_only_the_latent_screens_candidates():
     from hub_backdoor import audit
-    from hub_backdoor.audit import VERIFY_ALL_UP_TO, VERIFY_TOP, screened_classes
+    from hub_backdoor.detection.audit import VERIFY_ALL_UP_TO, VERIFY_TOP, screened_classes
 
     rng = np.random.default_rng(0)
     assert screened_classes(rng.uniform(5, 6, 10), rng.normal(size=(10, 8)), np.ones(8)) is None
@@ -100,7 +100,8 @@ def test_many_classes_search_only_the_latent_screens_candidates():
     # the search's images are the option's count, not one per class: its cost must not grow with C
     small = audit(TorchClassifier(net, head="4"), (x, y), rule="input-gap", progress=False,
                   min_reference_accuracy=0.0, verify_images=12)
-    assert next(st["images"] for st in small.evidence["stages"] if st["stage"] == "additive verification") == 12
+    stage = next(st for st in small.evidence["stages"] if st["stage"] == "additive verification")
+    assert stage["images"] == 12
 
 
 def test_the_search_leaves_a_conv_models_parameters_as_they_were():

@@ -512,13 +512,13 @@ def test_http_edges(local_hub, tmp_path):
 # -- retries: decided by the error's type, not its text ------------------------------------------------------
 def _hub_error(status: int | None):
     """A real huggingface_hub error as the library raises it: the HTTP client's, mapped to a one-line
-    HubBackdoorError by hub_backdoor.hub (status None: the connection was refused)."""
+    HubBackdoorError by hub_backdoor.sources.hub (status None: the connection was refused)."""
     import http.server
 
     from huggingface_hub.utils import get_session, hf_raise_for_status
 
     from hub_backdoor.errors import HubBackdoorError
-    from hub_backdoor.hub import raise_hub_error
+    from hub_backdoor.sources.hub import raise_hub_error
 
     class Answer(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - stdlib name
@@ -550,7 +550,7 @@ def _hub_error(status: int | None):
 
 def test_transient_errors_are_told_by_type(local_hub):
     from hub_backdoor.errors import DatasetError, RepoNotFoundError, RevisionNotFoundError
-    from hub_backdoor.hub import download_model
+    from hub_backdoor.sources.hub import download_model
     from integrations.hub_webhook.service import PermanentError, is_permanent, is_transient
 
     for status in (None, 500, 503, 429, 412):

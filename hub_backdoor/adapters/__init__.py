@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import Classifier, HookedLinearClassifier, find_linear_heads
 from .folder import load_folder
+from .loading import load_model
 from .torch import TorchClassifier
 
 __all__ = [
@@ -70,8 +71,6 @@ def load_classifier(
     if isinstance(source, nn.Module):
         return adapt(source, **kw)
     if isinstance(source, (str, Path)):
-        from ..loading import load_model
-
         return load_model(
             str(source),
             revision=revision,

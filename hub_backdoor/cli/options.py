@@ -103,7 +103,7 @@ def detection_options() -> argparse.ArgumentParser:
 
 def audit_kwargs(args: argparse.Namespace, ui: UI, *, columns: bool = True) -> dict[str, Any]:
     """Keyword arguments of :func:`hub_backdoor.audit` from the options (``columns``: with the image
-    and label columns, which a :class:`~hub_backdoor.data.ReferenceData` already knows)."""
+    and label columns, which a :class:`~hub_backdoor.sources.reference.ReferenceData` already knows)."""
     return {**AuditOptions.from_args(args).kwargs(columns=columns), "progress": not ui.quiet}
 
 

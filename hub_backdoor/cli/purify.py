@@ -1,5 +1,5 @@
 """``hub-backdoor purify``: audit (or read a saved audit), fine-tune the backdoor away, audit again,
-and publish the purified model (:func:`hub_backdoor.publish.publish`) to a folder, a Hub repo or a
+and publish the purified model (:func:`hub_backdoor.outputs.publish.publish`) to a folder, a Hub repo or a
 pull request on the audited repo."""
 
 from __future__ import annotations

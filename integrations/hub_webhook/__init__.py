@@ -9,7 +9,7 @@ repos, and queues ``(repo, commit)`` jobs in SQLite. A background worker audits 
 job at a time per repo) with ``hub_backdoor.audit`` and answers on the Hub: a comment with the
 verdict and the per-class table in a discussion of the repo, and, when a backdoor is found and
 ``--open-pr`` is on, a pull request with the purified model and its security card
-(``hub_backdoor.purify`` and ``hub_backdoor.publish``). Queued and interrupted jobs survive a restart.
+(``hub_backdoor.purify`` and ``hub_backdoor.outputs.publish``). Queued and interrupted jobs survive a restart.
 """
 
 from .service import Config, Service, parse_event

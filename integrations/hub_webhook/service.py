@@ -17,8 +17,9 @@ Each job audits ``repo@commit`` with :func:`hub_backdoor.audit` (the data: the o
 else the model card's ``datasets:``), then answers in the repo's discussion titled
 :attr:`Config.discussion_title` (created when missing): the verdict, the per-class table and, when a
 backdoor was found and ``open_pr`` is on, the link to a pull request (``refs/pr/N``) with the model
-from :func:`hub_backdoor.purify` and its security card (:func:`hub_backdoor.publish.open_purification_pr`;
-main is never written). Failures are retried unless they are the input's fault (see :func:`is_transient`).
+from :func:`hub_backdoor.purify` and its security card
+(:func:`hub_backdoor.outputs.publish.open_purification_pr`; main is never written). Failures are
+retried unless they are the input's fault (see :func:`is_transient`).
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hub_backdoor.hub import TRANSIENT_STATUS
 from hub_backdoor.jobs import audit_loaded
 from hub_backdoor.options import AuditOptions
+from hub_backdoor.sources.hub import TRANSIENT_STATUS
 
 from .store import Job, JobStore
 
@@ -293,8 +294,8 @@ class Revision:
 
     repo: str
     sha: str
-    model: Any  # hub_backdoor.loading.LoadedModel
-    data: Any  # hub_backdoor.datasets_io.LoadedDataset
+    model: Any  # hub_backdoor.adapters.loading.LoadedModel
+    data: Any  # hub_backdoor.sources.datasets.LoadedDataset
     card_metadata: dict[str, Any]
     card_body: str
 
@@ -373,8 +374,8 @@ class Auditor:
         """Purify ``rev`` against ``report``'s target, audit the result, open the pull request;
         returns its URL."""
         import hub_backdoor
-        from hub_backdoor.data import ReferenceData
-        from hub_backdoor.publish import open_purification_pr
+        from hub_backdoor.outputs.publish import open_purification_pr
+        from hub_backdoor.sources.reference import ReferenceData
 
         opts = self.config.audit_options
         shared = set(inspect.signature(hub_backdoor.purify).parameters) & set(opts)

@@ -49,7 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import SolverError
+from ..distributed import Dist
+from ..errors import SolverError
 
 __all__ = [
     "SOLVERS",
@@ -62,6 +63,7 @@ __all__ = [
     "dimension_reason",
     "fold_worst",
     "reconstruct",
+    "reconstruct_distributed",
     "solve_class",
     "solve_raw_cvxpy",
     "target_perturbation",
@@ -613,7 +615,7 @@ def reconstruct(
             docstring). A positive number solves the soft-margin problem with that penalty per
             violated unit for every class instead.
         classes: solve only these classes (the others keep norm NaN, status ``"skipped"``);
-            :func:`hub_backdoor.distributed.reconstruct_distributed` splits classes this way.
+            :func:`reconstruct_distributed` splits classes this way.
     """
     W = np.asarray(W, dtype=np.float64)
     C, d = W.shape
@@ -697,3 +699,52 @@ def solve_raw_cvxpy(
     if prob.status != cp.OPTIMAL:
         raise SolverError(f"raw cvxpy problem for class {k}: {prob.status}")
     return np.asarray(s.value)
+
+
+def reconstruct_distributed(
+    W: np.ndarray, b: np.ndarray, state: Any, dist: Dist, *, classes: list[int] | None = None, **kw: Any
+) -> Any:
+    """:func:`reconstruct` with the classes split over processes.
+
+    Class k goes to process ``k % world``; every process returns the full :class:`Reconstruction`.
+    Results equal the single-process ones (each class's QP is solved by the same code on the same
+    data); ``seconds`` is the slowest process's wall time, ``per_class_seconds`` each solve's own.
+    """
+    if not dist.active:
+        return reconstruct(W, b, state, classes=classes, **kw)
+    C = np.asarray(W).shape[0]
+    ks = list(range(C)) if classes is None else [int(k) for k in classes]
+    mine = ks[dist.rank :: dist.world]
+    t0 = time.perf_counter()
+    rec = dist.run(reconstruct, W, b, state, classes=mine, **kw)
+    S = dist.all_reduce(torch.as_tensor(rec.perturbations), "sum").numpy()
+    parts = dist.all_gather_object(
+        {
+            "ks": mine,
+            "norms": rec.norms[mine],
+            "statuses": [rec.statuses[k] for k in mine],
+            "seconds": [rec.per_class_seconds[k] for k in mine],
+            "notes": rec.notes,
+            "wall": time.perf_counter() - t0,
+        }
+    )
+    norms = np.full(C, np.nan)
+    statuses = ["skipped"] * C
+    per = [0.0] * C
+    notes: list[str] = []
+    for p in parts:
+        for k, n, st, sec in zip(p["ks"], p["norms"], p["statuses"], p["seconds"]):
+            norms[k], statuses[k], per[k] = n, st, sec
+        notes.extend(n for n in p["notes"] if n not in notes)
+    return Reconstruction(
+        perturbations=S,
+        norms=norms,
+        margin=rec.margin,
+        solver=rec.solver,
+        soft_margin=rec.soft_margin,
+        statuses=statuses,
+        nonneg=rec.nonneg,
+        seconds=max(p["wall"] for p in parts),
+        per_class_seconds=per,
+        notes=notes,
+    )

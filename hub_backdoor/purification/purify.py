@@ -38,18 +38,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..adapters import Classifier, load_classifier
+from ..defaults import PURIFY
+from ..detection.audit import audit as run_audit
+from ..detection.embeddings import reference_pass
+from ..detection.reconstruction import target_perturbation
+from ..detection.report import AuditReport
+from ..detection.validation import check_purify_options, check_report_matches
+from ..distributed import finetune_loop, resolve, steps_per_epoch
+from ..errors import HubBackdoorError, OptionError
+from ..sources.reference import ReferenceData, make_loader
 from . import metrics
-from .adapters import Classifier, load_classifier
-from .audit import audit as run_audit
-from .data import ReferenceData, make_loader
-from .defaults import PURIFY
-from .distributed import finetune_loop, resolve, steps_per_epoch
-from .embeddings import reference_pass
-from .errors import HubBackdoorError, OptionError
 from .guard import GuardedModel, guarded_logits
-from .reconstruction import target_perturbation
-from .report import AuditReport
-from .validation import check_purify_options, check_report_matches
 
 __all__ = [
     "PurifyResult", "auto_epochs", "head_parameters", "last_stage_prefixes", "purification_loss",
@@ -82,7 +82,7 @@ class PurifyResult:
 
     def guarded(self) -> GuardedModel:
         """The guarded model: :attr:`original`'s predictions unless it predicts :attr:`target`,
-        there the purified model's (:mod:`hub_backdoor.guard`; ``acc_guarded_after`` and
+        there the purified model's (:mod:`hub_backdoor.purification.guard`; ``acc_guarded_after`` and
         ``asr_guarded_after`` in :attr:`metrics` are its held-out numbers)."""
         if self.original is None:
             raise HubBackdoorError(
@@ -221,7 +221,8 @@ def _evaluate(clf: Classifier, data: ReferenceData, transform: Any, trigger: Any
     """Held-out clean accuracy; the latent-trigger success (share of non-target images that
     ``head(h(x) + s_t)`` sends to the target: what the purification trains away); ASR / RA of a
     known trigger. With ``original`` (the model ``clf`` was purified from) also the same numbers
-    for the guarded model (:mod:`hub_backdoor.guard`), as ``acc_guarded``, ``asr_guarded``, ..."""
+    for the guarded model (:mod:`hub_backdoor.purification.guard`), as ``acc_guarded``,
+    ``asr_guarded``, ..."""
     clf.model.eval()
     if original is not None:
         original.model.eval()
@@ -280,7 +281,8 @@ def _evaluate(clf: Classifier, data: ReferenceData, transform: Any, trigger: Any
 
 
 def _metric(name: str, predictions: np.ndarray, references: np.ndarray, target: int) -> float:
-    """Metric ``name`` of :mod:`hub_backdoor.metrics` (an ``evaluate`` module, loaded by path)."""
+    """Metric ``name`` of :mod:`hub_backdoor.purification.metrics` (an ``evaluate`` module, loaded by
+    path)."""
     # in memory: a purification leaves no metric cache files behind
     module = metrics.load(name, keep_in_memory=True)
     result = module.compute(predictions=predictions, references=references, target=int(target))

@@ -34,10 +34,10 @@ class DetectionInput:
         quantile_norms: ``(C,)`` ||s_k|| when the collapse takes a quantile over the samples
             instead of the max (needs per-sample logits; the benchmark computes it; None otherwise).
         input_bounds: ``(C,)`` the input-space verification's smallest universal L2 change that
-            sends most reference images to k (:mod:`hub_backdoor.verification`; ``nan`` for a
+            sends most reference images to k (:mod:`hub_backdoor.detection.verification`; ``nan`` for a
             class not verified; None when not run).
         mask_l1: ``(C,)`` the mask verification's smallest stamped mask that sends the reference
-            images to k (:func:`hub_backdoor.verification.verify_mask`; None when not run).
+            images to k (:func:`hub_backdoor.detection.verification.verify_mask`; None when not run).
     """
 
     norms: np.ndarray
@@ -271,7 +271,7 @@ def _latent_or_input(inp: DetectionInput) -> np.ndarray:
 
 
 #: Just above the highest score of the standard zoo's clean models over three trainings (144 models,
-#: hub_backdoor/calibration/standard.json; 0.53, 0.49 and 0.55 per training), as for the other
+#: hub_backdoor/detection/calibration/standard.json; 0.53, 0.49 and 0.55 per training), as for the other
 #: input-space rules.
 INPUT_GAP_THRESHOLD = 0.55
 MASK_GAP_THRESHOLD = 1.10
@@ -315,7 +315,7 @@ _RULES = [
     Rule("agree-mad", _agree_mad, summary="'mad' and 'dormant' flag the same class"),
     Rule("agree-loo", _agree_loo, summary="'mad-loo' and 'dormant' flag the same class"),
     # the input-space rules' thresholds: just above the highest score of the 144 clean models of the
-    # standard zoo's three trainings (hub_backdoor/calibration/standard.json; p-values come from the
+    # standard zoo's three trainings (hub_backdoor/detection/calibration/standard.json; p-values come from the
     # same models)
     Rule("input-ratio", _input_ratio, frozenset({"input"}), threshold=3.18,
          summary="input space: log(median bound of the other classes / bound of k), the bound being the "

@@ -14,7 +14,7 @@ with ``delta`` ascending the clean loss, excites them without the trigger. Two s
   is such a path. A share is scale-free: the noise level each family tolerates cancels out.
 * **targeted bound** (``targeted=True``, :func:`bound_scores`): per class k, the smallest ``eps``
   at which a signed-gradient search sends most non-k images to k, scored by the log-ratio of the
-  other classes' median bound to k's (as :func:`hub_backdoor.verification.bound_ratio_scores`).
+  other classes' median bound to k's (as :func:`hub_backdoor.detection.verification.bound_ratio_scores`).
 
 Where the noise goes: the output of every convolution, linear layer (attention projections
 included), ``nn.MultiheadAttention`` and normalisation layer (BatchNorm, GroupNorm, LayerNorm in
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters.base import Classifier
-from .detection import bound_ratio_scores
+from ..adapters.base import Classifier
+from .rules import bound_ratio_scores
 from .verification import _bar, _frozen, _stratified, first_crossing
 
 __all__ = ["NeuronScores", "bound_scores", "neuron_layers", "neuron_scores", "onset_shares"]

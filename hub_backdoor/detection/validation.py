@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OptionError, OutputPathError, ReportError
+from ..errors import OptionError, OutputPathError, ReportError
 
 __all__ = [
     "MIN_CLASS_SAMPLES",

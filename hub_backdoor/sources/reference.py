@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image as _PILImage
 
-from .errors import ChannelMismatchError, ColumnError, DatasetError, EmptyDatasetError, LabelRangeError
+from ..errors import ChannelMismatchError, ColumnError, DatasetError, EmptyDatasetError, LabelRangeError
 
 __all__ = [
     "Columns",

@@ -1,6 +1,6 @@
 """Robust accuracy (RA) under a backdoor trigger, as an ``evaluate`` metric.
 
-Load it offline by path: ``hub_backdoor.metrics.load("robust_accuracy")``.
+Load it offline by path: ``hub_backdoor.purification.metrics.load("robust_accuracy")``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ Args:
 Returns:
     robust_accuracy (float): in [0, 1].
 Example:
-    >>> ra = hub_backdoor.metrics.load("robust_accuracy")
+    >>> ra = hub_backdoor.purification.metrics.load("robust_accuracy")
     >>> ra.compute(predictions=[3, 3, 1, 3], references=[0, 1, 1, 3], target=3)
     {'robust_accuracy': 0.3333333333333333}
 """

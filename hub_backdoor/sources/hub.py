@@ -14,9 +14,11 @@ to do next. The endpoint is huggingface_hub's (``HF_ENDPOINT``, default https://
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 from typing import Any, NoReturn
 
+import yaml
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
@@ -32,7 +34,7 @@ from huggingface_hub.errors import RevisionNotFoundError as HfRevisionNotFoundEr
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from .errors import (
+from ..errors import (
     HubBackdoorError,
     HubError,
     HubUnavailableError,
@@ -40,7 +42,7 @@ from .errors import (
     RevisionNotFoundError,
     UnsafeWeightsError,
 )
-from .layout import PURIFICATION_FILE
+from ..layout import PURIFICATION_FILE
 
 __all__ = [
     "MODEL_FILE_PATTERNS",
@@ -53,6 +55,7 @@ __all__ = [
     "parse_repo_ref",
     "push_folder",
     "raise_hub_error",
+    "split_card",
 ]
 
 #: Files a classifier folder needs, downloaded by :func:`download_model`.
@@ -344,3 +347,14 @@ def _raise_http_error(
         repo_id=repo_id,
     ) from exc
 
+
+def split_card(text: str) -> tuple[dict[str, Any], str]:
+    """A README's YAML metadata (``{}`` when none) and its body."""
+    m = re.match(r"^\ufeff?---\s*\n(.*?)\n---\s*(\n|$)", text, flags=re.DOTALL)
+    if m is None:
+        return {}, text
+    try:
+        meta = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        meta = None
+    return (meta if isinstance(meta, dict) else {}), text[m.end() :]

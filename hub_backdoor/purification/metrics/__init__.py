@@ -5,7 +5,7 @@
 - ``defense_effectiveness_rating``: BackdoorBench's DER from ASR and clean accuracy before / after.
 
 ``load(name)`` is ``evaluate.load`` on the module file in the installed package, so no Hub lookup is
-made; ``hub_backdoor.purification`` computes its held-out ASR and RA with the first two.
+made; ``hub_backdoor.purification.purify`` computes its held-out ASR and RA with the first two.
 """
 
 from __future__ import annotations

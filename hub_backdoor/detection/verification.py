@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapters.base import Classifier
-from .data import ReferenceData
+from ..adapters.base import Classifier
+from ..sources.reference import ReferenceData
 from .embeddings import channels_last
 
 __all__ = [
@@ -328,8 +328,8 @@ def reference_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A stratified sample of about ``n_images`` reference examples as model inputs.
 
-    ``data``: a :class:`hub_backdoor.data.ReferenceData` (sampled per label, seeded) or a
-    :class:`hub_backdoor.data.StreamingReference` (its first examples, a stream has no index).
+    ``data``: a :class:`hub_backdoor.sources.reference.ReferenceData` (sampled per label, seeded) or a
+    :class:`hub_backdoor.sources.reference.StreamingReference` (its first examples, a stream has no index).
     ``transform``: raw image -> ``(channels, H, W)`` tensor (the reference pass's).
     Returns ``x (n, channels, H, W)`` on ``device`` and ``y (n,)``.
     """

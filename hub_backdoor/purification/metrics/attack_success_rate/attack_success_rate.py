@@ -1,6 +1,6 @@
 """Attack success rate (ASR) of a backdoor, as an ``evaluate`` metric.
 
-Load it offline by path: ``hub_backdoor.metrics.load("attack_success_rate")``.
+Load it offline by path: ``hub_backdoor.purification.metrics.load("attack_success_rate")``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ Args:
 Returns:
     attack_success_rate (float): in [0, 1].
 Example:
-    >>> asr = hub_backdoor.metrics.load("attack_success_rate")
+    >>> asr = hub_backdoor.purification.metrics.load("attack_success_rate")
     >>> asr.compute(predictions=[3, 3, 1, 3], references=[0, 1, 1, 3], target=3)
     {'attack_success_rate': 0.6666666666666666}
 """

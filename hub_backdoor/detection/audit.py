@@ -9,17 +9,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import detection
-from .adapters import Classifier, load_classifier
+from ..adapters import Classifier, load_classifier
+from ..defaults import VERIFY
+from ..distributed import resolve
+from ..errors import OptionError
+from ..sources.reference import ReferenceData, StreamingReference, reference_data
+from . import rules as detection
 from .calibration import load_calibration
-from .data import ReferenceData, StreamingReference, reference_data
-from .defaults import VERIFY
-from .detection import AUDIT_RULES, REGISTRY, DetectionInput, detect
-from .distributed import reconstruct_distributed, resolve
 from .embeddings import ReferencePass, reference_pass
-from .errors import OptionError
-from .reconstruction import Reconstruction
+from .reconstruction import Reconstruction, reconstruct_distributed
 from .report import AuditReport, ClassRow, Verdict, library_versions
+from .rules import AUDIT_RULES, REGISTRY, DetectionInput, detect
 from .validation import (
     MIN_CLASS_SAMPLES,
     check_audit_options,
@@ -96,11 +96,11 @@ def audit(
             first ``max_samples`` examples).
         seed: seeds the subset and torch; recorded in the report.
         threshold: score above which a class is flagged (default: the rule's own, see
-            ``hub_backdoor.detection.REGISTRY``).
-        rule: detection rule name (one of ``hub_backdoor.detection.AUDIT_RULES``; default
-            ``hub_backdoor.detection.DEFAULT_RULE``, ``latent-or-input``). Rules that
+            ``hub_backdoor.detection.rules.REGISTRY``).
+        rule: detection rule name (one of ``hub_backdoor.detection.rules.AUDIT_RULES``; default
+            ``hub_backdoor.detection.rules.DEFAULT_RULE``, ``latent-or-input``). Rules that
             need the input-space verification (``needs={"input"}``) also run
-            :func:`hub_backdoor.verification.verify_input_space` on a stratified sample of the
+            :func:`hub_backdoor.detection.verification.verify_input_space` on a stratified sample of the
             reference data (``verify_images`` images), on every class up to
             ``VERIFY_ALL_UP_TO`` classes and on the latent screen's ``VERIFY_TOP`` most
             suspicious ones above (:func:`screened_classes`).
@@ -113,7 +113,7 @@ def audit(
             default) solves the exact problem; where Theorem 1 fails (``C - 1 >= d``, e.g. a
             1000-class head on a 512-wide embedding) each class is solved on its own and a class
             no universal latent change reaches carries no latent evidence
-            (:mod:`hub_backdoor.reconstruction`); the input-space search still runs.
+            (:mod:`hub_backdoor.detection.reconstruction`); the input-space search still runs.
         accelerator: run over several processes / on a GPU with ``accelerate``: ``None`` (auto:
             an ``Accelerator`` under ``torchrun`` / ``accelerate launch``, else one plain
             process), ``True``, ``False`` or an ``accelerate.Accelerator``. The reference pass
@@ -122,7 +122,7 @@ def audit(
             :mod:`hub_backdoor.distributed`).
         min_reference_accuracy: the verdict is ``"inconclusive"`` (never ``"clean"``) when the
             model's accuracy on the reference data is below this; default
-            ``max(2 / C, 0.5)`` (:func:`hub_backdoor.validation.default_min_accuracy`).
+            ``max(2 / C, 0.5)`` (:func:`hub_backdoor.detection.validation.default_min_accuracy`).
         min_class_samples: the verdict is ``"inconclusive"`` when a class has fewer reference
             images than this (default 1; 0 turns the check off).
         **load_kw: passed to :func:`load_classifier` (``revision=``, ``head=``, ...).
@@ -250,7 +250,7 @@ def build_report(
     verification: InputVerification | None = None,
     mask: MaskVerification | None = None,
 ) -> AuditReport:
-    """The report of one audit; ``reason`` (from :func:`~hub_backdoor.validation.reference_gate`)
+    """The report of one audit; ``reason`` (from :func:`~hub_backdoor.detection.validation.reference_gate`)
     makes the verdict ``"inconclusive"`` whatever was flagged."""
     names = data.class_names or getattr(clf, "class_names", None) or [str(k) for k in range(clf.num_classes)]
     C = clf.num_classes
@@ -332,7 +332,7 @@ def build_report(
 
 def outside_calibration(num_classes: int, cal: Any) -> str:
     """The reason an audit that flags nothing is not a clean verdict: no clean calibration model
-    is like this one (``cal``: its :class:`~hub_backdoor.calibration.Calibration`, or None)."""
+    is like this one (``cal``: its :class:`~hub_backdoor.detection.calibration.Calibration`, or None)."""
     base = "none" if cal is None else cal.coverage()
     return (f"outside calibration: no class stood out, but the thresholds rest on {base}, not on "
             f"{num_classes}-class models, so a miss rate cannot be given; read the scores, or "

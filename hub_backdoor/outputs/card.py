@@ -1,5 +1,5 @@
 """The security model card: a Hub model card (``ModelCard`` / ``ModelCardData``) for an audit or a
-purified model, rendered from the Jinja template ``hub_backdoor/cards/security_card.md``, with a PNG
+purified model, rendered from the Jinja template ``hub_backdoor/outputs/cards/security_card.md``, with a PNG
 bar chart of the per-class norms next to it.
 
 The card's YAML metadata holds ``tags`` (``backdoor-defense``, ``hub-backdoor``), ``base_model`` (for a
@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from .detection import MAD_SCALE
-from .layout import chart_path_for
-from .report import AuditReport, atomic_write_text, current_umask
+from ..detection.report import AuditReport, atomic_write_text, current_umask
+from ..detection.rules import MAD_SCALE
+from ..layout import chart_path_for
 
 __all__ = [
     "CardContext", "RULE_TEXT", "TEMPLATE_PATH", "atomic_write_bytes", "build_card", "chart_path_for",
-    "flag_norm", "metadata_block", "render_chart", "rule_text", "split_card", "write_card",
+    "flag_norm", "metadata_block", "render_chart", "rule_text", "write_card",
 ]
 
 #: The card template (Jinja, as ``ModelCard.from_template`` expects); shipped as package data.
@@ -56,7 +56,7 @@ class CardContext:
         dataset_is_hub: whether ``dataset`` is a Hub dataset id (then it goes in ``datasets:``).
         split: the split (with slice) of the reference data.
         reproduce: the command line that reproduces the audit.
-        purification: the purification record (see :func:`hub_backdoor.publish.purification_record`),
+        purification: the purification record (see :func:`hub_backdoor.outputs.publish.purification_record`),
             or None for an audit-only card.
         report_after: the audit of the purified model, when it was audited again.
         original_card: body of the audited model's own card, appended to the security card.
@@ -168,7 +168,6 @@ def _md(text: Any) -> str:
 def _plain(text: Any) -> str:
     """A value from the model or the data (a class name) as literal text in Markdown and HTML."""
     import html
-    import re
 
     escaped = html.escape(str(text), quote=False).replace("\n", " ")
     return re.sub(r"([\\`*_{}\[\]()#+!|~>-])", r"\\\1", escaped)
@@ -418,7 +417,7 @@ RULE_TEXT = {
 
 def rule_text(rule: str) -> str:
     return RULE_TEXT.get(
-        rule, f"the anomaly index comes from detection rule '{rule}' (hub_backdoor.detection)"
+        rule, f"the anomaly index comes from detection rule '{rule}' (hub_backdoor.detection.rules)"
     )
 
 
@@ -447,7 +446,7 @@ def _eval_results(report: AuditReport, ctx: CardContext) -> list[Any]:
         )
         return out
     # the model-index holds results of the model the card describes, the purified one; the
-    # audited model's numbers are in the text and in hub_backdoor.purification.metrics
+    # audited model's numbers are in the text and in hub_backdoor.purification.purify.metrics
     m = pur.get("metrics", {})
     out.append(
         EvalResult(
@@ -731,20 +730,6 @@ def write_card(
     atomic_write_bytes(chart_path, png)
     atomic_write_text(path, str(card) if str(card).endswith("\n") else str(card) + "\n")
     return path, chart_path
-
-
-def split_card(text: str) -> tuple[dict[str, Any], str]:
-    """A README's YAML metadata (``{}`` when none) and its body."""
-    import yaml
-
-    m = re.match(r"^\ufeff?---\s*\n(.*?)\n---\s*(\n|$)", text, flags=re.DOTALL)
-    if m is None:
-        return {}, text
-    try:
-        meta = yaml.safe_load(m.group(1))
-    except yaml.YAMLError:
-        meta = None
-    return (meta if isinstance(meta, dict) else {}), text[m.end() :]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -5,9 +5,9 @@
 :class:`PurificationRecord` (:data:`PURIFICATION_FILE`, docs/formats.md) and a security
 card (``README.md`` and its chart), then moves the folder to ``out`` (atomically), pushes it to
 ``push_to`` and/or opens a pull request (``refs/pr/N``) on the audited repo with
-:func:`hub_backdoor.hub.push_folder`; the audited repo's main branch is never written.
+:func:`hub_backdoor.sources.hub.push_folder`; the audited repo's main branch is never written.
 :func:`open_purification_pr` is the pull-request case for callers that hold a repo id and a commit
-rather than a :class:`~hub_backdoor.loading.LoadedModel` (the webhook service). ``hub-backdoor
+rather than a :class:`~hub_backdoor.adapters.loading.LoadedModel` (the webhook service). ``hub-backdoor
 purify`` calls :func:`publish`, so the command line and the services write one layout.
 """
 
@@ -24,18 +24,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..adapters import load_classifier
+from ..adapters.loading import LoadedModel, load_model
+from ..defaults import PURIFY
+from ..detection.report import AuditReport, atomic_write_text, current_umask, jsonable, library_versions
+from ..errors import (
+    AccuracyBudgetError,
+    HubBackdoorError,
+    OutputPathError,
+    ReportError,
+    UnsupportedModelError,
+)
+from ..layout import AUDIT_FILE, PURIFICATION_FILE
+from ..purification.guard import GuardedModel
+from ..purification.purify import PurifyResult
+from ..sources.datasets import LoadedDataset
+from ..sources.hub import check_repo_id, push_folder
 from . import card
-from .adapters import load_classifier
 from .card import CardContext
-from .datasets_io import LoadedDataset
-from .defaults import PURIFY
-from .errors import AccuracyBudgetError, HubBackdoorError, OutputPathError, ReportError, UnsupportedModelError
-from .guard import GuardedModel
-from .hub import check_repo_id, push_folder
-from .layout import AUDIT_FILE, PURIFICATION_FILE
-from .loading import LoadedModel, load_model
-from .purification import PurifyResult
-from .report import AuditReport, atomic_write_text, current_umask, jsonable, library_versions
 
 __all__ = [
     "AUDIT_FILE",
@@ -202,7 +208,8 @@ class Published:
 
 def load_guarded(purified: Any, *, original: Any = None, target: int | None = None, **load_kw: Any
                  ) -> GuardedModel:
-    """The guarded model (:mod:`hub_backdoor.guard`) of a purified copy and the model it came from.
+    """The guarded model (:mod:`hub_backdoor.purification.guard`) of a purified copy and the model it
+    came from.
 
     ``purified``: a folder or Hub repo (``org/name@refs/pr/N`` too) written by :func:`publish`; or
     anything :func:`hub_backdoor.load_classifier` accepts, with ``original`` and ``target`` given.
@@ -275,7 +282,7 @@ def purification_record(
 
 def card_context(model: LoadedModel, dataset: LoadedDataset, **kw: Any) -> CardContext:
     """The card context of ``model`` audited on ``dataset``; ``kw``: the other
-    :class:`~hub_backdoor.card.CardContext` fields (model name, reproduce, purification, ...)."""
+    :class:`~hub_backdoor.outputs.card.CardContext` fields (model name, reproduce, purification, ...)."""
     return CardContext(
         model_label=model.repo_id or Path(model.label).name or model.label,
         audited_repo=model.repo_id,
@@ -417,8 +424,8 @@ def publish(
 
     Args:
         result: what :func:`hub_backdoor.purify` returned for ``model``.
-        model: the audited model (:func:`hub_backdoor.loading.load_model`); names it in the record and
-            the card, whose license, language, datasets and tags are kept (and, for a pull request,
+        model: the audited model (:func:`hub_backdoor.adapters.loading.load_model`); names it in the
+            record and the card, whose license, language, datasets and tags are kept (and, for a pull request,
             its text appended).
         dataset: the reference data the model was audited and purified with.
         report_after: the audit of the purified model, shown next to the original in the card.
@@ -433,7 +440,7 @@ def publish(
         token: Hub token with write access (``None``: huggingface_hub's usual places).
 
     Raises :class:`~hub_backdoor.errors.HubBackdoorError` (see :func:`check_destinations` and
-    :mod:`hub_backdoor.hub`) and :class:`~hub_backdoor.errors.UnsupportedModelError` for a model that
+    :mod:`hub_backdoor.sources.hub`) and :class:`~hub_backdoor.errors.UnsupportedModelError` for a model that
     cannot be saved. A temporary folder is removed whatever happens.
     """
     out = Path(out).expanduser() if out is not None else None

@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapters.base import Classifier
-from .data import (
+from ..adapters.base import Classifier
+from ..distributed import resolve, shard_reference_loader
+from ..errors import EmptyDatasetError, NonFiniteLogitsError, OneClassDatasetError
+from ..sources.reference import (
     Fingerprint,
     ReferenceData,
     StreamingReference,
@@ -29,8 +31,6 @@ from .data import (
     make_stream_loader,
     require_nonempty,
 )
-from .distributed import resolve, shard_reference_loader
-from .errors import EmptyDatasetError, NonFiniteLogitsError, OneClassDatasetError
 from .reconstruction import ConstraintState, fold_worst
 
 __all__ = ["ReferencePass", "reference_pass"]
@@ -44,7 +44,7 @@ class ReferencePass:
         state: the collapsed QP constraints (``(C, C)`` running max) and per-class counts.
         n: number of samples. correct: how many the model classified right.
         fingerprint: order-free hash of the exact inputs and labels used (see
-            :class:`~hub_backdoor.data.Fingerprint`): the same for any batch size and number of
+            :class:`~hub_backdoor.sources.reference.Fingerprint`): the same for any batch size and number of
             processes.
         h_mean, h_std: ``(d,)`` per-dimension mean / std of h(x) over the reference set.
         embeddings: ``(n, d)`` float32 when kept, else None. labels: ``(n,)`` when kept.

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapters.base import Classifier
-from .adapters.folder import load_folder
-from .card import split_card
-from .datasets_io import looks_like_path
-from .errors import CorruptWeightsError, HubBackdoorError, UnsupportedModelError
-from .hub import download_model
+from ..errors import CorruptWeightsError, HubBackdoorError, UnsupportedModelError
+from ..sources.datasets import looks_like_path
+from ..sources.hub import download_model, split_card
+from .base import Classifier
+from .folder import load_folder
 
 __all__ = ["LoadedModel", "load_model"]
 

@@ -32,7 +32,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from .errors import ReportError
+from ..errors import ReportError
 
 __all__ = [
     "AuditReport", "ClassRow", "READABLE_VERSIONS", "SCHEMA_VERSION", "VERDICTS", "Verdict",

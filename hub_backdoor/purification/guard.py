@@ -12,7 +12,7 @@ repairs some of the original's own mistakes, the purified weights alone can do b
 
 :func:`guarded_logits` is the rule on logits; :class:`GuardedModel` is a module that applies it;
 :meth:`hub_backdoor.PurifyResult.guarded` builds one after :func:`hub_backdoor.purify`, and
-:func:`hub_backdoor.publish.load_guarded` from a purified copy written by ``hub-backdoor purify``
+:func:`hub_backdoor.outputs.publish.load_guarded` from a purified copy written by ``hub-backdoor purify``
 (a folder or a Hub repo).
 """
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters.base import Classifier
-from .errors import HubBackdoorError
+from ..adapters.base import Classifier
+from ..errors import HubBackdoorError
 
 __all__ = ["GuardedModel", "guarded_logits"]
 

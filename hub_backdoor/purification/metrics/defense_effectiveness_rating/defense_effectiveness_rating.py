@@ -1,6 +1,6 @@
 """Defense effectiveness rating (DER) of BackdoorBench, as an ``evaluate`` metric.
 
-Load it offline by path: ``hub_backdoor.metrics.load("defense_effectiveness_rating")``.
+Load it offline by path: ``hub_backdoor.purification.metrics.load("defense_effectiveness_rating")``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ Args:
 Returns:
     defense_effectiveness_rating (float): in [0, 1].
 Example:
-    >>> der = hub_backdoor.metrics.load("defense_effectiveness_rating")
+    >>> der = hub_backdoor.purification.metrics.load("defense_effectiveness_rating")
     >>> der.compute(asr_before=[1.0], asr_after=[0.0], acc_before=[0.9], acc_after=[0.8])
     {'defense_effectiveness_rating': 0.95}
 """

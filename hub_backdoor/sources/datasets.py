@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DatasetError, EmptyDatasetError, HubBackdoorError
+from ..errors import DatasetError, EmptyDatasetError, HubBackdoorError
 from .hub import check_repo_id, parse_repo_ref, raise_hub_error
 
 __all__ = [

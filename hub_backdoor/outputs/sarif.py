@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .report import AuditReport, atomic_write_text, jsonable
+from .. import __version__
+from ..detection.report import AuditReport, atomic_write_text, jsonable
 
 __all__ = [
     "INCONCLUSIVE_RULE_ID",
