@@ -28,12 +28,12 @@ from . import card
 from .adapters import load_classifier
 from .card import CardContext
 from .datasets_io import LoadedDataset
-from .defaults import PURIFY
 from .errors import AccuracyBudgetError, HubBackdoorError, OutputPathError, ReportError, UnsupportedModelError
 from .guard import GuardedModel
 from .hub import check_repo_id, push_folder
 from .layout import AUDIT_FILE, PURIFICATION_FILE
 from .loading import LoadedModel, load_model
+from .options import PurifyOptions
 from .purification import PurifyResult
 from .report import AuditReport, atomic_write_text, current_umask, jsonable, library_versions
 
@@ -345,32 +345,35 @@ def _destination(
 
 def purify_flags(result: PurifyResult) -> list[str]:
     """The ``hub-backdoor purify`` options that give ``result`` again: ``--epochs`` and every
-    purification option that differs from the command's default, ``--threads`` among them when
-    the CPU fine-tuning ran at another count than the default (the weights depend on it)."""
+    purification option (:class:`~hub_backdoor.options.PurifyOptions`) that differs from the
+    command's default, ``--threads`` among them when the CPU fine-tuning ran at another count than
+    the default (the weights depend on it)."""
     p = result.params
     out = ["--epochs", str(p.get("epochs"))]
     if result.report.target != result.target:  # the audit flagged another class, or none
         out += ["--target", str(result.target)]
-    for flag, key, default in (
-        ("--beta", "beta", PURIFY["beta"]), ("--scale", "scale", PURIFY["scale"]),
-        ("--distill", "distill", PURIFY["distill"]), ("--keep", "keep", PURIFY["keep"]),
-        ("--target-weight", "target_weight", PURIFY["target_weight"]), ("--lr", "lr", PURIFY["lr"]),
-        ("--warmup", "warmup", PURIFY["warmup"]), ("--holdout", "holdout", 0.2),
-        ("--batch-size", "batch_size", 64),
-    ):
-        if key in p and p[key] != default:
-            out += [flag, str(p[key])]
-    if isinstance(p.get("train"), str) and p["train"] != PURIFY["train"]:
-        out += ["--train", str(p["train"])]
-    if p.get("sam_rho") and p["sam_rho"] != PURIFY["sam_rho"]:
-        out += ["--sam-rho", str(p["sam_rho"])] + (["--sam-adaptive"] if p.get("sam_adaptive") else [])
-    if p.get("augment"):
-        out += ["--augment"]
-    if "max_accuracy_drop" in p and p["max_accuracy_drop"] != 0.01:
-        out += ["--max-accuracy-drop", f"{100 * float(p['max_accuracy_drop']):g}"]
-    if str(p.get("determinism", "")).startswith("cpu") and p.get("threads") != PURIFY["threads"]:
-        out += ["--threads", str(p["threads"])]
-    return out
+    opts = _options_of(p)
+    names = tuple(n for n in PurifyOptions.names() if n != "epochs")
+    cut = names.index("holdout") + 1  # the batch size follows the hold-out share
+    out += opts.to_flags(names[:cut])
+    if "batch_size" in p and p["batch_size"] != 64:
+        out += ["--batch-size", str(p["batch_size"])]
+    return out + opts.to_flags(names[cut:])
+
+
+def _options_of(params: Mapping[str, Any]) -> PurifyOptions:
+    """The :class:`~hub_backdoor.options.PurifyOptions` a purification's ``params`` record, as far
+    as a command line can give them: a list of ``train`` prefixes, ``--sam-adaptive`` without
+    ``--sam-rho`` and the thread count of a GPU run are left at their defaults."""
+    known = {k: v for k, v in params.items() if k in PurifyOptions.names()}
+    default = PurifyOptions()
+    if not isinstance(known.get("train"), str):
+        known.pop("train", None)
+    if not known.get("sam_rho"):
+        known.pop("sam_adaptive", None)
+    if not str(params.get("determinism", "")).startswith("cpu"):
+        known["threads"] = default.threads
+    return PurifyOptions.from_mapping(known, where="purification params")
 
 
 def _default_reproduce(
