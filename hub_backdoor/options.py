@@ -70,7 +70,43 @@ class AuditOptions:
 
     ``None`` means "found" (columns), "all" (``max_samples``), "the rule's own" (``threshold``),
     "the library default" (``rule``, ``min_reference_accuracy``) or "the exact problem"
-    (``soft_margin``)."""
+    (``soft_margin``).
+
+    Attributes:
+        image_column, label_column: override the automatic column discovery.
+        max_samples: use a seeded random subset of at most this many samples (a stream: its
+            first ``max_samples`` examples).
+        seed: seeds the subset and torch; recorded in the report.
+        batch_size: images per forward pass.
+        threshold: score above which a class is flagged (default: the rule's own, see
+            ``hub_backdoor.detection.REGISTRY``).
+        rule: detection rule name (one of ``hub_backdoor.detection.AUDIT_RULES``; default
+            ``hub_backdoor.detection.DEFAULT_RULE``, ``latent-or-input``). Rules that
+            need the input-space verification (``needs={"input"}``) also run
+            :func:`hub_backdoor.verification.verify_input_space` on a stratified sample of the
+            reference data (``verify_images`` images), on every class up to
+            ``VERIFY_ALL_UP_TO`` classes and on the latent screen's ``verify_top`` most
+            suspicious ones above (:func:`hub_backdoor.audit.screened_classes`).
+        soft_margin: solve the soft-margin QP with this penalty for every class. ``None`` (the
+            default) solves the exact problem; where Theorem 1 fails (``C - 1 >= d``, e.g. a
+            1000-class head on a 512-wide embedding) each class is solved on its own and a class
+            no universal latent change reaches carries no latent evidence
+            (:mod:`hub_backdoor.reconstruction`); the input-space search still runs.
+        margin: logit margin m of the QP (0 in the paper).
+        solver: ``"daqp"`` (fast) or ``"cvxpy"`` (reference).
+        verify_top: above ``VERIFY_ALL_UP_TO`` classes, how many classes the input-space search
+            covers (those the latent rule ranks most suspicious; its cost grows with this, not C).
+        verify_images: reference images of the input-space verification.
+        min_reference_accuracy: the verdict is ``"inconclusive"`` (never ``"clean"``) when the
+            model's accuracy on the reference data is below this; default
+            ``max(2 / C, 0.5)`` (:func:`hub_backdoor.validation.default_min_accuracy`).
+        min_class_samples: the verdict is ``"inconclusive"`` when a class has fewer reference
+            images than this (default 1; 0 turns the check off).
+        device: the torch device of the model (default: where it is, or the accelerator's).
+        streaming: read the reference data as a stream, one batch in memory at a time (how the
+            command line and the workflow load the data; not a keyword of :func:`hub_backdoor.audit`,
+            which takes a stream as its ``dataset``).
+    """
 
     image_column: str | None = _opt(None, "data", "image column (default: found)", metavar="NAME")
     label_column: str | None = _opt(None, "data", "label column (default: found)", metavar="NAME")
