@@ -213,8 +213,8 @@ def verify_input_space(
 
 
 def _hits_and_grads(clf: Classifier, pool: torch.Tensor, delta: torch.Tensor, live: np.ndarray,
-                    kt: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor, *, chunks: tuple[int, int], layout: Any,
-                    grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    kt: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor, *, chunks: tuple[int, int],
+                    layout: Any, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One pass of the ``live`` classes' changes ``delta (K, channels, H, W)`` over the ``pool (n,
     channels, H, W)``, in chunks of ``chunks = (classes, images)``: ``hits (K, n)`` (1 where the
     image went to the class) and, with ``grad``, the gradient ``(K, channels, H, W)`` of each
