@@ -387,19 +387,16 @@ def purify(
 
     ``source``: anything :func:`load_classifier` accepts (never modified). ``dataset``: clean
     labelled data; ``holdout`` of it (stratified, seeded) measures accuracy / ASR before and after,
-    the rest serves the audit (run when ``report``, an audit of this model, is None) and the
-    fine-tuning. ``target``: the class to purify (default: the report's; required when the audit
-    flagged nothing). ``trigger``: a callable on one raw image whose ASR / RA is measured. The
-    fine-tuning options are documented, with their defaults, in :class:`hub_backdoor.options.PurifyOptions`;
-    ``batch_size``, ``seed``, ``max_samples`` (it bounds the audit, the fine-tuning and the held-out
-    part), the columns, ``device``, ``transform``, ``accelerator`` (several processes each train on a
-    share of every epoch, gradients averaged as in DDP) and ``progress`` are as for
-    :func:`hub_backdoor.audit` (:class:`hub_backdoor.options.AuditOptions`); ``audit_kw``: more
-    keywords of that audit.
+    the rest serves the audit (run when ``report`` is None) and the fine-tuning. ``target``: the
+    class to purify (default: the report's; required when it flagged nothing). ``trigger``: a
+    callable on one raw image whose ASR / RA is measured. The fine-tuning options are documented in
+    :class:`hub_backdoor.options.PurifyOptions`, the others in :class:`hub_backdoor.options.AuditOptions`
+    and :func:`hub_backdoor.audit` (``max_samples`` bounds all the data used); ``audit_kw``: more
+    keywords of the audit.
 
     Raises:
-        OptionError: an option is out of range (before anything is loaded); ReportError:
-            ``report`` is the audit of another model or of the wrong shape (before any training).
+        OptionError: an option is out of range (before anything is loaded); ReportError: ``report``
+            is the audit of another model or of the wrong shape (before any training).
     """
     t_start = time.perf_counter()
     opts = PurifyOptions(
@@ -410,13 +407,10 @@ def purify(
     )
     opts.check(batch_size=batch_size, seed=seed, max_samples=max_samples, device=device)
     torch.manual_seed(seed)
-    original = _load(source, report, target, load_kw)
-    clf, dist = _working_copy(original, device, accelerator)
+    original, clf, dist = _load(source, report, target, load_kw, device, accelerator)
     fit, held = _split(dataset, image_column, label_column, max_samples, seed, holdout)
     tf = transform or clf.preprocess
-    if report is None:
-        report = run_audit(clf, fit, transform=transform, seed=seed, progress=progress, accelerator=dist,
-                           **(audit_kw or {}))
+    report = report if report is not None else _audit(clf, fit, transform, seed, progress, dist, audit_kw)
     target = _chosen_target(report, target)
     s_t = _target_shift(clf, fit, tf, report, target, batch_size)
     run_threads, determinism = _threads_on(clf, threads)
@@ -425,26 +419,25 @@ def purify(
         run = _FineTune(clf, fit, tf, target, s_t, report.params.get("margin", 0.0), opts, batch_size, seed,
                         dist)
         history = run.train(original, progress)
-        teacher = run.teacher if run.teacher is not None else _teacher(original, clf)
-        after = _evaluate(clf, held, tf, trigger, target, batch_size, s_t, original=teacher)
+        after = _evaluate(clf, held, tf, trigger, target, batch_size, s_t, original=run.teacher)
     clf.source = {**original.source, "purified_from": original.name}
     params = _params(opts, run, batch_size=batch_size, seed=seed, threads=run_threads,
                      determinism=determinism, processes=dist.world)
     return PurifyResult(
-        classifier=clf, target=int(target), perturbation=np.asarray(s_t),
-        metrics=PurifyMetrics.measured(before, after, len(fit), len(held)), params=params, report=report,
-        history=history, seconds=time.perf_counter() - t_start, max_accuracy_drop=float(max_accuracy_drop),
-        original=original,
-    )
+        classifier=clf, target=int(target), perturbation=np.asarray(s_t), report=report, history=history,
+        metrics=PurifyMetrics.measured(before, after, len(fit), len(held)), params=params, original=original,
+        seconds=time.perf_counter() - t_start, max_accuracy_drop=float(max_accuracy_drop))
 
 
-def _load(source: Any, report: AuditReport | None, target: Any, load_kw: dict[str, Any]) -> Classifier:
-    """The classifier of ``source``, checked against ``report`` and ``target``."""
+def _load(source: Any, report: AuditReport | None, target: Any, load_kw: dict[str, Any], device: Any,
+          accelerator: Any) -> tuple[Classifier, Classifier, Any]:
+    """The classifier of ``source`` (checked against ``report`` and ``target``), the copy that
+    is fine-tuned (:func:`_working_copy`) and the resolved accelerator."""
     original = load_classifier(source, **load_kw)
     if report is not None:
         check_report_matches(report, original, original.name)
     _check_class(target, original)
-    return original
+    return original, *_working_copy(original, device, accelerator)
 
 
 def _check_class(target: Any, clf: Classifier) -> None:
@@ -472,6 +465,13 @@ def _split(dataset: Any, image_column: str | None, label_column: str | None, max
     data = ReferenceData(dataset, image_column=image_column, label_column=label_column)
     data = data.subset(max_samples, seed)
     return data.split(holdout, seed) if holdout > 0 else (data, data)
+
+
+def _audit(clf: Classifier, fit: ReferenceData, transform: Any, seed: int, progress: bool, dist: Any,
+           audit_kw: dict[str, Any] | None) -> AuditReport:
+    """The audit of ``clf`` on the part of the data it is fine-tuned on."""
+    return run_audit(clf, fit, transform=transform, seed=seed, progress=progress, accelerator=dist,
+                     **(audit_kw or {}))
 
 
 def _chosen_target(report: AuditReport, target: int | None) -> int:
@@ -547,7 +547,8 @@ class _FineTune:
 
     def train(self, original: Classifier, progress: bool) -> list[dict[str, float]]:
         """Fine-tune (``original``: the teacher of the KL terms); returns the per-epoch history
-        without the total loss, the model left in eval mode with every parameter trainable."""
+        without the total loss, the model left in eval mode with every parameter trainable and
+        :attr:`teacher` a copy of ``original`` on its device, in eval mode."""
         clf, opts = self.clf, self.opts
         # a copy: the caller's model stays as it was
         self.teacher = _teacher(original, clf) if opts.distill > 0 or opts.keep > 0 else None
@@ -572,6 +573,8 @@ class _FineTune:
         for p in clf.model.parameters():
             p.requires_grad_(True)
         clf.model.eval()
+        if self.teacher is None:  # the guarded model's numbers need the original beside it
+            self.teacher = _teacher(original, clf)
         return history
 
     def before_epoch(self, epoch: int) -> None:
