@@ -303,37 +303,10 @@ def build_report(
     pv = cal.p_values(det.scores) if covered and cal is not None else None
     bounds = None if verification is None else verification.full_bounds(C)
     l1 = None if mask is None else mask.full_l1(C)
-
-    def opt(a: np.ndarray | None, k: int) -> float | None:
-        return None if a is None or not np.isfinite(a[k]) else float(a[k])
-
-    rows = [
-        ClassRow(
-            index=k,
-            name=str(names[k]) if k < len(names) else str(k),
-            norm=float(rec.norms[k]),
-            anomaly_index=float(det.scores[k]),
-            flagged=k in det.flagged,
-            n_reference=int(ref.state.counts[k]),
-            p_value=opt(pv, k),
-            input_bound=opt(bounds, k),
-            mask_l1=opt(l1, k),
-        )
-        for k in range(C)
-    ]
+    rows = _class_rows(C, names, ref, rec, det, pv, bounds, l1)
     evidence = _evidence(det.rule, timings, verification, mask, cal, rec=rec, covered=covered,
                          searched_all=verification is None or len(verification.classes) == C)
-    notes = list(rec.notes)
-    missing = [k for k in range(clf.num_classes) if ref.state.counts[k] == 0]
-    if missing:
-        notes.append(f"no reference samples of classes {missing[:20]}{'...' if len(missing) > 20 else ''}")
-    if len(ref.input_sizes) > 1:
-        shown = ", ".join(f"{s[0]}x{s[1]}" for s in ref.input_sizes[:4] if len(s) == 2)
-        notes.append(
-            f"the reference images come in {len(ref.input_sizes)}{'+' if len(ref.input_sizes) >= 8 else ''} "
-            f"sizes ({shown}, ...); the model's preprocessing resized them all to its input size, and "
-            "images unlike the model's training data weaken the audit: prefer images of its input size"
-        )
+    notes = _data_notes(ref, rec, clf.num_classes)
     target = det.target
     W, b = clf.head_numpy()
     verdict: Verdict
@@ -371,6 +344,47 @@ def build_report(
         target_perturbation=None if target is None else rec.perturbations[target].tolist(),
         perturbations=np.asarray(rec.perturbations),
     )
+
+
+def _class_rows(C: int, names: Any, ref: ReferencePass, rec: Reconstruction, det: Any, pv: np.ndarray | None,
+                bounds: np.ndarray | None, l1: np.ndarray | None) -> list[ClassRow]:
+    """One row per class of the ``C``: its norm ``rec.norms (C,)``, score ``det.scores (C,)``,
+    reference count, and (where given and finite) its p-value, input bound and mask L1, each ``(C,)``."""
+
+    def opt(a: np.ndarray | None, k: int) -> float | None:
+        return None if a is None or not np.isfinite(a[k]) else float(a[k])
+
+    return [
+        ClassRow(
+            index=k,
+            name=str(names[k]) if k < len(names) else str(k),
+            norm=float(rec.norms[k]),
+            anomaly_index=float(det.scores[k]),
+            flagged=k in det.flagged,
+            n_reference=int(ref.state.counts[k]),
+            p_value=opt(pv, k),
+            input_bound=opt(bounds, k),
+            mask_l1=opt(l1, k),
+        )
+        for k in range(C)
+    ]
+
+
+def _data_notes(ref: ReferencePass, rec: Reconstruction, num_classes: int) -> list[str]:
+    """The reconstruction's notes, then the reference data's: classes without samples, mixed
+    image sizes."""
+    notes = list(rec.notes)
+    missing = [k for k in range(num_classes) if ref.state.counts[k] == 0]
+    if missing:
+        notes.append(f"no reference samples of classes {missing[:20]}{'...' if len(missing) > 20 else ''}")
+    if len(ref.input_sizes) > 1:
+        shown = ", ".join(f"{s[0]}x{s[1]}" for s in ref.input_sizes[:4] if len(s) == 2)
+        notes.append(
+            f"the reference images come in {len(ref.input_sizes)}{'+' if len(ref.input_sizes) >= 8 else ''} "
+            f"sizes ({shown}, ...); the model's preprocessing resized them all to its input size, and "
+            "images unlike the model's training data weaken the audit: prefer images of its input size"
+        )
+    return notes
 
 
 def outside_calibration(num_classes: int, cal: Any) -> str:

@@ -368,7 +368,14 @@ def _solve_gram_active_set(
         Pa = np.asarray(P)
         KP = rows(P)
         w = t_full - (lam.sum() * base - Kk[Pa] @ lam + lam @ KP)
-    # polish: re-solve the final active set on V itself and check the KKT conditions exactly
+    s, Ws = _polish(W, t_full, k, P, scale)
+    return s, len(P), Ws
+
+
+def _polish(W: np.ndarray, t_full: np.ndarray, k: int, P: list[int], scale: float
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """``(s (d,), W s (C,))``: the final active set ``P`` re-solved on ``V_P = w_k - W[P]`` itself,
+    accepted only where the KKT conditions hold exactly (else :class:`_ActiveSetFailed`)."""
     if not P:
         s = np.zeros(W.shape[1])
     else:
@@ -386,7 +393,7 @@ def _solve_gram_active_set(
     viol = float(np.max(t_full[finite] - (Ws[k] - Ws[finite]), initial=0.0))
     if viol > 1e-9 * scale:
         raise _ActiveSetFailed(f"polished solution violates a constraint by {viol:.1e}")
-    return s, len(P), Ws
+    return s, Ws
 
 
 _MAX_ENTERING = 32
