@@ -647,22 +647,10 @@ def reconstruct(
         it = tqdm(ks, desc="QP per class", unit="class", leave=False)
     with _single_threaded_blas():
         for k in it:
-            try:
-                sol = solve_class(
-                    W, b, state.worst, k, margin=margin, solver=solver, soft_margin=soft_margin,
-                    nonneg=nonneg, gram=gram,
-                )
-            except _ClassInfeasible:
-                if not nonneg and reason is None:
-                    raise
-                # no universal change reaches k (s >= 0 can be infeasible where the free problem
-                # is not; without Theorem 1 the free one can be too), the opposite of suspicious
-                norms[k], statuses[k] = np.inf, "infeasible (s >= 0)" if nonneg else "unreachable"
-                continue
-            except SolverError:
-                if not nonneg:
-                    raise
-                norms[k], statuses[k] = np.inf, "infeasible (s >= 0)"
+            sol = _solve_or_status(W, b, state.worst, k, margin=margin, solver=solver,
+                                   soft_margin=soft_margin, nonneg=nonneg, gram=gram, feasibility=reason)
+            if isinstance(sol, str):  # no universal change reaches k: the opposite of suspicious
+                norms[k], statuses[k] = np.inf, sol
                 continue
             S[k], norms[k], statuses[k], per[k] = sol.s, sol.norm, sol.status, sol.seconds
             fallbacks += sol.solver == "daqp"
@@ -680,6 +668,23 @@ def reconstruct(
         per_class_seconds=per,
         notes=notes,
     )
+
+
+def _solve_or_status(W: np.ndarray, b: np.ndarray, worst: np.ndarray, k: int, *, nonneg: bool,
+                     feasibility: str | None, **kw: Any) -> Any:
+    """:func:`solve_class` of class ``k``, or the status of a class no universal change reaches
+    (``s >= 0`` can be infeasible where the free problem is not; without Theorem 1, where
+    ``feasibility`` names why, the free one can be too); any other failure is raised."""
+    try:
+        return solve_class(W, b, worst, k, nonneg=nonneg, **kw)
+    except _ClassInfeasible:
+        if not nonneg and feasibility is None:
+            raise
+        return "infeasible (s >= 0)" if nonneg else "unreachable"
+    except SolverError:
+        if not nonneg:
+            raise
+        return "infeasible (s >= 0)"
 
 
 def solve_raw_cvxpy(
