@@ -441,17 +441,7 @@ def publish(
     """
     out = Path(out).expanduser() if out is not None else None
     check_destinations(model, out=out, push_to=push_to, open_pr=open_pr, overwrite=overwrite)
-    if not result.within_budget and not allow_over_budget:
-        m = result.metrics
-        raise AccuracyBudgetError(
-            f"purification lost {100 * float(m['acc_drop']):.1f} points of held-out clean accuracy "
-            f"({float(m['acc_before']):.3f} -> {float(m['acc_after']):.3f}), more than the budget of "
-            f"{100 * result.max_accuracy_drop:g} points; nothing was published (raise "
-            "--max-accuracy-drop, or purify with more clean data)"
-        )
-    clf = result.classifier
-    if not hasattr(clf, "save_pretrained"):
-        raise UnsupportedModelError(f"cannot save a purified {clf.kind} model; only timm and transformers")
+    _check_publishable(result, allow_over_budget)
     record, context = _record_and_card(
         result, model=model, dataset=dataset, report_after=report_after, out=out, push_to=push_to,
         open_pr=open_pr, trigger=trigger, reproduce=reproduce,
@@ -484,6 +474,22 @@ def publish(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return Published(folder=out, url=url, pr_url=pr_url, record=record)
+
+
+def _check_publishable(result: PurifyResult, allow_over_budget: bool) -> None:
+    """Refuse a purification over its accuracy budget (unless ``allow_over_budget``) or a model
+    that cannot be saved."""
+    if not result.within_budget and not allow_over_budget:
+        m = result.metrics
+        raise AccuracyBudgetError(
+            f"purification lost {100 * float(m['acc_drop']):.1f} points of held-out clean accuracy "
+            f"({float(m['acc_before']):.3f} -> {float(m['acc_after']):.3f}), more than the budget of "
+            f"{100 * result.max_accuracy_drop:g} points; nothing was published (raise "
+            "--max-accuracy-drop, or purify with more clean data)"
+        )
+    clf = result.classifier
+    if not hasattr(clf, "save_pretrained"):
+        raise UnsupportedModelError(f"cannot save a purified {clf.kind} model; only timm and transformers")
 
 
 def _record_and_card(
