@@ -461,15 +461,16 @@ def purify_source(
     messages: Messages | None = None,
 ) -> PurifyOutcome:
     """Audit ``source`` (or read its saved audit ``report``), fine-tune the flagged class (or
-    ``target``) away with :func:`hub_backdoor.purify` (``purify``: its options, or a mapping of
-    them; the model's batch size, seed and device are ``options``'), audit the
-    purified model again on the part of the data it was tuned on, and publish it to
-    ``destination`` with its record (``json_out``: also here; ``-`` for stdout).
+    ``target``) away with :func:`hub_backdoor.purify` (``purify``: its
+    :class:`~hub_backdoor.options.PurifyOptions`, or a mapping of them; the batch size, seed, device
+    and columns come from ``options``), audit the purified model again on the part of the data it
+    was tuned on, and publish it to ``destination`` with its record (``json_out``: also here; ``-``
+    for stdout).
 
-    ``max_accuracy_drop`` is in points of held-out clean accuracy (None: ``purify``'s budget, a
-    share, x 100): a purification that loses more
-    publishes nothing (:class:`~hub_backdoor.errors.AccuracyBudgetError`, exit 6). Returns exit 1
-    (nothing flagged) or 4 (inconclusive audit) without purifying when no ``target`` is given."""
+    ``max_accuracy_drop`` is in points of held-out clean accuracy (None: the budget of ``purify``,
+    a share, in points): a purification that loses more publishes nothing
+    (:class:`~hub_backdoor.errors.AccuracyBudgetError`, exit 6). Returns exit 1 (nothing flagged) or
+    4 (inconclusive audit) without purifying when no ``target`` is given."""
 
     say = messages or Silent()
     destination = destination or Destination()
