@@ -163,9 +163,12 @@ def test_purify_options_reach_the_library_through_the_workflow(monkeypatch):
         raise RuntimeError("stop")
 
     monkeypatch.setattr(jobs, "purify_model", fake)
+    from types import SimpleNamespace
+
     opts = PurifyOptions(**POTHER)
+    model = SimpleNamespace(clf=None)
     with pytest.raises(RuntimeError, match="stop"):
-        jobs._fine_tune(None, None, None, 0, AuditOptions(), opts, eval_trigger=None,  # type: ignore[arg-type]
+        jobs._fine_tune(model, None, None, 0, AuditOptions(), opts, eval_trigger=None,  # type: ignore[arg-type]
                         say=jobs.Silent())
     assert {k: seen[k] for k in PurifyOptions.names()} == POTHER
 
