@@ -363,25 +363,8 @@ def finetune_loop(
             loader.set_epoch(epoch)
         if before_epoch is not None:
             before_epoch(epoch)
-        totals: dict[str, float] = {}
-        n = 0
-        for x, y in loader:
-            if device is not None:
-                x, y = x.to(device), y.to(device)
-            if batch_transform is not None:
-                x = batch_transform(x)
-            losses = step(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            sync()
-            if sam_rho > 0:
-                _sharpness_aware(step, x, y, params, optimizer, sync, sam_rho, sam_adaptive)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            for key, v in losses.items():
-                totals[key] = totals.get(key, 0.0) + float(v.detach()) * len(y)
-            n += len(y)
+        totals, n = _epoch(step, loader, optimizer, params, sync, scheduler=scheduler, device=device,
+                           batch_transform=batch_transform, sam_rho=sam_rho, sam_adaptive=sam_adaptive)
         keys = sorted(totals)
         summed = dist.all_reduce(torch.tensor([totals[k] for k in keys] + [n], dtype=torch.float64))
         tot_n = max(float(summed[-1]), 1.0)
@@ -389,3 +372,31 @@ def finetune_loop(
     if model is not None:
         broadcast_module(model, dist)
     return history
+
+
+def _epoch(step: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]], loader: Any,
+           optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], sync: Any, *, scheduler: Any,
+           device: torch.device | str | None, batch_transform: Callable[[torch.Tensor], torch.Tensor] | None,
+           sam_rho: float, sam_adaptive: bool) -> tuple[dict[str, float], int]:
+    """One epoch over this process's shard (batches ``x (B, ...)``, ``y (B,)``); returns each
+    loss summed over its samples, and the number of samples."""
+    totals: dict[str, float] = {}
+    n = 0
+    for x, y in loader:
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        if batch_transform is not None:
+            x = batch_transform(x)
+        losses = step(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        sync()
+        if sam_rho > 0:
+            _sharpness_aware(step, x, y, params, optimizer, sync, sam_rho, sam_adaptive)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        for key, v in losses.items():
+            totals[key] = totals.get(key, 0.0) + float(v.detach()) * len(y)
+        n += len(y)
+    return totals, n

@@ -8,22 +8,21 @@ what they add is only how they take options and where messages go (a :class:`Mes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import zoo
 from .adapters.loading import LoadedModel, load_model
-from .defaults import PURIFY
 from .detection.audit import audit
 from .detection.report import AuditReport, atomic_write_text
 from .detection.validation import (
     check_not_protected,
     check_outputs,
-    check_purify_options,
     check_report_matches,
     check_writable,
 )
@@ -39,7 +38,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .layout import chart_path_for
-from .options import AuditOptions
+from .options import AuditOptions, PurifyOptions
 from .outputs.card import CardContext, build_card, write_card
 from .outputs.publish import (
     PurificationRecord,
@@ -381,35 +380,31 @@ class PurifyOutcome:
 
 def _check_purify(
     options: AuditOptions,
-    purify: dict[str, Any],
+    purify: PurifyOptions,
     destination: Destination,
     *,
     max_accuracy_drop: float,
     report: str | None,
     json_out: str | None,
 ) -> list[tuple[Any, str]]:
-    """Every option and output, checked before the download; returns the named inputs (``report``)."""
+    """Every option and output, checked before the download (``max_accuracy_drop`` in points);
+    returns the named inputs (``report``)."""
 
     if not (destination.out or destination.push_to or destination.open_pr):
         raise HubBackdoorError("nothing to write: give --out DIR, --push-to org/name or --open-pr")
     if destination.push_to:
         check_repo_id(destination.push_to)
 
-    full = {**{k: PURIFY[k] for k in ("beta", "scale", "distill", "lr", "warmup", "keep", "target_weight",
-                                      "threads", "sam_rho")},
-            "epochs": None, "holdout": 0.2, **purify}
-    if full["holdout"] < 0 or full["holdout"] >= 1:
-        raise HubBackdoorError(f"--holdout {full['holdout']} must be in [0, 1)")
+    if purify.holdout < 0 or purify.holdout >= 1:
+        raise HubBackdoorError(f"--holdout {purify.holdout} must be in [0, 1)")
     options.check()
     if options.streaming:
         raise OptionError("--streaming is for audits: a purification reads its data several times and "
                           "holds part of it out; pass a split that fits, e.g. with --max-samples")
-    check_purify_options(
-        **{k: full[k] for k in ("beta", "scale", "distill", "lr", "epochs", "holdout", "warmup", "keep",
-                                "target_weight", "threads", "sam_rho")},
-        batch_size=options.batch_size, seed=options.seed, max_samples=options.max_samples,
-        device=options.device,
-    )
+    # the budget is checked in points just below, as the flag gives it
+    in_range = dataclasses.replace(purify, max_accuracy_drop=PurifyOptions().max_accuracy_drop)
+    in_range.check(batch_size=options.batch_size, seed=options.seed, max_samples=options.max_samples,
+                   device=options.device)
     if not 0 <= max_accuracy_drop <= 100:  # also refuses nan
         raise OptionError(f"--max-accuracy-drop {max_accuracy_drop} must be a number of points in 0..100")
     named = [(report, "the --report file")] if report else []
@@ -461,31 +456,36 @@ def purify_source(
     dataset: str | None = None,
     split: str | None = None,
     options: AuditOptions = _DEFAULT_OPTIONS,
-    purify: dict[str, Any] | None = None,
+    purify: PurifyOptions | Mapping[str, Any] | None = None,
     target: int | None = None,
     report: str | None = None,
     destination: Destination | None = None,
     json_out: str | None = None,
     eval_trigger: str | None = None,
-    max_accuracy_drop: float = 1.0,
+    max_accuracy_drop: float | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     messages: Messages | None = None,
 ) -> PurifyOutcome:
     """Audit ``source`` (or read its saved audit ``report``), fine-tune the flagged class (or
-    ``target``) away with :func:`hub_backdoor.purify` (``purify``: its keywords), audit the
-    purified model again on the part of the data it was tuned on, and publish it to
-    ``destination`` with its record (``json_out``: also here; ``-`` for stdout).
+    ``target``) away with :func:`hub_backdoor.purify` (``purify``: its
+    :class:`~hub_backdoor.options.PurifyOptions`, or a mapping of them; the batch size, seed, device
+    and columns come from ``options``), audit the purified model again on the part of the data it
+    was tuned on, and publish it to ``destination`` with its record (``json_out``: also here; ``-``
+    for stdout).
 
-    ``max_accuracy_drop`` is in points of held-out clean accuracy: a purification that loses more
-    publishes nothing (:class:`~hub_backdoor.errors.AccuracyBudgetError`, exit 6). Returns exit 1
-    (nothing flagged) or 4 (inconclusive audit) without purifying when no ``target`` is given."""
+    ``max_accuracy_drop`` is in points of held-out clean accuracy (None: the budget of ``purify``,
+    a share, in points): a purification that loses more publishes nothing
+    (:class:`~hub_backdoor.errors.AccuracyBudgetError`, exit 6). Returns exit 1 (nothing flagged) or
+    4 (inconclusive audit) without purifying when no ``target`` is given."""
 
     say = messages or Silent()
     destination = destination or Destination()
-    kw = {k: v for k, v in (purify or {}).items() if v is not None}
-    named = _check_purify(options, kw, destination, max_accuracy_drop=max_accuracy_drop, report=report,
+    popts = purify if isinstance(purify, PurifyOptions) else PurifyOptions.from_mapping(purify or {})
+    points = 100 * popts.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop
+    named = _check_purify(options, popts, destination, max_accuracy_drop=points, report=report,
                           json_out=json_out)
+    popts = dataclasses.replace(popts, max_accuracy_drop=points / 100.0)
     model, data, before = _load_for_purify(
         source, dataset=dataset, split=split, options=options, named=named, destination=destination,
         report=report, target=target, json_out=json_out, allow_pickle=allow_pickle,
@@ -493,7 +493,7 @@ def purify_source(
     )
     ref = ReferenceData(data.dataset, image_column=options.image_column, label_column=options.label_column)
     ref = ref.subset(options.max_samples, options.seed)  # max_samples bounds the fine-tuning too
-    holdout = float(kw.get("holdout", 0.2))
+    holdout = float(popts.holdout)
     fit = ref.split(holdout, options.seed)[0] if holdout > 0 else ref
     if before is None:
         say.info("auditing ...")
@@ -502,8 +502,7 @@ def purify_source(
     chosen = _choose_target(target, before, model, say)
     if isinstance(chosen, ExitCode):
         return PurifyOutcome(chosen, before)
-    result = _fine_tune(model, ref, before, chosen, options, kw, eval_trigger=eval_trigger,
-                        max_accuracy_drop=max_accuracy_drop, say=say)
+    result = _fine_tune(model, ref, before, chosen, options, popts, eval_trigger=eval_trigger, say=say)
     say.info("auditing the purified model ...")
     after = audit_loaded(model, data, options, dataset=fit, classifier=result.classifier,
                          progress=not say.quiet)
@@ -558,29 +557,28 @@ def _fine_tune(
     report: AuditReport,
     target: int,
     options: AuditOptions,
-    kw: dict[str, Any],
+    purify: PurifyOptions,
     *,
     eval_trigger: str | None,
-    max_accuracy_drop: float,
     say: Messages,
 ) -> Any:
+    """Run :func:`hub_backdoor.purify` on ``data`` against class ``target`` of ``report``."""
 
     trigger = zoo.ATTACKS[eval_trigger]() if eval_trigger else None
-    say.info(f"purifying class {target} ({kw.get('epochs') or 'auto'} epochs) ...")
+    say.info(f"purifying class {target} ({purify.epochs or 'auto'} epochs) ...")
     result = purify_model(
         model.clf,
         data,
         report=report,
         target=target,
         trigger=trigger,
-        **kw,
+        **purify.kwargs(),
         batch_size=options.batch_size,
         seed=options.seed,
         image_column=options.image_column,
         label_column=options.label_column,
         device=options.device,
         progress=not say.quiet,
-        max_accuracy_drop=max_accuracy_drop / 100.0,
     )
     result.classifier.model.to("cpu")
     return result

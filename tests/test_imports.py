@@ -117,9 +117,10 @@ STAGES: list[tuple[str, ...]] = [
     ("sources",),
     ("adapters",),
     ("detection",),
+    ("options",),  # the typed options of both jobs (they name the detection rules)
     ("purification",),
     ("outputs",),
-    ("options", "jobs", "zoo", "demo"),  # the workflow layer
+    ("jobs", "zoo", "demo"),  # the workflow layer
     ("cli", "integrations"),  # front ends over the workflow layer
 ]
 _RANK = {name: i for i, names in enumerate(STAGES) for name in names}

@@ -1,6 +1,8 @@
 """Every audit option is declared once (hub_backdoor.options.AuditOptions) and reaches every front end
 with the library's default: Python, the command line, the [tool.hub-backdoor] config and the hook, the
-GitHub Action and the webhook. Every purification default is the library's, on the command line too."""
+GitHub Action and the webhook. Every purification option is declared once too
+(hub_backdoor.options.PurifyOptions) and reaches Python, the command line, the card's Reproduce line and
+the webhook with the library's default (the config file and the hook only audit)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from hub_backdoor.cli import build_parser
 from hub_backdoor.defaults import PURIFY
 from hub_backdoor.detection import rules as detection
 from hub_backdoor.errors import OptionError
-from hub_backdoor.options import AuditOptions
+from hub_backdoor.options import AuditOptions, PurifyOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = dataclasses.fields(AuditOptions)
@@ -110,3 +112,94 @@ def test_purify_defaults_are_the_library_s():
         # None: the library's (epochs: enough for min_steps; threads: the runtime flag, unset)
         assert getattr(args, key) == (None if key in ("epochs", "threads") else value), key
     assert params["holdout"].default == args.holdout
+
+
+# -- purification -----------------------------------------------------------------------------------------
+PFIELDS = dataclasses.fields(PurifyOptions)
+
+#: a value away from each purification option's default, valid for a check
+POTHER = {"epochs": 4, "beta": 5.0, "scale": 1.5, "distill": 0.5, "keep": 2.0, "target_weight": 2.0,
+          "lr": 0.01, "warmup": 0.25, "holdout": 0.3, "train": "all", "sam_rho": 0.05, "sam_adaptive": True,
+          "augment": True, "max_accuracy_drop": 0.02, "threads": 3, "resolve_every": 2, "freeze_norm": True}
+
+
+def test_every_purify_option_has_a_value_to_try():
+    assert set(POTHER) == set(PurifyOptions.names())
+    for f in PFIELDS:
+        assert POTHER[f.name] != f.default, f.name
+    PurifyOptions(**POTHER).check()
+    with pytest.raises(OptionError, match="beta"):
+        PurifyOptions(beta=-1.0).check()
+
+
+@pytest.mark.parametrize("f", PFIELDS, ids=lambda f: f.name)
+def test_python_default_is_the_purify_s(f):
+    assert inspect.signature(hub_backdoor.purify).parameters[f.name].default == f.default
+
+
+def test_purify_defaults_come_from_the_defaults_module():
+    d = PurifyOptions()
+    for key, value in PURIFY.items():
+        if key in ("epochs", "min_steps"):  # epochs=None: PURIFY["epochs"], or enough for min_steps
+            continue
+        assert getattr(d, key) == value, key
+    assert d.epochs is None
+
+
+def test_purify_command_line_flags_and_defaults():
+    args = _subparser("purify").parse_args(["org/m", "--out", "x"])
+    assert PurifyOptions.from_args(args) == PurifyOptions()
+    assert args.threads is None  # the runtime flag: unset is purify's own count
+    argv = ["org/m", "--out", "x"] + PurifyOptions(**POTHER).to_flags()
+    assert PurifyOptions.from_args(_subparser("purify").parse_args(argv)) == PurifyOptions(**POTHER)
+
+
+def test_purify_options_reach_the_library_through_the_workflow(monkeypatch):
+    from hub_backdoor import jobs
+
+    seen = {}
+
+    def fake(*args, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(jobs, "purify_model", fake)
+    from types import SimpleNamespace
+
+    opts = PurifyOptions(**POTHER)
+    model = SimpleNamespace(clf=None)
+    with pytest.raises(RuntimeError, match="stop"):
+        jobs._fine_tune(model, None, None, 0, AuditOptions(), opts, eval_trigger=None,  # type: ignore[arg-type]
+                        say=jobs.Silent())
+    assert {k: seen[k] for k in PurifyOptions.names()} == POTHER
+
+
+def test_reproduce_line_names_every_purify_option():
+    from types import SimpleNamespace
+
+    from hub_backdoor.outputs.publish import purify_flags
+
+    params = {**POTHER, "epochs": 4, "batch_size": 64, "determinism": "cpu-fixed-threads"}
+    result = SimpleNamespace(params=params, target=1, report=SimpleNamespace(target=1))
+    argv = ["org/m", "--out", "x"] + purify_flags(result)  # type: ignore[arg-type]
+    assert PurifyOptions.from_args(_subparser("purify").parse_args(argv)) == PurifyOptions(**POTHER)
+    default = {**dataclasses.asdict(PurifyOptions()), "epochs": 10, "batch_size": 64,
+               "determinism": "cpu-fixed-threads"}
+    result = SimpleNamespace(params=default, target=1, report=SimpleNamespace(target=1))
+    assert purify_flags(result) == ["--epochs", "10"]  # type: ignore[arg-type]
+
+
+def test_purify_webhook_config():
+    from integrations.hub_webhook.service import PURIFY_OPTIONS, Config, parse_purify_options
+
+    specs = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in POTHER.items()
+             if k in PURIFY_OPTIONS]
+    config = Config(secret="s", repos=["o/*"], purify_options=parse_purify_options(specs),
+                    purify_epochs=POTHER["epochs"], max_accuracy_drop=POTHER["max_accuracy_drop"])
+    assert config.purification() == PurifyOptions(**POTHER)
+    assert Config(secret="s", repos=["o/*"]).purification() == PurifyOptions()
+
+
+def test_an_unknown_purify_option_is_named():
+    with pytest.raises(OptionError, match="betaa"):
+        PurifyOptions.from_mapping({"betaa": 3})

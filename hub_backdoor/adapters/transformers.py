@@ -376,6 +376,25 @@ def _load_processor(path: Path, trust_remote_code: bool) -> Any:
         return None
 
 
+def _classifier_config(path: Path, trust_remote_code: bool) -> Any:
+    """The folder's config, refused (:class:`UnsupportedModelError`) when transformers cannot read
+    it or it is not an image classifier's."""
+    from transformers import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING, AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsupportedModelError(f"{path}: transformers cannot read config.json ({first})") from None
+    remote = "AutoModelForImageClassification" in (getattr(config, "auto_map", None) or {})
+    if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING and not (remote and trust_remote_code):
+        archs = ", ".join(getattr(config, "architectures", None) or []) or "no architectures"
+        raise UnsupportedModelError(
+            f"{path}: model_type {config.model_type!r} ({archs}) is not an image classifier"
+        )
+    return config
+
+
 def load_transformers_folder(
     path: str | Path,
     *,
@@ -395,11 +414,7 @@ def load_transformers_folder(
     precision). Configs that are not image classifiers, and checkpoints that leave weights
     uninitialised, raise :class:`UnsupportedModelError`.
     """
-    from transformers import (
-        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
-        AutoConfig,
-        AutoModelForImageClassification,
-    )
+    from transformers import AutoModelForImageClassification
 
     reject_options(kw, "transformers folders")
     path = Path(path)
@@ -408,17 +423,7 @@ def load_transformers_folder(
         raise UnsupportedModelError(f"{path} has no weights (model.safetensors or pytorch_model.bin)")
     if safe is None and not allow_pickle:
         raise unsafe_weights_error(path, pickles)
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsupportedModelError(f"{path}: transformers cannot read config.json ({first})") from None
-    remote = "AutoModelForImageClassification" in (getattr(config, "auto_map", None) or {})
-    if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING and not (remote and trust_remote_code):
-        archs = ", ".join(getattr(config, "architectures", None) or []) or "no architectures"
-        raise UnsupportedModelError(
-            f"{path}: model_type {config.model_type!r} ({archs}) is not an image classifier"
-        )
+    config = _classifier_config(path, trust_remote_code)
     try:
         model, info = AutoModelForImageClassification.from_pretrained(
             str(path),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -91,40 +92,15 @@ def audit(
             ``load_dataset(..., streaming=True)``; memory then stays bounded by one batch).
         transform: maps one raw image to a model input tensor; default: the model's own
             preprocessing.
-        image_column, label_column: override the automatic column discovery.
-        max_samples: use a seeded random subset of at most this many samples (a stream: its
-            first ``max_samples`` examples).
-        seed: seeds the subset and torch; recorded in the report.
-        threshold: score above which a class is flagged (default: the rule's own, see
-            ``hub_backdoor.detection.rules.REGISTRY``).
-        rule: detection rule name (one of ``hub_backdoor.detection.rules.AUDIT_RULES``; default
-            ``hub_backdoor.detection.rules.DEFAULT_RULE``, ``latent-or-input``). Rules that
-            need the input-space verification (``needs={"input"}``) also run
-            :func:`hub_backdoor.detection.verification.verify_input_space` on a stratified sample of the
-            reference data (``verify_images`` images), on every class up to
-            ``VERIFY_ALL_UP_TO`` classes and on the latent screen's ``VERIFY_TOP`` most
-            suspicious ones above (:func:`screened_classes`).
-        verify_images: reference images of the input-space verification.
-        verify_top: above ``VERIFY_ALL_UP_TO`` classes, how many classes the input-space search
-            covers (those the latent rule ranks most suspicious; its cost grows with this, not C).
-        margin: logit margin m of the QP (0 in the paper).
-        solver: ``"daqp"`` (fast) or ``"cvxpy"`` (reference).
-        soft_margin: solve the soft-margin QP with this penalty for every class. ``None`` (the
-            default) solves the exact problem; where Theorem 1 fails (``C - 1 >= d``, e.g. a
-            1000-class head on a 512-wide embedding) each class is solved on its own and a class
-            no universal latent change reaches carries no latent evidence
-            (:mod:`hub_backdoor.detection.reconstruction`); the input-space search still runs.
-        accelerator: run over several processes / on a GPU with ``accelerate``: ``None`` (auto:
-            an ``Accelerator`` under ``torchrun`` / ``accelerate launch``, else one plain
-            process), ``True``, ``False`` or an ``accelerate.Accelerator``. The reference pass
-            and the per-class QPs are split over the processes; detection and the report are
-            computed on the main process and the same report is returned on every process (see
-            :mod:`hub_backdoor.distributed`).
-        min_reference_accuracy: the verdict is ``"inconclusive"`` (never ``"clean"``) when the
-            model's accuracy on the reference data is below this; default
-            ``max(2 / C, 0.5)`` (:func:`hub_backdoor.detection.validation.default_min_accuracy`).
-        min_class_samples: the verdict is ``"inconclusive"`` when a class has fewer reference
-            images than this (default 1; 0 turns the check off).
+        image_column, label_column, max_samples, seed, threshold, rule, margin, solver, soft_margin,
+            batch_size, device, min_reference_accuracy, min_class_samples, verify_images,
+            verify_top: the audit's options, each documented (with its default) in
+            :class:`hub_backdoor.options.AuditOptions`.
+        progress: show progress bars.
+        accelerator: several processes / a GPU with ``accelerate``: ``None`` (auto: an ``Accelerator``
+            under ``torchrun`` / ``accelerate launch``), ``True``, ``False`` or an ``Accelerator``. The
+            reference pass and the QPs are split over the processes, detection runs on the main one,
+            and every process returns its report (:mod:`hub_backdoor.distributed`).
         **load_kw: passed to :func:`load_classifier` (``revision=``, ``head=``, ...).
 
     Returns:
@@ -132,18 +108,10 @@ def audit(
 
     Raises:
         OptionError: an option is out of range (e.g. a threshold that is not a number > 0), before
-            anything is loaded; other :class:`~hub_backdoor.errors.HubBackdoorError` subclasses for
-            unusable models and data.
+            anything is loaded; other ``HubBackdoorError`` subclasses for unusable models and data.
     """
     t_start = time.perf_counter()
-    if rule is None:
-        rule = detection.DEFAULT_RULE
-    if rule not in AUDIT_RULES:
-        raise OptionError(f"--rule / rule={rule!r} is not a rule the audit computes; choose one of "
-                          f"{', '.join(AUDIT_RULES)}")
-    if threshold is None:
-        threshold = REGISTRY[rule].threshold
-    needs = REGISTRY[rule].needs
+    rule, threshold = _rule_and_threshold(rule, threshold)
     check_audit_options(
         threshold=threshold, soft_margin=soft_margin, margin=margin, seed=seed, max_samples=max_samples,
         batch_size=batch_size, device=device, min_reference_accuracy=min_reference_accuracy,
@@ -154,86 +122,161 @@ def audit(
     clf = load_classifier(source, **load_kw)
     data = reference_data(dataset, image_column=image_column, label_column=label_column)
     data = data.subset(max_samples, seed)
-    ref = reference_pass(
-        clf, data, transform=transform, batch_size=batch_size, progress=progress, device=device,
-        accelerator=dist,
-    )
-    W, b = clf.head_numpy()
+    ref = reference_pass(clf, data, transform=transform, batch_size=batch_size, progress=progress,
+                         device=device, accelerator=dist)
     qp: dict[str, Any] = dict(margin=margin, solver=solver, soft_margin=soft_margin,
                               progress=progress and dist.is_main)
+    run = _Computed(clf, data, ref, *_reconstruct(clf, ref, dist, REGISTRY[rule].needs, qp), dist)
+    # the cheap data gates first: when the reference data cannot support a verdict, the
+    # input-space searches (minutes on a large model) could not change that
+    run.reason = reference_gate(accuracy=ref.accuracy, counts=ref.state.counts,
+                                min_reference_accuracy=min_reference_accuracy,
+                                min_class_samples=min_class_samples)
+    settings = _Settings(rule, threshold, margin, solver, soft_margin, max_samples, batch_size, transform,
+                         seed, progress, min_reference_accuracy, min_class_samples, verify_images,
+                         verify_top)
+    report = dist.run(lambda: _detect_and_report(run, settings, t_start) if dist.is_main else None)
+    return _shared(report, run) if dist.active else report
+
+
+def _shared(report: AuditReport | None, run: _Computed) -> AuditReport:
+    """The main process's report on every process, each with the ``(C, d)`` perturbations (they
+    are not sent)."""
+    if report is not None:
+        report.perturbations = None
+    shared: AuditReport = run.dist.broadcast_object(report)
+    shared.perturbations = np.asarray(run.rec.perturbations)
+    return shared
+
+
+def _rule_and_threshold(rule: str | None, threshold: float | None) -> tuple[str, float]:
+    """The rule (None: the library default) and its threshold (None: the rule's own); an unknown
+    rule is an :class:`~hub_backdoor.errors.OptionError`."""
+    if rule is None:
+        rule = detection.DEFAULT_RULE
+    if rule not in AUDIT_RULES:
+        raise OptionError(f"--rule / rule={rule!r} is not a rule the audit computes; choose one of "
+                          f"{', '.join(AUDIT_RULES)}")
+    if threshold is None:
+        threshold = REGISTRY[rule].threshold
+    return rule, threshold
+
+
+def _reconstruct(clf: Classifier, ref: ReferencePass, dist: Any, needs: Any, qp: dict[str, Any]
+                 ) -> tuple[Reconstruction, Reconstruction | None, Any]:
+    """The latent reconstruction of every class (``perturbations (C, d)``), the non-negative one
+    when the rule ``needs`` it (else None), and ``needs``."""
+    W, b = clf.head_numpy()
     rec = reconstruct_distributed(W, b, ref.state, dist, **qp)
     nonneg = (
         reconstruct_distributed(W, b, ref.state, dist, nonneg=True, **qp) if "nonneg" in needs else None
     )
+    return rec, nonneg, needs
 
-    # the cheap data gates first: when the reference data cannot support a verdict, the
-    # input-space searches (minutes on a large model) could not change that
-    reason = reference_gate(
-        accuracy=ref.accuracy, counts=ref.state.counts, min_reference_accuracy=min_reference_accuracy,
-        min_class_samples=min_class_samples,
+
+@dataclass
+class _Computed:
+    """What an audit computed before detection: the reference pass, the latent reconstruction
+    (``rec``; ``nonneg``: the non-negative one or None), the rule's ``needs`` and the data gate's
+    ``reason`` (None: the data supports a verdict)."""
+
+    clf: Classifier
+    data: ReferenceData | StreamingReference
+    ref: ReferencePass
+    rec: Reconstruction
+    nonneg: Reconstruction | None
+    needs: Any
+    dist: Any
+    reason: str | None = None
+
+
+@dataclass
+class _Settings:
+    """The options of one audit, as :func:`audit` resolved them."""
+
+    rule: str
+    threshold: float
+    margin: float
+    solver: str
+    soft_margin: float | None
+    max_samples: int | None
+    batch_size: int
+    transform: Any
+    seed: int
+    progress: bool
+    min_reference_accuracy: float | None
+    min_class_samples: int
+    verify_images: int
+    verify_top: int
+
+
+def _detect_and_report(run: _Computed, o: _Settings, t_start: float) -> AuditReport:
+    """The input-space searches the rule needs (skipped when the data gate failed), detection, and
+    the report (on the main process)."""
+    clf = run.clf
+    ver, mask = _verify(run, o)
+    C = clf.num_classes
+    unsearched = np.full(C, np.nan)
+    t0 = time.perf_counter()
+    det = detect(
+        DetectionInput(
+            norms=run.rec.norms, perturbations=run.rec.perturbations, h_std=run.ref.h_std,
+            nonneg_norms=None if run.nonneg is None else run.nonneg.norms,
+            # a search skipped by the data gate: no class searched, no input-space evidence
+            input_bounds=(ver.full_bounds(C) if ver is not None
+                          else unsearched if "input" in run.needs else None),
+            mask_l1=mask.full_l1(C) if mask is not None else unsearched if "mask" in run.needs else None,
+        ),
+        rule=o.rule,
+        threshold=o.threshold,
+    )
+    t_detect = time.perf_counter() - t0
+    return build_report(
+        clf, run.ref, run.rec, det, data=run.data, seed=o.seed, reason=run.reason, verification=ver,
+        mask=mask, params=_report_params(run, o),
+        timings={
+            "reference_pass": run.ref.seconds,
+            "qp": run.rec.seconds + (run.nonneg.seconds if run.nonneg is not None else 0.0),
+            **({"input_verification": ver.seconds} if ver is not None else {}),
+            **({"mask_verification": mask.seconds} if mask is not None else {}),
+            "detection": t_detect,
+            "total": time.perf_counter() - t_start,
+        },
     )
 
-    def finish() -> AuditReport | None:
-        if not dist.is_main:  # detection and the report happen on the main process only
-            return None
-        ver = mask = None
-        if needs & {"input", "mask"} and reason is None:  # the model runs again: a bounded sample
-            x, y = reference_inputs(data, transform or clf.preprocess, n_images=verify_images, seed=seed,
-                                    device=clf.device)
-            classes = screened_classes(rec.norms, rec.perturbations, ref.h_std, top=verify_top)
-            if "input" in needs:
-                ver = verify_input_space(clf, x, y, classes=classes, n_images=verify_images, seed=seed,
-                                         progress=progress)
-            if "mask" in needs:
-                mask = verify_mask(clf, x, y, classes=classes, seed=seed, progress=progress)
-        C = clf.num_classes
-        unsearched = np.full(C, np.nan)
-        t0 = time.perf_counter()
-        det = detect(
-            DetectionInput(
-                norms=rec.norms, perturbations=rec.perturbations, h_std=ref.h_std,
-                nonneg_norms=None if nonneg is None else nonneg.norms,
-                # a search skipped by the data gate: no class searched, no input-space evidence
-                input_bounds=(ver.full_bounds(C) if ver is not None
-                              else unsearched if "input" in needs else None),
-                mask_l1=mask.full_l1(C) if mask is not None else unsearched if "mask" in needs else None,
-            ),
-            rule=rule,
-            threshold=threshold,
-        )
-        t_detect = time.perf_counter() - t0
-        return build_report(
-            clf, ref, rec, det, data=data, seed=seed, reason=reason, verification=ver, mask=mask,
-            params={
-                "rule": rule, "threshold": threshold, "margin": margin, "solver": solver,
-                "soft_margin": soft_margin, "max_samples": max_samples, "batch_size": batch_size,
-                "transform": None if transform is None else repr(transform),
-                "num_processes": dist.world, "streaming": isinstance(data, StreamingReference),
-                "min_reference_accuracy": (
-                    default_min_accuracy(clf.num_classes) if min_reference_accuracy is None
-                    else float(min_reference_accuracy)
-                ),
-                "min_class_samples": min_class_samples,
-                **({"verify_images": verify_images, "verify_top": verify_top}
-                   if needs & {"input", "mask"} else {}),
-            },
-            timings={
-                "reference_pass": ref.seconds,
-                "qp": rec.seconds + (nonneg.seconds if nonneg is not None else 0.0),
-                **({"input_verification": ver.seconds} if ver is not None else {}),
-                **({"mask_verification": mask.seconds} if mask is not None else {}),
-                "detection": t_detect,
-                "total": time.perf_counter() - t_start,
-            },
-        )
 
-    report = dist.run(finish)
-    if dist.active:  # every process returns the main process's report
-        if report is not None:
-            report.perturbations = None
-        report = dist.broadcast_object(report)
-        report.perturbations = np.asarray(rec.perturbations)
-    return report
+def _verify(run: _Computed, o: _Settings) -> tuple[InputVerification | None, MaskVerification | None]:
+    """The input-space searches the rule needs, on a bounded sample of the reference data (the
+    model runs again), or ``(None, None)`` (none needed, or the data gate failed)."""
+    ver = mask = None
+    clf, needs = run.clf, run.needs
+    if needs & {"input", "mask"} and run.reason is None:
+        x, y = reference_inputs(run.data, o.transform or clf.preprocess, n_images=o.verify_images,
+                                seed=o.seed, device=clf.device)
+        classes = screened_classes(run.rec.norms, run.rec.perturbations, run.ref.h_std, top=o.verify_top)
+        if "input" in needs:
+            ver = verify_input_space(clf, x, y, classes=classes, n_images=o.verify_images, seed=o.seed,
+                                     progress=o.progress)
+        if "mask" in needs:
+            mask = verify_mask(clf, x, y, classes=classes, seed=o.seed, progress=o.progress)
+    return ver, mask
+
+
+def _report_params(run: _Computed, o: _Settings) -> dict[str, Any]:
+    """The report's ``params``: the options as the audit ran them."""
+    return {
+        "rule": o.rule, "threshold": o.threshold, "margin": o.margin, "solver": o.solver,
+        "soft_margin": o.soft_margin, "max_samples": o.max_samples, "batch_size": o.batch_size,
+        "transform": None if o.transform is None else repr(o.transform),
+        "num_processes": run.dist.world, "streaming": isinstance(run.data, StreamingReference),
+        "min_reference_accuracy": (
+            default_min_accuracy(run.clf.num_classes) if o.min_reference_accuracy is None
+            else float(o.min_reference_accuracy)
+        ),
+        "min_class_samples": o.min_class_samples,
+        **({"verify_images": o.verify_images, "verify_top": o.verify_top}
+           if run.needs & {"input", "mask"} else {}),
+    }
 
 
 def build_report(
@@ -260,37 +303,10 @@ def build_report(
     pv = cal.p_values(det.scores) if covered and cal is not None else None
     bounds = None if verification is None else verification.full_bounds(C)
     l1 = None if mask is None else mask.full_l1(C)
-
-    def opt(a: np.ndarray | None, k: int) -> float | None:
-        return None if a is None or not np.isfinite(a[k]) else float(a[k])
-
-    rows = [
-        ClassRow(
-            index=k,
-            name=str(names[k]) if k < len(names) else str(k),
-            norm=float(rec.norms[k]),
-            anomaly_index=float(det.scores[k]),
-            flagged=k in det.flagged,
-            n_reference=int(ref.state.counts[k]),
-            p_value=opt(pv, k),
-            input_bound=opt(bounds, k),
-            mask_l1=opt(l1, k),
-        )
-        for k in range(C)
-    ]
+    rows = _class_rows(C, names, ref, rec, det, pv, bounds, l1)
     evidence = _evidence(det.rule, timings, verification, mask, cal, rec=rec, covered=covered,
                          searched_all=verification is None or len(verification.classes) == C)
-    notes = list(rec.notes)
-    missing = [k for k in range(clf.num_classes) if ref.state.counts[k] == 0]
-    if missing:
-        notes.append(f"no reference samples of classes {missing[:20]}{'...' if len(missing) > 20 else ''}")
-    if len(ref.input_sizes) > 1:
-        shown = ", ".join(f"{s[0]}x{s[1]}" for s in ref.input_sizes[:4] if len(s) == 2)
-        notes.append(
-            f"the reference images come in {len(ref.input_sizes)}{'+' if len(ref.input_sizes) >= 8 else ''} "
-            f"sizes ({shown}, ...); the model's preprocessing resized them all to its input size, and "
-            "images unlike the model's training data weaken the audit: prefer images of its input size"
-        )
+    notes = _data_notes(ref, rec, clf.num_classes)
     target = det.target
     W, b = clf.head_numpy()
     verdict: Verdict
@@ -328,6 +344,47 @@ def build_report(
         target_perturbation=None if target is None else rec.perturbations[target].tolist(),
         perturbations=np.asarray(rec.perturbations),
     )
+
+
+def _class_rows(C: int, names: Any, ref: ReferencePass, rec: Reconstruction, det: Any, pv: np.ndarray | None,
+                bounds: np.ndarray | None, l1: np.ndarray | None) -> list[ClassRow]:
+    """One row per class of the ``C``: its norm ``rec.norms (C,)``, score ``det.scores (C,)``,
+    reference count, and (where given and finite) its p-value, input bound and mask L1, each ``(C,)``."""
+
+    def opt(a: np.ndarray | None, k: int) -> float | None:
+        return None if a is None or not np.isfinite(a[k]) else float(a[k])
+
+    return [
+        ClassRow(
+            index=k,
+            name=str(names[k]) if k < len(names) else str(k),
+            norm=float(rec.norms[k]),
+            anomaly_index=float(det.scores[k]),
+            flagged=k in det.flagged,
+            n_reference=int(ref.state.counts[k]),
+            p_value=opt(pv, k),
+            input_bound=opt(bounds, k),
+            mask_l1=opt(l1, k),
+        )
+        for k in range(C)
+    ]
+
+
+def _data_notes(ref: ReferencePass, rec: Reconstruction, num_classes: int) -> list[str]:
+    """The reconstruction's notes, then the reference data's: classes without samples, mixed
+    image sizes."""
+    notes = list(rec.notes)
+    missing = [k for k in range(num_classes) if ref.state.counts[k] == 0]
+    if missing:
+        notes.append(f"no reference samples of classes {missing[:20]}{'...' if len(missing) > 20 else ''}")
+    if len(ref.input_sizes) > 1:
+        shown = ", ".join(f"{s[0]}x{s[1]}" for s in ref.input_sizes[:4] if len(s) == 2)
+        notes.append(
+            f"the reference images come in {len(ref.input_sizes)}{'+' if len(ref.input_sizes) >= 8 else ''} "
+            f"sizes ({shown}, ...); the model's preprocessing resized them all to its input size, and "
+            "images unlike the model's training data weaken the audit: prefer images of its input size"
+        )
+    return notes
 
 
 def outside_calibration(num_classes: int, cal: Any) -> str:

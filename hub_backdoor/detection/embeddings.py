@@ -119,67 +119,22 @@ def reference_pass(
     device = torch.device(device)
     clf.model.to(device).eval()
     tf = _SizeRecorder(transform or clf.preprocess)
-    if isinstance(data, StreamingReference):
-        loader = make_stream_loader(data, tf, batch_size=batch_size, rank=dist.rank, world=dist.world)
-    else:
-        loader = make_loader(_Indexed(data) if keep_embeddings and dist.active else data, tf,
-                             batch_size=batch_size)
-        loader = shard_reference_loader(loader, dist)
+    loader = _loader(data, tf, batch_size, keep_embeddings, dist)
     C, d = clf.num_classes, clf.embed_dim
     acc = _Accumulator(C, d, device)
     fp = Fingerprint()
     kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-
-    def local_pass() -> None:
-        start = 0
-        for batch in iter_batches(loader, progress=progress and dist.is_main, desc="reference pass"):
-            x, y = batch[0], batch[1]
-            check_batch(x, y, num_classes=C, channels=clf.input_channels)
-            fp.update(x, y)
-            x = x.to(device)
-            logits, h = clf.forward(x.contiguous(memory_format=torch.channels_last) if fast and x.dim() == 4
-                                    else x)
-            if acc.n == 0:
-                acc.exactness = _exactness(clf, logits, h)
-            if not torch.isfinite(logits).all():
-                raise NonFiniteLogitsError(
-                    f"{type(clf.model).__name__} produced non-finite logits on a batch of "
-                    f"{len(y)} reference samples (process {dist.rank}, its samples {start}.."
-                    f"{start + len(y) - 1}); check the inputs and the weights"
-                )
-            acc.update(logits, h, y.to(device))
-            if keep_embeddings:
-                idx = batch[2].numpy() if len(batch) > 2 else np.arange(start, start + len(y))
-                kept.append((idx, h.detach().float().cpu().numpy(), y.numpy()))
-            start += len(y)
-
     # channels-last on a CPU: the forward pass of a 224-px ResNet-18 takes 2/3 of the time
     fast = device.type == "cpu" and isinstance(clf.model, torch.nn.Module)
     with channels_last(clf.model, fast):
-        dist.run(local_pass)
+        dist.run(_local_pass, clf, loader, acc, fp, kept if keep_embeddings else None, device=device,
+                 fast=fast, dist=dist, progress=progress)
     state, n, correct, s1, s2, exactness = acc.finish(dist)
     merged = dist.all_reduce(torch.as_tensor(fp.vector.astype(np.int64)), "sum").numpy()
     fp.vector = (merged % 65536).astype(np.uint16)  # LtHash: shards add modulo 2^16
     fp.n = n
-    present = np.flatnonzero(state.counts)
-    if n == 0:
-        raise EmptyDatasetError("the reference dataset is empty; pass a split with labelled images")
-    if len(present) < 2:
-        raise OneClassDatasetError(
-            f"all {n} reference samples have label {int(present[0])}; the audit needs samples of "
-            "at least two classes (ideally all)"
-        )
-    emb = lab = None
-    if keep_embeddings:
-        parts = dist.all_gather_object(kept) if dist.active else [kept]
-        flat = [t for part in parts for t in part]
-        if flat:
-            idx = np.concatenate([t[0] for t in flat])
-            order = np.argsort(idx, kind="stable")
-            emb = np.concatenate([t[1] for t in flat])[order]
-            lab = np.concatenate([t[2] for t in flat])[order]
-        else:
-            emb, lab = np.zeros((0, d), np.float32), np.zeros(0, np.int64)
+    _check_classes(state, n)
+    emb, lab = _gather(kept, dist, d) if keep_embeddings else (None, None)
     mean = s1 / n
     var = np.maximum(s2 / n - mean**2, 0.0)
     description = dict(data.description)
@@ -199,6 +154,70 @@ def reference_pass(
         description=description,
         input_sizes=sorted(tf.sizes),
     )
+
+
+def _loader(data: ReferenceData | StreamingReference, tf: Any, batch_size: int, keep_embeddings: bool,
+            dist: Any) -> Any:
+    """This process's batches of ``data``: ``(x (B, channels, H, W), y (B,))``, with the sample
+    indices ``(B,)`` third when sharded embeddings are kept (to put them back in order)."""
+    if isinstance(data, StreamingReference):
+        return make_stream_loader(data, tf, batch_size=batch_size, rank=dist.rank, world=dist.world)
+    loader = make_loader(_Indexed(data) if keep_embeddings and dist.active else data, tf,
+                         batch_size=batch_size)
+    return shard_reference_loader(loader, dist)
+
+
+def _local_pass(clf: Classifier, loader: Any, acc: _Accumulator, fp: Fingerprint,
+                kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None, *, device: torch.device,
+                fast: bool, dist: Any, progress: bool) -> None:
+    """This process's share of the pass: each batch checked, fingerprinted and folded into
+    ``acc``; with ``kept``, ``(indices (B,), h (B, d), y (B,))`` of each batch appended to it."""
+    C = clf.num_classes
+    start = 0
+    for batch in iter_batches(loader, progress=progress and dist.is_main, desc="reference pass"):
+        x, y = batch[0], batch[1]
+        check_batch(x, y, num_classes=C, channels=clf.input_channels)
+        fp.update(x, y)
+        x = x.to(device)
+        logits, h = clf.forward(x.contiguous(memory_format=torch.channels_last) if fast and x.dim() == 4
+                                else x)
+        if acc.n == 0:
+            acc.exactness = _exactness(clf, logits, h)
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLogitsError(
+                f"{type(clf.model).__name__} produced non-finite logits on a batch of "
+                f"{len(y)} reference samples (process {dist.rank}, its samples {start}.."
+                f"{start + len(y) - 1}); check the inputs and the weights"
+            )
+        acc.update(logits, h, y.to(device))
+        if kept is not None:
+            idx = batch[2].numpy() if len(batch) > 2 else np.arange(start, start + len(y))
+            kept.append((idx, h.detach().float().cpu().numpy(), y.numpy()))
+        start += len(y)
+
+
+def _check_classes(state: ConstraintState, n: int) -> None:
+    """Refuse a pass of no samples, or of samples of one class only (``state.counts (C,)``)."""
+    present = np.flatnonzero(state.counts)
+    if n == 0:
+        raise EmptyDatasetError("the reference dataset is empty; pass a split with labelled images")
+    if len(present) < 2:
+        raise OneClassDatasetError(
+            f"all {n} reference samples have label {int(present[0])}; the audit needs samples of "
+            "at least two classes (ideally all)"
+        )
+
+
+def _gather(kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]], dist: Any, d: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The kept embeddings ``(n, d)`` and labels ``(n,)`` of every process, in sample order."""
+    parts = dist.all_gather_object(kept) if dist.active else [kept]
+    flat = [t for part in parts for t in part]
+    if not flat:
+        return np.zeros((0, d), np.float32), np.zeros(0, np.int64)
+    idx = np.concatenate([t[0] for t in flat])
+    order = np.argsort(idx, kind="stable")
+    return np.concatenate([t[1] for t in flat])[order], np.concatenate([t[2] for t in flat])[order]
 
 
 class _SizeRecorder:

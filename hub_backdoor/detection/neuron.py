@@ -232,44 +232,19 @@ def _search(clf: Classifier, x: torch.Tensor, y: torch.Tensor | np.ndarray, *, k
                 for a in range(0, len(live), kc):
                     gi = groups_all[torch.as_tensor(live[a : a + kc], device=dev)]
                     leaves = noise.use(gi, grad)
-                    G = len(gi)
-                    batch = pool.repeat(G, *[1] * (pool.dim() - 1))
+                    batch = pool.repeat(len(gi), *[1] * (pool.dim() - 1))
                     with torch.set_grad_enabled(grad):
                         logits = clf.forward(batch.to(dtype))[0].float()
-                    is_cls = gi < len(ks)
-                    lab = (torch.where(is_cls, kt[gi.clamp_max(len(ks) - 1)], torch.full_like(gi, -1)) if ks
-                           else torch.full_like(gi, -1))
-                    lab = lab.repeat_interleave(n).view(G, n)
-                    lab = torch.where(lab < 0, yp[None, :].expand(G, n), lab)
+                    lab = _group_labels(gi, ks, kt, yp)
                     if not grad:
-                        with torch.no_grad():
-                            pred = logits.argmax(1).view(G, n)
-                            for r, gk in enumerate(gi.tolist()):
-                                if gk < len(ks):
-                                    curve[gk, i] = float(((pred[r] == lab[r]).float() * valid[gk]).sum()
-                                                         / n_valid[gk])
-                                else:
-                                    acc[i] = float((pred[r] == yp).float().mean())
-                                    for c in range(C):
-                                        counts[c, i] = float(((pred[r] == c) & (yp != c)).float().sum())
-                                        share[c, i] = counts[c, i] / max(1.0, n_not[c])
+                        _record(logits, lab, gi, i, ks=ks, yp=yp, valid=valid, n_valid=n_valid, n_not=n_not,
+                                curve=curve, acc=acc, counts=counts, share=share)
                         continue
-                    ce = F.cross_entropy(logits, lab.reshape(-1), reduction="none").view(G, n)
-                    per = (ce * valid[gi]).sum(1) / n_valid[gi]
-                    # targeted groups descend CE to k; the untargeted one ascends its own CE
-                    sign = torch.where(is_cls, 1.0, -1.0).to(per.dtype)
-                    used = [t for t, lf in enumerate(leaves) if t in noise.fired]
-                    grads = torch.autograd.grad((per * sign).sum(), [leaves[t] for t in used],
-                                                allow_unused=True)
-                    for t, gr in zip(used, grads):
-                        if gr is not None:
-                            g[t][gi] += gr  # type: ignore[index]
+                    assert g is not None
+                    _add_grads(g, logits, lab, gi, leaves, noise, len(ks), valid, n_valid)
                 noise.groups = None
                 if g is not None:
-                    with torch.no_grad():
-                        for d, gr in zip(noise.delta, g):
-                            li = torch.as_tensor(live, device=dev)
-                            d[li] = (d[li] - 0.5 * e * gr[li].sign()).clamp(-e, e)
+                    _sign_step(noise, g, live, e)
             # searched classes that reached the largest share stop; their curve stays at its value
             done = [int(k) for k in live if k < len(ks) and curve[k, i] >= top]
             for k in done:
@@ -287,6 +262,61 @@ def _search(clf: Classifier, x: torch.Tensor, y: torch.Tensor | np.ndarray, *, k
     full_curve[ks] = curve
     return {"eps": eps, "curve": full_curve, "acc": acc, "acc_clean": acc_clean, "share": share,
             "counts": counts, "layers": len(noise.fired), "n": n}
+
+
+def _group_labels(gi: torch.Tensor, ks: list[int], kt: torch.Tensor, yp: torch.Tensor) -> torch.Tensor:
+    """``(G, n)`` labels of the groups ``gi (G,)``: a searched class's target for each of the ``n``
+    pool images, the image's own label ``yp (n,)`` for the untargeted group."""
+    G, n = len(gi), len(yp)
+    is_cls = gi < len(ks)
+    lab = (torch.where(is_cls, kt[gi.clamp_max(len(ks) - 1)], torch.full_like(gi, -1)) if ks
+           else torch.full_like(gi, -1))
+    lab = lab.repeat_interleave(n).view(G, n)
+    return torch.where(lab < 0, yp[None, :].expand(G, n), lab)
+
+
+@torch.no_grad()
+def _record(logits: torch.Tensor, lab: torch.Tensor, gi: torch.Tensor, i: int, *, ks: list[int],
+            yp: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor, n_not: np.ndarray,
+            curve: np.ndarray, acc: np.ndarray, counts: np.ndarray, share: np.ndarray) -> None:
+    """Record level ``i`` of the groups ``gi (G,)`` from their ``logits (G * n, C)``: a searched
+    class's flip share in ``curve (K, steps)``; the untargeted probe's accuracy in ``acc (steps,)``
+    and where its errors land in ``counts`` / ``share (C, steps)``."""
+    G, n = len(gi), len(yp)
+    pred = logits.argmax(1).view(G, n)
+    for r, gk in enumerate(gi.tolist()):
+        if gk < len(ks):
+            curve[gk, i] = float(((pred[r] == lab[r]).float() * valid[gk]).sum() / n_valid[gk])
+        else:
+            acc[i] = float((pred[r] == yp).float().mean())
+            for c in range(counts.shape[0]):
+                counts[c, i] = float(((pred[r] == c) & (yp != c)).float().sum())
+                share[c, i] = counts[c, i] / max(1.0, n_not[c])
+
+
+def _add_grads(g: list[torch.Tensor], logits: torch.Tensor, lab: torch.Tensor, gi: torch.Tensor,
+               leaves: list[torch.Tensor], noise: _Noise, n_ks: int, valid: torch.Tensor,
+               n_valid: torch.Tensor) -> None:
+    """Add the gradients of the groups ``gi (G,)``'s mean CE (``logits (G * n, C)``, ``lab (G, n)``)
+    to their rows of ``g`` (one ``(K, ...)`` tensor per noised layer)."""
+    G, n = lab.shape
+    ce = F.cross_entropy(logits, lab.reshape(-1), reduction="none").view(G, n)
+    per = (ce * valid[gi]).sum(1) / n_valid[gi]
+    # targeted groups descend CE to k; the untargeted one ascends its own CE
+    sign = torch.where(gi < n_ks, 1.0, -1.0).to(per.dtype)
+    used = [t for t, lf in enumerate(leaves) if t in noise.fired]
+    grads = torch.autograd.grad((per * sign).sum(), [leaves[t] for t in used], allow_unused=True)
+    for t, gr in zip(used, grads):
+        if gr is not None:
+            g[t][gi] += gr
+
+
+@torch.no_grad()
+def _sign_step(noise: _Noise, g: list[torch.Tensor], live: np.ndarray, e: float) -> None:
+    """One signed step of the ``live`` groups' noise, kept within ``[-e, e]``."""
+    for d, gr in zip(noise.delta, g):
+        li = torch.as_tensor(live, device=d.device)
+        d[li] = (d[li] - 0.5 * e * gr[li].sign()).clamp(-e, e)
 
 
 def onset_shares(acc_clean: float, acc: np.ndarray, counts: np.ndarray, drop: float = 0.2) -> np.ndarray:

@@ -370,7 +370,14 @@ def _solve_gram_active_set(
         Pa = np.asarray(P)
         KP = rows(P)
         w = t_full - (lam.sum() * base - Kk[Pa] @ lam + lam @ KP)
-    # polish: re-solve the final active set on V itself and check the KKT conditions exactly
+    s, Ws = _polish(W, t_full, k, P, scale)
+    return s, len(P), Ws
+
+
+def _polish(W: np.ndarray, t_full: np.ndarray, k: int, P: list[int], scale: float
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """``(s (d,), W s (C,))``: the final active set ``P`` re-solved on ``V_P = w_k - W[P]`` itself,
+    accepted only where the KKT conditions hold exactly (else :class:`_ActiveSetFailed`)."""
     if not P:
         s = np.zeros(W.shape[1])
     else:
@@ -388,7 +395,7 @@ def _solve_gram_active_set(
     viol = float(np.max(t_full[finite] - (Ws[k] - Ws[finite]), initial=0.0))
     if viol > 1e-9 * scale:
         raise _ActiveSetFailed(f"polished solution violates a constraint by {viol:.1e}")
-    return s, len(P), Ws
+    return s, Ws
 
 
 _MAX_ENTERING = 32
@@ -642,22 +649,10 @@ def reconstruct(
         it = tqdm(ks, desc="QP per class", unit="class", leave=False)
     with _single_threaded_blas():
         for k in it:
-            try:
-                sol = solve_class(
-                    W, b, state.worst, k, margin=margin, solver=solver, soft_margin=soft_margin,
-                    nonneg=nonneg, gram=gram,
-                )
-            except _ClassInfeasible:
-                if not nonneg and reason is None:
-                    raise
-                # no universal change reaches k (s >= 0 can be infeasible where the free problem
-                # is not; without Theorem 1 the free one can be too), the opposite of suspicious
-                norms[k], statuses[k] = np.inf, "infeasible (s >= 0)" if nonneg else "unreachable"
-                continue
-            except SolverError:
-                if not nonneg:
-                    raise
-                norms[k], statuses[k] = np.inf, "infeasible (s >= 0)"
+            sol = _solve_or_status(W, b, state.worst, k, margin=margin, solver=solver,
+                                   soft_margin=soft_margin, nonneg=nonneg, gram=gram, feasibility=reason)
+            if isinstance(sol, str):  # no universal change reaches k: the opposite of suspicious
+                norms[k], statuses[k] = np.inf, sol
                 continue
             S[k], norms[k], statuses[k], per[k] = sol.s, sol.norm, sol.status, sol.seconds
             fallbacks += sol.solver == "daqp"
@@ -675,6 +670,23 @@ def reconstruct(
         per_class_seconds=per,
         notes=notes,
     )
+
+
+def _solve_or_status(W: np.ndarray, b: np.ndarray, worst: np.ndarray, k: int, *, nonneg: bool,
+                     feasibility: str | None, **kw: Any) -> Any:
+    """:func:`solve_class` of class ``k``, or the status of a class no universal change reaches
+    (``s >= 0`` can be infeasible where the free problem is not; without Theorem 1, where
+    ``feasibility`` names why, the free one can be too); any other failure is raised."""
+    try:
+        return solve_class(W, b, worst, k, nonneg=nonneg, **kw)
+    except _ClassInfeasible:
+        if not nonneg and feasibility is None:
+            raise
+        return "infeasible (s >= 0)" if nonneg else "unreachable"
+    except SolverError:
+        if not nonneg:
+            raise
+        return "infeasible (s >= 0)"
 
 
 def solve_raw_cvxpy(

@@ -192,24 +192,8 @@ def verify_input_space(
     with _frozen(model), channels_last(model, layout == torch.channels_last), \
             _bar(progress, steps, "input-space verification", "bound") as bar:
         for i in range(steps + 1):
-            grad = i < steps
-            g = torch.zeros_like(delta) if grad else None
-            hits = torch.zeros((K, n), device=x.device)
-            for a in range(0, len(live), kc):
-                ki = torch.as_tensor(live[a : a + kc], device=x.device)
-                for i0 in range(0, n, ic):
-                    i1 = min(n, i0 + ic)
-                    d = delta[ki].detach().requires_grad_(grad)
-                    batch = (pool[None, i0:i1] + d[:, None]).reshape(-1, *pool.shape[1:])
-                    batch = batch.contiguous(memory_format=layout)
-                    logits = clf.forward(batch)[0].float()
-                    lab = kt[ki].repeat_interleave(i1 - i0)
-                    with torch.no_grad():
-                        hits[ki, i0:i1] = (logits.argmax(1) == lab).float().view(len(ki), i1 - i0)
-                    if g is not None:
-                        ce = F.cross_entropy(logits, lab, reduction="none").view(len(ki), i1 - i0)
-                        loss = ((ce * valid[ki, i0:i1]).sum(1) / n_valid[ki]).sum()
-                        g[ki] += torch.autograd.grad(loss, d)[0]
+            hits, g = _hits_and_grads(clf, pool, delta, live, kt, valid, n_valid, chunks=(kc, ic),
+                                      layout=layout, grad=i < steps)
             if i > 0:
                 # delta now has norm <= eps[i - 1]
                 rate = ((hits * valid).sum(1) / n_valid).cpu().numpy()
@@ -219,17 +203,53 @@ def verify_input_space(
                 live = live[curve[live, i - 1] < flip]
             if g is None or len(live) == 0:
                 break
-            with torch.no_grad():
-                gn = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(K, *[1] * (g.dim() - 1))
-                delta = delta - 0.5 * eps[i] * g / gn
-                dn = delta.flatten(1).norm(dim=1).view_as(gn)
-                delta = delta * torch.clamp(eps[i] / dn.clamp_min(1e-12), max=1.0)
+            delta = _ball_step(delta, g, float(eps[i]))
             if bar is not None:
                 bar.update(1)
     bounds = np.array([first_crossing(eps, curve[j], flip) for j in range(K)])
     reached = np.asarray((curve >= flip).any(1))
     return InputVerification(classes=ks, bounds=bounds, reached=reached, eps=eps, flip_curve=curve, flip=flip,
                              n_images=n, seconds=time.perf_counter() - t0)
+
+
+def _hits_and_grads(clf: Classifier, pool: torch.Tensor, delta: torch.Tensor, live: np.ndarray,
+                    kt: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor, *, chunks: tuple[int, int],
+                    layout: Any, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One pass of the ``live`` classes' changes ``delta (K, channels, H, W)`` over the ``pool (n,
+    channels, H, W)``, in chunks of ``chunks = (classes, images)``: ``hits (K, n)`` (1 where the
+    image went to the class) and, with ``grad``, the gradient ``(K, channels, H, W)`` of each
+    class's mean CE over the images ``valid (K, n)`` marks (else None)."""
+    K, n = len(kt), len(pool)
+    kc, ic = chunks
+    g = torch.zeros_like(delta) if grad else None
+    hits = torch.zeros((K, n), device=pool.device)
+    for a in range(0, len(live), kc):
+        ki = torch.as_tensor(live[a : a + kc], device=pool.device)
+        for i0 in range(0, n, ic):
+            i1 = min(n, i0 + ic)
+            d = delta[ki].detach().requires_grad_(grad)
+            batch = (pool[None, i0:i1] + d[:, None]).reshape(-1, *pool.shape[1:])
+            batch = batch.contiguous(memory_format=layout)
+            logits = clf.forward(batch)[0].float()
+            lab = kt[ki].repeat_interleave(i1 - i0)
+            with torch.no_grad():
+                hits[ki, i0:i1] = (logits.argmax(1) == lab).float().view(len(ki), i1 - i0)
+            if g is not None:
+                ce = F.cross_entropy(logits, lab, reduction="none").view(len(ki), i1 - i0)
+                loss = ((ce * valid[ki, i0:i1]).sum(1) / n_valid[ki]).sum()
+                g[ki] += torch.autograd.grad(loss, d)[0]
+    return hits, g
+
+
+@torch.no_grad()
+def _ball_step(delta: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """One normalised-gradient step of each class's change ``delta (K, ...)`` (gradient ``g``, same
+    shape), projected onto the L2 ball of radius ``eps``."""
+    K = len(delta)
+    gn = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(K, *[1] * (g.dim() - 1))
+    delta = delta - 0.5 * eps * g / gn
+    dn = delta.flatten(1).norm(dim=1).view_as(gn)
+    return delta * torch.clamp(eps / dn.clamp_min(1e-12), max=1.0)
 
 
 @dataclass

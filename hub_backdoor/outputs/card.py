@@ -276,66 +276,77 @@ def _evidence_text(report: AuditReport, k: int) -> str:
 
 def _verdict(report: AuditReport, ctx: CardContext) -> tuple[str, str, str, str]:
     """(badge, headline, text, advice) in plain language."""
+    if ctx.purification is None:
+        return _audit_verdict(report)
+    return _purified_verdict(report, ctx, ctx.purification)
+
+
+def _audit_verdict(report: AuditReport) -> tuple[str, str, str, str]:
+    """(badge, headline, text, advice) of an audit: inconclusive, backdoor suspected or clean."""
     th = report.params.get("threshold", 2.0)
-    pur = ctx.purification
-    if pur is None:
-        reason = report.reason or ""
-        if report.inconclusive and reason.startswith("outside calibration"):
-            top = int(np.argmax(report.anomaly_indices))
-            text = (
-                f"No class stood out (the most suspicious is class {_class_label(report, top)}, score "
-                f"{report.anomaly_indices[top]:.2f}, threshold {th}), but the thresholds were calibrated on "
-                f"clean models unlike this one ({reason.split(': ', 1)[-1]}). Nothing below says the "
-                "model is clean."
-            )
-            advice = (
-                "read the per-class scores below; a class far above the others deserves a closer look. "
-                "Calibrating on clean models of this kind gives a verdict with a known miss rate."
-            )
-            return "❔", "Inconclusive: outside the calibration", text, advice
-        if report.inconclusive:
-            acc = _fmt(report.data.get("accuracy"))
-            text = (
-                "The audit could not reach a verdict: the reference data does not let it tell a clean model "
-                f"from a backdoored one ({report.reason}). The model's accuracy on it is {acc}. Nothing "
-                "below says the model is clean."
-            )
-            advice = (
-                "fix the reference data and audit again: clean, labelled images of every class, like the "
-                "data the model was trained on (same kind of images, size and class order)."
-            )
-            return "❔", "Inconclusive: the reference data cannot support a verdict", text, advice
-        if report.backdoor_found and report.target is not None:
-            k = report.target
-            row = report.classes[k]
-            others = [_class_label(report, j) for j in report.flagged[1:]]
-            text = (
-                f"{_evidence_text(report, k)[0].upper()}{_evidence_text(report, k)[1:]}. That is the "
-                "signature of a planted trigger: images that carry it would probably be classified as "
-                f'"{_plain(row.name)}", whatever they show.'
-            )
-            if others:
-                text += f" Also flagged: {', '.join(others)}."
-            advice = (
-                "do not use this model as it is for anything that matters. Use a purified version "
-                "(`hub-backdoor purify`), ask the publisher how it was trained, or train from data you trust."
-            )
-            return "⚠️", f"Backdoor suspected: target class {_class_label(report, k)}", text, advice
+    reason = report.reason or ""
+    if report.inconclusive and reason.startswith("outside calibration"):
         top = int(np.argmax(report.anomaly_indices))
         text = (
-            f"No class stands out: the most suspicious is class {_class_label(report, top)} (score "
-            f"{report.anomaly_indices[top]:.2f}, below the threshold {th}"
-            + (f"; p = {report.classes[top].p_value:.2g} against clean calibration models"
-               if report.classes[top].p_value is not None else "")
-            + "). No sign of a single-target backdoor was found on this data. "
-            + _miss_rate(report)
+            f"No class stood out (the most suspicious is class {_class_label(report, top)}, score "
+            f"{report.anomaly_indices[top]:.2f}, threshold {th}), but the thresholds were calibrated on "
+            f"clean models unlike this one ({reason.split(': ', 1)[-1]}). Nothing below says the "
+            "model is clean."
         )
         advice = (
-            "the model passed this check; keep the limitations below in mind, and audit again whenever "
-            "the weights change."
+            "read the per-class scores below; a class far above the others deserves a closer look. "
+            "Calibrating on clean models of this kind gives a verdict with a known miss rate."
         )
-        return "✅", "No backdoor found", text, advice
+        return "❔", "Inconclusive: outside the calibration", text, advice
+    if report.inconclusive:
+        acc = _fmt(report.data.get("accuracy"))
+        text = (
+            "The audit could not reach a verdict: the reference data does not let it tell a clean model "
+            f"from a backdoored one ({report.reason}). The model's accuracy on it is {acc}. Nothing "
+            "below says the model is clean."
+        )
+        advice = (
+            "fix the reference data and audit again: clean, labelled images of every class, like the "
+            "data the model was trained on (same kind of images, size and class order)."
+        )
+        return "❔", "Inconclusive: the reference data cannot support a verdict", text, advice
+    if report.backdoor_found and report.target is not None:
+        k = report.target
+        row = report.classes[k]
+        others = [_class_label(report, j) for j in report.flagged[1:]]
+        text = (
+            f"{_evidence_text(report, k)[0].upper()}{_evidence_text(report, k)[1:]}. That is the "
+            "signature of a planted trigger: images that carry it would probably be classified as "
+            f'"{_plain(row.name)}", whatever they show.'
+        )
+        if others:
+            text += f" Also flagged: {', '.join(others)}."
+        advice = (
+            "do not use this model as it is for anything that matters. Use a purified version "
+            "(`hub-backdoor purify`), ask the publisher how it was trained, or train from data you trust."
+        )
+        return "⚠️", f"Backdoor suspected: target class {_class_label(report, k)}", text, advice
+    top = int(np.argmax(report.anomaly_indices))
+    text = (
+        f"No class stands out: the most suspicious is class {_class_label(report, top)} (score "
+        f"{report.anomaly_indices[top]:.2f}, below the threshold {th}"
+        + (f"; p = {report.classes[top].p_value:.2g} against clean calibration models"
+           if report.classes[top].p_value is not None else "")
+        + "). No sign of a single-target backdoor was found on this data. "
+        + _miss_rate(report)
+    )
+    advice = (
+        "the model passed this check; keep the limitations below in mind, and audit again whenever "
+        "the weights change."
+    )
+    return "✅", "No backdoor found", text, advice
 
+
+def _purified_verdict(
+    report: AuditReport, ctx: CardContext, pur: dict[str, Any]
+) -> tuple[str, str, str, str]:
+    """(badge, headline, text, advice) of a purified model (``pur``: its record), audited
+    again (``ctx.report_after``) or not."""
     target = int(pur["target"])
     m = pur.get("metrics", {})
     acc = f"clean accuracy went from {_fmt(m.get('acc_before'))} to {_fmt(m.get('acc_after'))}"
@@ -545,115 +556,24 @@ def metadata_block(report: AuditReport, ctx: CardContext) -> dict[str, Any]:
 
 def build_card(report: AuditReport, ctx: CardContext, *, chart_file: str) -> Any:
     """The security card as a ``huggingface_hub.ModelCard`` (rendered from the template)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     purified = ctx.purification is not None
-    kept = ctx.extra_metadata.get("tags") or []
-    # YAML lets one tag stand alone: "tags: malware" is a string, not six one-letter tags
-    kept = [kept] if isinstance(kept, str) else [str(t) for t in kept]
-    tags = list(
-        dict.fromkeys(
-            [
-                *kept,
-                *TAGS,
-                "image-classification",
-                *([report.model["kind"]] if report.model.get("kind") in ("timm", "transformers") else []),
-            ]
-        )
-    )
-    extra = {
-        k: v
-        for k, v in ctx.extra_metadata.items()
-        if k in ("license", "license_name", "license_link", "language", "datasets")
-    }
-    kept_data = extra.pop("datasets", None) or []
-    datasets = [kept_data] if isinstance(kept_data, str) else [str(d) for d in kept_data]
-    if ctx.dataset and ctx.dataset_is_hub and ctx.dataset not in datasets:
-        datasets.append(ctx.dataset)
-    data = ModelCardData(
-        base_model=ctx.base_model,
-        library_name=report.model.get("kind")
-        if report.model.get("kind") in ("timm", "transformers")
-        else None,
-        pipeline_tag="image-classification",
-        tags=tags,
-        datasets=datasets or None,
-        model_name=ctx.model_name or ctx.model_label,
-        eval_results=_eval_results(report, ctx),
-        hub_backdoor=metadata_block(report, ctx),
-        **extra,
-    )
+    data = _card_data(report, ctx)
     badge, headline, text, advice = _verdict(report, ctx)
     rows, omitted = _table_rows(report)
     pur = ctx.purification or {}
     m = pur.get("metrics", {})
-    purify_rows = [
-        {"label": "Clean accuracy", "before": _fmt(m.get("acc_before")), "after": _fmt(m.get("acc_after"))}
-    ]
-    if "acc_target_before" in m:
-        purify_rows.append(
-            {
-                "label": f"Clean accuracy on the purified class {pur.get('target')} itself",
-                "before": _fmt(m.get("acc_target_before")),
-                "after": _fmt(m.get("acc_target_after")),
-            }
-        )
-    if "latent_trigger_before" in m:
-        purify_rows.append(
-            {
-                "label": "Reconstructed trigger's success (s_t added to the embedding)",
-                "before": _fmt(m.get("latent_trigger_before")),
-                "after": _fmt(m.get("latent_trigger_after")),
-            }
-        )
-    if "asr_before" in m:
-        purify_rows.append(
-            {
-                "label": f"Attack success rate ({pur.get('trigger') or 'trigger'})",
-                "before": _fmt(m.get("asr_before")),
-                "after": _fmt(m.get("asr_after")),
-            }
-        )
-        purify_rows.append(
-            {
-                "label": "Robust accuracy (triggered images, true label)",
-                "before": _fmt(m.get("ra_before")),
-                "after": _fmt(m.get("ra_after")),
-            }
-        )
-    guarded_rows = []
-    if "acc_guarded_after" in m:
-        guarded_rows.append({"label": "Clean accuracy", "before": _fmt(m.get("acc_before")),
-                             "after": _fmt(m.get("acc_guarded_after"))})
-        if "acc_target_guarded_after" in m:
-            guarded_rows.append({"label": f"Clean accuracy on class {pur.get('target')} itself",
-                                 "before": _fmt(m.get("acc_target_before")),
-                                 "after": _fmt(m.get("acc_target_guarded_after"))})
-        if "asr_guarded_after" in m:
-            guarded_rows.append({"label": f"Attack success rate ({pur.get('trigger') or 'trigger'})",
-                                 "before": _fmt(m.get("asr_before")),
-                                 "after": _fmt(m.get("asr_guarded_after"))})
+    purify_rows, guarded_rows = _purify_rows(pur), _guarded_rows(pur)
     after_verdict = None
     if ctx.report_after is not None:
         after_verdict = ctx.report_after.summary().splitlines()[0].split(": ", 1)[-1]
     p = report.params
-    params_text = (
-        ", ".join(
-            f"{k}={p[k]}"
-            for k in ("rule", "threshold", "margin", "solver", "soft_margin", "max_samples")
-            if k in p and p[k] is not None
-        )
-        + f", seed={report.seed}"
-    )
-    versions_text = ", ".join(f"{k} {v}" for k, v in report.versions.items())
     title = (
         f"{ctx.model_name or ctx.model_label}: backdoor security card (purified model)"
         if purified
         else f"{ctx.model_label}: backdoor security audit"
     )
-    data_label = f"`{ctx.dataset}`" if ctx.dataset else "the reference data"
-    if ctx.split:
-        data_label += f", split `{ctx.split}`"
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE_PATH),
@@ -677,6 +597,129 @@ def build_card(report: AuditReport, ctx: CardContext, *, chart_file: str) -> Any
         chart_file=chart_file,
         rows=rows,
         rows_omitted=omitted,
+        **_provenance(report, ctx),
+        reproduce=ctx.reproduce or "hub-backdoor audit MODEL --dataset DATA",
+        reproduce_note=_reproduce_note(pur.get("params", {})) if purified else None,
+        notes=list(report.notes),
+        original_card=(ctx.original_card or "").strip() or None,
+    )
+
+
+def _card_data(report: AuditReport, ctx: CardContext) -> Any:
+    """The card's metadata (``huggingface_hub.ModelCardData``): the audited card's kept tags,
+    license and datasets, the library, the evaluation results and the ``hub_backdoor`` block."""
+    from huggingface_hub import ModelCardData
+
+    kept = ctx.extra_metadata.get("tags") or []
+    # YAML lets one tag stand alone: "tags: malware" is a string, not six one-letter tags
+    kept = [kept] if isinstance(kept, str) else [str(t) for t in kept]
+    tags = list(
+        dict.fromkeys(
+            [
+                *kept,
+                *TAGS,
+                "image-classification",
+                *([report.model["kind"]] if report.model.get("kind") in ("timm", "transformers") else []),
+            ]
+        )
+    )
+    extra = {
+        k: v
+        for k, v in ctx.extra_metadata.items()
+        if k in ("license", "license_name", "license_link", "language", "datasets")
+    }
+    kept_data = extra.pop("datasets", None) or []
+    datasets = [kept_data] if isinstance(kept_data, str) else [str(d) for d in kept_data]
+    if ctx.dataset and ctx.dataset_is_hub and ctx.dataset not in datasets:
+        datasets.append(ctx.dataset)
+    return ModelCardData(
+        base_model=ctx.base_model,
+        library_name=report.model.get("kind")
+        if report.model.get("kind") in ("timm", "transformers")
+        else None,
+        pipeline_tag="image-classification",
+        tags=tags,
+        datasets=datasets or None,
+        model_name=ctx.model_name or ctx.model_label,
+        eval_results=_eval_results(report, ctx),
+        hub_backdoor=metadata_block(report, ctx),
+        **extra,
+    )
+
+
+def _purify_rows(pur: dict[str, Any]) -> list[dict[str, str]]:
+    """The before / after rows of the purification table, from the record ``pur`` (``{}``: none)."""
+    m = pur.get("metrics", {})
+    rows = [
+        {"label": "Clean accuracy", "before": _fmt(m.get("acc_before")), "after": _fmt(m.get("acc_after"))}
+    ]
+    if "acc_target_before" in m:
+        rows.append(
+            {
+                "label": f"Clean accuracy on the purified class {pur.get('target')} itself",
+                "before": _fmt(m.get("acc_target_before")),
+                "after": _fmt(m.get("acc_target_after")),
+            }
+        )
+    if "latent_trigger_before" in m:
+        rows.append(
+            {
+                "label": "Reconstructed trigger's success (s_t added to the embedding)",
+                "before": _fmt(m.get("latent_trigger_before")),
+                "after": _fmt(m.get("latent_trigger_after")),
+            }
+        )
+    if "asr_before" in m:
+        rows.append(
+            {
+                "label": f"Attack success rate ({pur.get('trigger') or 'trigger'})",
+                "before": _fmt(m.get("asr_before")),
+                "after": _fmt(m.get("asr_after")),
+            }
+        )
+        rows.append(
+            {
+                "label": "Robust accuracy (triggered images, true label)",
+                "before": _fmt(m.get("ra_before")),
+                "after": _fmt(m.get("ra_after")),
+            }
+        )
+    return rows
+
+
+def _guarded_rows(pur: dict[str, Any]) -> list[dict[str, str]]:
+    """The before / after rows of the guarded model's table (none without its numbers)."""
+    m = pur.get("metrics", {})
+    rows = []
+    if "acc_guarded_after" in m:
+        rows.append({"label": "Clean accuracy", "before": _fmt(m.get("acc_before")),
+                     "after": _fmt(m.get("acc_guarded_after"))})
+        if "acc_target_guarded_after" in m:
+            rows.append({"label": f"Clean accuracy on class {pur.get('target')} itself",
+                         "before": _fmt(m.get("acc_target_before")),
+                         "after": _fmt(m.get("acc_target_guarded_after"))})
+        if "asr_guarded_after" in m:
+            rows.append({"label": f"Attack success rate ({pur.get('trigger') or 'trigger'})",
+                         "before": _fmt(m.get("asr_before")),
+                         "after": _fmt(m.get("asr_guarded_after"))})
+    return rows
+
+
+def _provenance(report: AuditReport, ctx: CardContext) -> dict[str, Any]:
+    """The template's values that say what was audited, on which data, how and with what."""
+    p = report.params
+    params_text = (
+        ", ".join(
+            f"{k}={p[k]}"
+            for k in ("rule", "threshold", "margin", "solver", "soft_margin", "max_samples")
+            if k in p and p[k] is not None
+        )
+        + f", seed={report.seed}"
+    )
+    data_label = f"`{ctx.dataset}`" if ctx.dataset else "the reference data"
+    if ctx.split:
+        data_label += f", split `{ctx.split}`"
+    return dict(
         model_label=f"`{ctx.model_label}`",
         model_sha=ctx.audited_sha,
         model_kind=report.model.get("kind", "?"),
@@ -692,12 +735,8 @@ def build_card(report: AuditReport, ctx: CardContext, *, chart_file: str) -> Any
             f"detection rule `{p.get('rule', 'mad')}`"
         ),
         params_text=params_text,
-        versions_text=versions_text,
+        versions_text=", ".join(f"{k} {v}" for k, v in report.versions.items()),
         created=report.created,
-        reproduce=ctx.reproduce or "hub-backdoor audit MODEL --dataset DATA",
-        reproduce_note=_reproduce_note(pur.get("params", {})) if purified else None,
-        notes=list(report.notes),
-        original_card=(ctx.original_card or "").strip() or None,
     )
 
 

@@ -26,7 +26,6 @@ from typing import Any
 
 from ..adapters import load_classifier
 from ..adapters.loading import LoadedModel, load_model
-from ..defaults import PURIFY
 from ..detection.report import AuditReport, atomic_write_text, current_umask, jsonable, library_versions
 from ..errors import (
     AccuracyBudgetError,
@@ -36,6 +35,7 @@ from ..errors import (
     UnsupportedModelError,
 )
 from ..layout import AUDIT_FILE, PURIFICATION_FILE
+from ..options import PurifyOptions
 from ..purification.guard import GuardedModel
 from ..purification.purify import PurifyResult
 from ..sources.datasets import LoadedDataset
@@ -352,32 +352,35 @@ def _destination(
 
 def purify_flags(result: PurifyResult) -> list[str]:
     """The ``hub-backdoor purify`` options that give ``result`` again: ``--epochs`` and every
-    purification option that differs from the command's default, ``--threads`` among them when
-    the CPU fine-tuning ran at another count than the default (the weights depend on it)."""
+    purification option (:class:`~hub_backdoor.options.PurifyOptions`) that differs from the
+    command's default, ``--threads`` among them when the CPU fine-tuning ran at another count than
+    the default (the weights depend on it)."""
     p = result.params
     out = ["--epochs", str(p.get("epochs"))]
     if result.report.target != result.target:  # the audit flagged another class, or none
         out += ["--target", str(result.target)]
-    for flag, key, default in (
-        ("--beta", "beta", PURIFY["beta"]), ("--scale", "scale", PURIFY["scale"]),
-        ("--distill", "distill", PURIFY["distill"]), ("--keep", "keep", PURIFY["keep"]),
-        ("--target-weight", "target_weight", PURIFY["target_weight"]), ("--lr", "lr", PURIFY["lr"]),
-        ("--warmup", "warmup", PURIFY["warmup"]), ("--holdout", "holdout", 0.2),
-        ("--batch-size", "batch_size", 64),
-    ):
-        if key in p and p[key] != default:
-            out += [flag, str(p[key])]
-    if isinstance(p.get("train"), str) and p["train"] != PURIFY["train"]:
-        out += ["--train", str(p["train"])]
-    if p.get("sam_rho") and p["sam_rho"] != PURIFY["sam_rho"]:
-        out += ["--sam-rho", str(p["sam_rho"])] + (["--sam-adaptive"] if p.get("sam_adaptive") else [])
-    if p.get("augment"):
-        out += ["--augment"]
-    if "max_accuracy_drop" in p and p["max_accuracy_drop"] != 0.01:
-        out += ["--max-accuracy-drop", f"{100 * float(p['max_accuracy_drop']):g}"]
-    if str(p.get("determinism", "")).startswith("cpu") and p.get("threads") != PURIFY["threads"]:
-        out += ["--threads", str(p["threads"])]
-    return out
+    opts = _options_of(p)
+    names = tuple(n for n in PurifyOptions.names() if n != "epochs")
+    cut = names.index("holdout") + 1  # the batch size follows the hold-out share
+    out += opts.to_flags(names[:cut])
+    if "batch_size" in p and p["batch_size"] != 64:
+        out += ["--batch-size", str(p["batch_size"])]
+    return out + opts.to_flags(names[cut:])
+
+
+def _options_of(params: Mapping[str, Any]) -> PurifyOptions:
+    """The :class:`~hub_backdoor.options.PurifyOptions` a purification's ``params`` record, as far
+    as a command line can give them: a list of ``train`` prefixes, ``--sam-adaptive`` without
+    ``--sam-rho`` and the thread count of a GPU run are left at their defaults."""
+    known = {k: v for k, v in params.items() if k in PurifyOptions.names()}
+    default = PurifyOptions()
+    if not isinstance(known.get("train"), str):
+        known.pop("train", None)
+    if not known.get("sam_rho"):
+        known.pop("sam_adaptive", None)
+    if not str(params.get("determinism", "")).startswith("cpu"):
+        known["threads"] = default.threads
+    return PurifyOptions.from_mapping(known, where="purification params")
 
 
 def _default_reproduce(
@@ -445,17 +448,7 @@ def publish(
     """
     out = Path(out).expanduser() if out is not None else None
     check_destinations(model, out=out, push_to=push_to, open_pr=open_pr, overwrite=overwrite)
-    if not result.within_budget and not allow_over_budget:
-        m = result.metrics
-        raise AccuracyBudgetError(
-            f"purification lost {100 * float(m['acc_drop']):.1f} points of held-out clean accuracy "
-            f"({float(m['acc_before']):.3f} -> {float(m['acc_after']):.3f}), more than the budget of "
-            f"{100 * result.max_accuracy_drop:g} points; nothing was published (raise "
-            "--max-accuracy-drop, or purify with more clean data)"
-        )
-    clf = result.classifier
-    if not hasattr(clf, "save_pretrained"):
-        raise UnsupportedModelError(f"cannot save a purified {clf.kind} model; only timm and transformers")
+    _check_publishable(result, allow_over_budget)
     record, context = _record_and_card(
         result, model=model, dataset=dataset, report_after=report_after, out=out, push_to=push_to,
         open_pr=open_pr, trigger=trigger, reproduce=reproduce,
@@ -488,6 +481,22 @@ def publish(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return Published(folder=out, url=url, pr_url=pr_url, record=record)
+
+
+def _check_publishable(result: PurifyResult, allow_over_budget: bool) -> None:
+    """Refuse a purification over its accuracy budget (unless ``allow_over_budget``) or a model
+    that cannot be saved."""
+    if not result.within_budget and not allow_over_budget:
+        m = result.metrics
+        raise AccuracyBudgetError(
+            f"purification lost {100 * float(m['acc_drop']):.1f} points of held-out clean accuracy "
+            f"({float(m['acc_before']):.3f} -> {float(m['acc_after']):.3f}), more than the budget of "
+            f"{100 * result.max_accuracy_drop:g} points; nothing was published (raise "
+            "--max-accuracy-drop, or purify with more clean data)"
+        )
+    clf = result.classifier
+    if not hasattr(clf, "save_pretrained"):
+        raise UnsupportedModelError(f"cannot save a purified {clf.kind} model; only timm and transformers")
 
 
 def _record_and_card(

@@ -93,55 +93,9 @@ def to_sarif(report: AuditReport, *, artifact_uri: str | None = None) -> dict[st
     name = str(report.model.get("name", "model"))
     results = []
     if report.verdict == "inconclusive":  # one warning, so the run does not read as a clean audit
-        results.append(
-            {
-                "ruleId": INCONCLUSIVE_RULE_ID,
-                "ruleIndex": 1,
-                "level": "warning",
-                "message": {"text": f"{name}: the audit is inconclusive: {report.reason}."},
-                "locations": [
-                    {"physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": 1}}}
-                ],
-                "partialFingerprints": {"hubBackdoorInconclusive/v1": name},
-                "properties": {"accuracy": report.data.get("accuracy"), "reason": report.reason},
-            }
-        )
+        results.append(_inconclusive_result(report, name, uri))
     for k in ([] if report.verdict == "inconclusive" else report.flagged):
-        row = report.classes[k]
-        results.append(
-            {
-                "ruleId": RULE_ID,
-                "ruleIndex": 0,
-                "level": "error",
-                "message": {
-                    "text": (
-                        f"{name}: class {row.index} ({row.name}) is a suspected backdoor target: its minimal "
-                        f"latent perturbation has norm {row.norm:.4g}, anomaly index {row.anomaly_index:.2f} "
-                        f"> threshold {report.params.get('threshold')}."
-                    )
-                },
-                "locations": [
-                    {
-                        "physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": 1}},
-                        "logicalLocations": [
-                            {
-                                "name": f"class {row.index}",
-                                "fullyQualifiedName": f"{name}#class={row.index}",
-                                "kind": "member",
-                            }
-                        ],
-                    }
-                ],
-                "partialFingerprints": {"hubBackdoorTarget/v1": f"{name}:{row.index}"},
-                "properties": {
-                    "class_index": row.index,
-                    "class_name": row.name,
-                    "norm": row.norm,
-                    "anomaly_index": row.anomaly_index,
-                    "threshold": report.params.get("threshold"),
-                },
-            }
-        )
+        results.append(_target_result(report, k, name, uri))
     notifications = [{"level": "note", "message": {"text": note}} for note in report.notes]
     return jsonable(
         {
@@ -175,6 +129,58 @@ def to_sarif(report: AuditReport, *, artifact_uri: str | None = None) -> dict[st
             ],
         }
     )
+
+
+def _inconclusive_result(report: AuditReport, name: str, uri: str) -> dict[str, Any]:
+    """The warning result of an inconclusive audit of model ``name`` (pointing at ``uri``)."""
+    return {
+        "ruleId": INCONCLUSIVE_RULE_ID,
+        "ruleIndex": 1,
+        "level": "warning",
+        "message": {"text": f"{name}: the audit is inconclusive: {report.reason}."},
+        "locations": [
+            {"physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": 1}}}
+        ],
+        "partialFingerprints": {"hubBackdoorInconclusive/v1": name},
+        "properties": {"accuracy": report.data.get("accuracy"), "reason": report.reason},
+    }
+
+
+def _target_result(report: AuditReport, k: int, name: str, uri: str) -> dict[str, Any]:
+    """The error result of flagged class ``k`` of model ``name`` (pointing at ``uri``)."""
+    row = report.classes[k]
+    return {
+        "ruleId": RULE_ID,
+        "ruleIndex": 0,
+        "level": "error",
+        "message": {
+            "text": (
+                f"{name}: class {row.index} ({row.name}) is a suspected backdoor target: its minimal "
+                f"latent perturbation has norm {row.norm:.4g}, anomaly index {row.anomaly_index:.2f} "
+                f"> threshold {report.params.get('threshold')}."
+            )
+        },
+        "locations": [
+            {
+                "physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": 1}},
+                "logicalLocations": [
+                    {
+                        "name": f"class {row.index}",
+                        "fullyQualifiedName": f"{name}#class={row.index}",
+                        "kind": "member",
+                    }
+                ],
+            }
+        ],
+        "partialFingerprints": {"hubBackdoorTarget/v1": f"{name}:{row.index}"},
+        "properties": {
+            "class_index": row.index,
+            "class_name": row.name,
+            "norm": row.norm,
+            "anomaly_index": row.anomaly_index,
+            "threshold": report.params.get("threshold"),
+        },
+    }
 
 
 def default_artifact_uri(report: AuditReport) -> str:

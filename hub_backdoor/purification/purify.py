@@ -28,9 +28,9 @@ weights bit for bit on a CPU of the same kind (docs/purification.md, "Reproducib
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
 
@@ -44,35 +44,92 @@ from ..detection.audit import audit as run_audit
 from ..detection.embeddings import reference_pass
 from ..detection.reconstruction import target_perturbation
 from ..detection.report import AuditReport
-from ..detection.validation import check_purify_options, check_report_matches
+from ..detection.validation import check_report_matches
 from ..distributed import finetune_loop, resolve, steps_per_epoch
 from ..errors import HubBackdoorError, OptionError
+from ..options import PurifyOptions
 from ..sources.reference import ReferenceData, make_loader
 from . import metrics
 from .guard import GuardedModel, guarded_logits
 
 __all__ = [
-    "PurifyResult", "auto_epochs", "head_parameters", "last_stage_prefixes", "purification_loss",
-    "purify", "shift_flip", "trainable_parameters", "warmup_factor",
+    "PurifyMetrics", "PurifyResult", "auto_epochs", "head_parameters", "last_stage_prefixes",
+    "purification_loss", "purify", "shift_flip", "trainable_parameters", "warmup_factor",
 ]
+
+
+@dataclass(kw_only=True)
+class PurifyMetrics(Mapping[str, "float | int"]):
+    """The held-out numbers of a purification, before (the original model) and after (the
+    purified one); ``guarded``: the guarded model (:mod:`hub_backdoor.purification.guard`). Read them as
+    attributes or as a mapping (``metrics["acc_after"]``): the mapping holds the numbers that were
+    measured, in field order (the purification record's ``metrics``).
+
+    ``acc_*``: clean accuracy; ``acc_target_*``: on the images of the target class itself (absent
+    when the held-out part has none); ``latent_trigger_*``: share of non-target images that adding
+    s_t to the embedding sends to the target; ``asr_*`` / ``ra_*``: attack success rate and robust
+    accuracy of a known trigger (absent without one); ``acc_drop`` (``_guarded``): clean accuracy
+    lost; ``n_finetune`` / ``n_holdout``: the images fine-tuned on and held out.
+    """
+
+    acc_before: float
+    acc_target_before: float | None = None
+    latent_trigger_before: float
+    asr_before: float | None = None
+    ra_before: float | None = None
+    acc_after: float
+    acc_target_after: float | None = None
+    latent_trigger_after: float
+    acc_guarded_after: float
+    acc_target_guarded_after: float | None = None
+    asr_after: float | None = None
+    ra_after: float | None = None
+    asr_guarded_after: float | None = None
+    ra_guarded_after: float | None = None
+    acc_drop: float
+    acc_drop_guarded: float
+    n_finetune: int
+    n_holdout: int
+
+    @classmethod
+    def measured(cls, before: Mapping[str, float], after: Mapping[str, float], n_finetune: int,
+                 n_holdout: int) -> PurifyMetrics:
+        """From :func:`_evaluate`'s numbers before (without the guarded model) and after (with it)."""
+        values = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
+        return cls(**values, acc_drop=before["acc"] - after["acc"],
+                   acc_drop_guarded=before["acc"] - after["acc_guarded"],
+                   n_finetune=n_finetune, n_holdout=n_holdout)
+
+    def __getitem__(self, key: str) -> float | int:
+        value = getattr(self, key, None) if key in _METRIC_NAMES else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in _METRIC_NAMES if getattr(self, name) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+_METRIC_NAMES = tuple(f.name for f in fields(PurifyMetrics))
 
 
 @dataclass
 class PurifyResult:
     """The purified classifier (same kind as the input), metrics before/after, and s_t.
 
-    ``metrics`` keys: ``acc_before``, ``acc_after``, ``acc_drop`` (held-out clean accuracy),
-    ``acc_target_before`` / ``_after`` (on the held-out images of the target class itself),
-    ``latent_trigger_before`` / ``_after`` (share of held-out non-target images that adding s_t to
-    the embedding sends to the target) and, when a trigger was given, ``asr_before``,
-    ``asr_after``, ``ra_before``, ``ra_after``. ``max_accuracy_drop``: the caller's accuracy
-    budget; :attr:`within_budget` says whether the purification kept to it.
+    ``metrics``: :class:`PurifyMetrics` (held-out clean accuracy, on the target class itself, the
+    latent trigger's success and, when a trigger was given, its ASR / RA, before and after).
+    ``max_accuracy_drop``: the caller's accuracy budget; :attr:`within_budget` says whether the
+    purification kept to it.
     """
 
     classifier: Classifier
     target: int
     perturbation: np.ndarray
-    metrics: dict[str, float | int]
+    metrics: PurifyMetrics
     params: dict[str, Any]
     report: AuditReport
     history: list[dict[str, float]] = field(default_factory=list)
@@ -289,6 +346,9 @@ def _metric(name: str, predictions: np.ndarray, references: np.ndarray, target: 
     return float(result[name])
 
 
+_DEFAULT = PurifyOptions()
+
+
 def purify(
     source: Any,
     dataset: Any,
@@ -296,19 +356,19 @@ def purify(
     report: AuditReport | None = None,
     target: int | None = None,
     trigger: Any = None,
-    beta: float = float(PURIFY["beta"]),
-    scale: float = float(PURIFY["scale"]),
-    epochs: int | None = None,
-    lr: float = float(PURIFY["lr"]),
+    beta: float = _DEFAULT.beta,
+    scale: float = _DEFAULT.scale,
+    epochs: int | None = _DEFAULT.epochs,
+    lr: float = _DEFAULT.lr,
     batch_size: int = 64,
-    train: str | list[str] = str(PURIFY["train"]),
-    holdout: float = 0.2,
-    resolve_every: int | None = None,
-    freeze_norm: bool = False,
-    distill: float = float(PURIFY["distill"]),
-    keep: float = float(PURIFY["keep"]),
-    warmup: float = float(PURIFY["warmup"]),
-    target_weight: float = float(PURIFY["target_weight"]),
+    train: str | list[str] = _DEFAULT.train,
+    holdout: float = _DEFAULT.holdout,
+    resolve_every: int | None = _DEFAULT.resolve_every,
+    freeze_norm: bool = _DEFAULT.freeze_norm,
+    distill: float = _DEFAULT.distill,
+    keep: float = _DEFAULT.keep,
+    warmup: float = _DEFAULT.warmup,
+    target_weight: float = _DEFAULT.target_weight,
     seed: int = 0,
     transform: Any = None,
     image_column: str | None = None,
@@ -318,219 +378,243 @@ def purify(
     progress: bool = True,
     audit_kw: dict[str, Any] | None = None,
     max_samples: int | None = None,
-    max_accuracy_drop: float = 0.01,
-    threads: int = int(PURIFY["threads"]),
-    augment: bool = bool(PURIFY["augment"]),
-    sam_rho: float = float(PURIFY["sam_rho"]),
-    sam_adaptive: bool = bool(PURIFY["sam_adaptive"]),
+    max_accuracy_drop: float = _DEFAULT.max_accuracy_drop,
+    threads: int = _DEFAULT.threads,
+    augment: bool = _DEFAULT.augment,
+    sam_rho: float = _DEFAULT.sam_rho,
+    sam_adaptive: bool = _DEFAULT.sam_adaptive,
     **load_kw: Any,
 ) -> PurifyResult:
     """Fine-tune a copy of the model so the reconstructed trigger no longer flips its predictions.
 
-    Args:
-        source: anything :func:`load_classifier` accepts; it is never modified.
-        dataset: clean labelled data (the defender's); ``holdout`` of it (stratified, seeded)
-            measures accuracy/ASR before and after, the rest is used for the audit and fine-tuning.
-        report: an audit of this model; when None the audit runs on the training part.
-        target: the class to purify; default: the report's target. Required when the audit
-            flagged nothing (purifying a clean-looking model is then an explicit choice).
-        trigger: optional callable applied to one raw image; measures ASR/RA before and after.
-        beta: weight of the latent-trigger loss. scale: s_t is multiplied by this in the loss.
-        epochs: passes over the fine-tuning data; None (default): 10, or more on a small clean set
-            so that training takes at least 100 optimizer steps (:func:`auto_epochs`).
-        lr: peak learning rate of SGD with a one-cycle schedule.
-        train: which parameters change: ``"backbone"`` (everything but the linear head, the
-            default), ``"all"``, or parameter-name prefixes (the rest is frozen). With the head
-            trainable the latent loss is met by making the head blind to s_t's direction, and a
-            real trigger, whose latent change is only partly along s_t, keeps working.
-        resolve_every: re-solve s_t on the current model every this many epochs (None: never).
-        distill: weight of a KL term to the original model's clean predictions, which keeps
-            clean behaviour when the clean set is small (0: the paper's loss).
-        keep: weight of a second KL term to the original predictions over every class but the
-            target, so the other classes keep their order while the target's logit is lowered
-            (0: the earlier loss; docs/purification.md has what it changed).
-        warmup: share of the epochs over which the latent shift grows linearly from 0 to
-            ``scale * s_t`` (0: full size from the first step, the paper's setting). At full size
-            the first steps face a loss of tens of nats and wreck the features at once.
-        target_weight: weight of the clean CE of the target class's own samples against 1 for the
-            others (1: the paper). The latent term lowers the target's logit along s_t, and the
-            target's own clean images lie along it too: they lose most (docs/purification.md).
-        freeze_norm: keep BatchNorm statistics fixed; a few hundred clean samples estimate them
-            worse than the original training set did.
-        accelerator: as for :func:`hub_backdoor.audit` (``None``: several processes when launched
-            with ``torchrun`` / ``accelerate launch``). Each process then trains on its share of
-            every epoch (``batch_size`` per process) and gradients are averaged, as in DDP.
-        max_samples: use a seeded random subset of at most this many samples of ``dataset`` for
-            everything: the audit, fine-tuning and the held-out metrics.
-        max_accuracy_drop: the accuracy budget (0.01 = one point of held-out clean accuracy);
-            the result says whether it was kept (:attr:`PurifyResult.within_budget`) and the CLI
-            publishes nothing beyond it.
-        threads: on a CPU, the fine-tuning and the held-out measurements run at this many torch
-            threads (torch's setting is put back afterwards), so the purified weights do not depend
-            on the machine's core count or on ``torch.set_num_threads``: the same seed, data,
-            options and ``threads`` give identical weights on a CPU of the same kind. More threads
-            can be faster on an idle many-core machine; the count is recorded in :attr:`params`
-            (``threads``, with ``determinism``). Not used on a GPU (``determinism`` then says so).
-        augment: shift each fine-tuning image by up to 2 pixels (zero padding) and flip it left to
-            right with probability 1/2, drawn from ``seed``: a few hundred clean images are
-            otherwise memorised.
-        sam_rho: > 0: sharpness-aware minimisation (the optimiser of FT-SAM, Zhu et al., ICCV
-            2023): each step takes the gradient at the weights moved by ``sam_rho`` along the
-            normalised gradient (a second forward and backward pass per step); 0: plain SGD.
-        sam_adaptive: with ``sam_rho`` > 0, adaptive SAM (ASAM, Kwon et al., 2021), the variant
-            FT-SAM runs: each weight's move is scaled by its magnitude, so ``sam_rho`` is relative
-            (FT-SAM's published setting is 2.0; plain SAM's usual one is 0.05).
+    ``source``: anything :func:`load_classifier` accepts (never modified). ``dataset``: clean
+    labelled data; ``holdout`` of it (stratified, seeded) measures accuracy / ASR before and after,
+    the rest serves the audit (run when ``report`` is None) and the fine-tuning. ``target``: the
+    class to purify (default: the report's; required when it flagged nothing). ``trigger``: a
+    callable on one raw image whose ASR / RA is measured. The fine-tuning options are documented in
+    :class:`hub_backdoor.options.PurifyOptions`, the others in :class:`hub_backdoor.options.AuditOptions`
+    and :func:`hub_backdoor.audit` (``max_samples`` bounds all the data used); ``audit_kw``: more
+    keywords of the audit.
 
     Raises:
-        OptionError: an option is out of range (before anything is loaded); ReportError:
-            ``report`` is the audit of another model or of the wrong shape (before any training).
+        OptionError: an option is out of range (before anything is loaded); ReportError: ``report``
+            is the audit of another model or of the wrong shape (before any training).
     """
     t_start = time.perf_counter()
-    check_purify_options(
-        beta=beta, scale=scale, distill=distill, lr=lr, epochs=epochs, holdout=holdout,
-        batch_size=batch_size, seed=seed, max_samples=max_samples, resolve_every=resolve_every,
-        device=device, warmup=warmup, keep=keep, target_weight=target_weight,
-        max_accuracy_drop=max_accuracy_drop, threads=threads, sam_rho=sam_rho,
+    opts = PurifyOptions(
+        epochs=epochs, beta=beta, scale=scale, distill=distill, keep=keep, target_weight=target_weight,
+        lr=lr, warmup=warmup, holdout=holdout, train=train, sam_rho=sam_rho, sam_adaptive=sam_adaptive,
+        augment=augment, max_accuracy_drop=max_accuracy_drop, threads=threads, resolve_every=resolve_every,
+        freeze_norm=freeze_norm,
     )
+    opts.check(batch_size=batch_size, seed=seed, max_samples=max_samples, device=device)
     torch.manual_seed(seed)
+    original, clf, dist = _load(source, report, target, load_kw, device, accelerator)
+    fit, held = _split(dataset, image_column, label_column, max_samples, seed, holdout)
+    tf = transform or clf.preprocess
+    report = report if report is not None else _audit(clf, fit, transform, seed, progress, dist, audit_kw)
+    target = _chosen_target(report, target)
+    s_t = _target_shift(clf, fit, tf, report, target, batch_size)
+    run_threads, determinism = _threads_on(clf, threads)
+    with _fixed_threads(run_threads):  # the set-up between the steps computes nothing the count changes
+        before = _evaluate(clf, held, tf, trigger, target, batch_size, s_t)
+        run = _FineTune(clf, fit, tf, target, s_t, report.params.get("margin", 0.0), opts, batch_size, seed,
+                        dist)
+        history = run.train(original, progress)
+        after = _evaluate(clf, held, tf, trigger, target, batch_size, s_t, original=run.teacher)
+    clf.source = {**original.source, "purified_from": original.name}
+    params = _params(opts, run, batch_size=batch_size, seed=seed, threads=run_threads,
+                     determinism=determinism, processes=dist.world)
+    return PurifyResult(
+        classifier=clf, target=int(target), perturbation=np.asarray(s_t), report=report, history=history,
+        metrics=PurifyMetrics.measured(before, after, len(fit), len(held)), params=params, original=original,
+        seconds=time.perf_counter() - t_start, max_accuracy_drop=float(max_accuracy_drop))
+
+
+def _load(source: Any, report: AuditReport | None, target: Any, load_kw: dict[str, Any], device: Any,
+          accelerator: Any) -> tuple[Classifier, Classifier, Any]:
+    """The classifier of ``source`` (checked against ``report`` and ``target``), the copy that
+    is fine-tuned (:func:`_working_copy`) and the resolved accelerator."""
     original = load_classifier(source, **load_kw)
     if report is not None:
         check_report_matches(report, original, original.name)
-    C = original.num_classes
+    _check_class(target, original)
+    return original, *_working_copy(original, device, accelerator)
+
+
+def _check_class(target: Any, clf: Classifier) -> None:
+    """Refuse a ``target`` that is not one of the ``C`` classes of ``clf`` (None: the audit's)."""
+    C = clf.num_classes
     if target is not None and not (isinstance(target, (int, np.integer)) and 0 <= target < C):
-        raise OptionError(f"--target / target= {target!r} is not a class of {original.name} (0..{C - 1})")
+        raise OptionError(f"--target / target= {target!r} is not a class of {clf.name} (0..{C - 1})")
+
+
+def _working_copy(original: Classifier, device: Any, accelerator: Any) -> tuple[Classifier, Any]:
+    """A copy of ``original`` on ``device`` (None: the accelerator's, else where it is), and the
+    resolved accelerator."""
     clf = original.copy()
     dist = resolve(accelerator)
     device = device if device is not None else dist.device
     if device is not None:
         clf.model.to(device)
+    return clf, dist
+
+
+def _split(dataset: Any, image_column: str | None, label_column: str | None, max_samples: int | None,
+           seed: int, holdout: float) -> tuple[ReferenceData, ReferenceData]:
+    """``(fit, held)``: the seeded subset of at most ``max_samples`` images of ``dataset``, split
+    (stratified) into the part fine-tuned on and the ``holdout`` share measured on (0: both all)."""
     data = ReferenceData(dataset, image_column=image_column, label_column=label_column)
     data = data.subset(max_samples, seed)
-    fit, held = data.split(holdout, seed) if holdout > 0 else (data, data)
-    tf = transform or clf.preprocess
-    if report is None:
-        report = run_audit(clf, fit, transform=transform, seed=seed, progress=progress, accelerator=dist,
-                           **(audit_kw or {}))
-    if target is None:
-        if report.inconclusive:
-            raise HubBackdoorError(
-                f"the audit is inconclusive ({report.reason}); fix the reference data, or pass target= to "
-                "purify a chosen class anyway"
-            )
-        if report.target is None:
-            raise HubBackdoorError(
-                "the audit flagged no class; pass target= to purify against a chosen class anyway"
-            )
-        target = report.target
+    return data.split(holdout, seed) if holdout > 0 else (data, data)
+
+
+def _audit(clf: Classifier, fit: ReferenceData, transform: Any, seed: int, progress: bool, dist: Any,
+           audit_kw: dict[str, Any] | None) -> AuditReport:
+    """The audit of ``clf`` on the part of the data it is fine-tuned on."""
+    return run_audit(clf, fit, transform=transform, seed=seed, progress=progress, accelerator=dist,
+                     **(audit_kw or {}))
+
+
+def _chosen_target(report: AuditReport, target: int | None) -> int:
+    """``target``, else the class ``report`` flagged (an inconclusive or clean audit: an error)."""
+    if target is not None:
+        return target
+    if report.inconclusive:
+        raise HubBackdoorError(
+            f"the audit is inconclusive ({report.reason}); fix the reference data, or pass target= to "
+            "purify a chosen class anyway"
+        )
+    if report.target is None:
+        raise HubBackdoorError(
+            "the audit flagged no class; pass target= to purify against a chosen class anyway"
+        )
+    return report.target
+
+
+def _target_shift(clf: Classifier, fit: ReferenceData, tf: Any, report: AuditReport, target: int,
+                  batch_size: int) -> np.ndarray:
+    """s_t ``(d,)``: the report's, else solved again on ``fit`` (also where no universal latent
+    change reaches ``target``: the report then holds none)."""
     if not np.isfinite(report.classes[target].norm):  # no universal latent change reaches t
-        s_t = _solve_target(clf, fit, tf, target, batch_size, report.params.get("margin", 0.0))
-    elif report.perturbations is not None:
-        s_t = np.asarray(report.perturbations[target])
-    elif report.target == target and report.target_perturbation is not None:
-        s_t = np.asarray(report.target_perturbation)
-    else:
-        s_t = _solve_target(clf, fit, tf, target, batch_size, report.params.get("margin", 0.0))
+        return _solve_target(clf, fit, tf, target, batch_size, report.params.get("margin", 0.0))
+    if report.perturbations is not None:
+        return np.asarray(report.perturbations[target])
+    if report.target == target and report.target_perturbation is not None:
+        return np.asarray(report.target_perturbation)
+    return _solve_target(clf, fit, tf, target, batch_size, report.params.get("margin", 0.0))
 
+
+def _threads_on(clf: Classifier, threads: int) -> tuple[int, str]:
+    """The torch thread count the fine-tuning runs at (``threads`` on a CPU; a GPU's kernels ignore
+    it) and the determinism it gives."""
     on_cpu = torch.device(clf.device).type == "cpu"
-    run_threads = threads if on_cpu else torch.get_num_threads()  # a GPU's kernels ignore it
+    run_threads = threads if on_cpu else torch.get_num_threads()
     determinism = "cpu-fixed-threads" if on_cpu else f"{torch.device(clf.device).type}-default"
-    with _fixed_threads(run_threads):
-        before = _evaluate(clf, held, tf, trigger, target, batch_size, s_t)
-    params = trainable_parameters(clf, train)
-    for p in clf.model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-    loader = make_loader(fit, tf, batch_size=batch_size, shuffle=True, seed=seed)
-    # a last batch of a handful of samples destabilises BatchNorm and SGD (benchmarks saw it)
-    loader = torch.utils.data.DataLoader(
-        loader.dataset, batch_size=batch_size, shuffle=True, generator=loader.generator,
-        drop_last=len(fit) > batch_size, collate_fn=loader.collate_fn,
-    )
-    # a copy: the caller's model stays as it was
-    teacher = original.copy() if distill > 0 or keep > 0 else None
-    if teacher is not None:
-        teacher.model.to(clf.device).eval()
-    # several processes (torchrun / accelerate launch): each takes its share of every epoch and
-    # gradients are averaged (DDP semantics); one process: the loader as it is
-    steps = steps_per_epoch(loader, dist)
-    auto = epochs is None
-    epochs = auto_epochs(steps) if epochs is None else epochs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps))
-    margin = report.params.get("margin", 0.0)
-    s_now = torch.as_tensor(s_t, dtype=torch.float32, device=clf.device)
-    s = s_now
+    return run_threads, determinism
 
-    def before_epoch(epoch: int) -> None:
-        nonlocal s, s_now
-        if resolve_every and epoch > 0 and epoch % resolve_every == 0:
-            s_new = _solve_target(clf, fit, tf, target, batch_size, margin)
-            s_now = torch.as_tensor(s_new, dtype=torch.float32, device=clf.device)
-        s = warmup_factor(epoch, epochs, warmup) * scale * s_now
+
+def _teacher(original: Classifier, clf: Classifier) -> Classifier:
+    """A copy of ``original`` on ``clf``'s device in eval mode: the caller's model itself is never
+    moved or switched to eval mode."""
+    teacher = original.copy()
+    teacher.model.to(clf.device).eval()
+    return teacher
+
+
+class _FineTune:
+    """One fine-tuning run of ``clf`` on ``fit`` against class ``target``: the trainable
+    parameters (the rest frozen), SGD with a one-cycle schedule, the shuffled loader and the
+    number of epochs (``opts.epochs``, or :func:`auto_epochs`)."""
+
+    def __init__(self, clf: Classifier, fit: ReferenceData, tf: Any, target: int, s_t: np.ndarray,
+                 margin: float, opts: PurifyOptions, batch_size: int, seed: int, dist: Any) -> None:
+        self.clf, self.fit, self.tf, self.target, self.margin = clf, fit, tf, target, margin
+        self.opts, self.batch_size, self.seed, self.dist = opts, batch_size, seed, dist
+        self.params = trainable_parameters(clf, opts.train)
+        for p in clf.model.parameters():
+            p.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.SGD(self.params, lr=opts.lr, momentum=0.9, weight_decay=5e-4)
+        loader = make_loader(fit, tf, batch_size=batch_size, shuffle=True, seed=seed)
+        # a last batch of a handful of samples destabilises BatchNorm and SGD (benchmarks saw it)
+        self.loader = torch.utils.data.DataLoader(
+            loader.dataset, batch_size=batch_size, shuffle=True, generator=loader.generator,
+            drop_last=len(fit) > batch_size, collate_fn=loader.collate_fn,
+        )
+        self.teacher: Classifier | None = None
+        self.s_now = torch.as_tensor(s_t, dtype=torch.float32, device=clf.device)
+        self.s = self.s_now  # scale * s_t (warmed up) this epoch, (d,)
+
+    def train(self, original: Classifier, progress: bool) -> list[dict[str, float]]:
+        """Fine-tune (``original``: the teacher of the KL terms); returns the per-epoch history
+        without the total loss, the model left in eval mode with every parameter trainable and
+        :attr:`teacher` a copy of ``original`` on its device, in eval mode."""
+        clf, opts = self.clf, self.opts
+        # a copy: the caller's model stays as it was
+        self.teacher = _teacher(original, clf) if opts.distill > 0 or opts.keep > 0 else None
+        # several processes (torchrun / accelerate launch): each takes its share of every epoch and
+        # gradients are averaged (DDP semantics); one process: the loader as it is
+        steps = steps_per_epoch(self.loader, self.dist)
+        self.auto = opts.epochs is None
+        self.epochs = auto_epochs(steps) if opts.epochs is None else opts.epochs
+        sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=opts.lr,
+                                                    total_steps=max(1, self.epochs * steps))
+        augment_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if opts.augment:
+            augment_fn = partial(shift_flip, generator=torch.Generator().manual_seed(self.seed))
+        history = finetune_loop(
+            self.step, self.loader, self.opt, params=self.params, epochs=self.epochs, dist=self.dist,
+            scheduler=sched, device=clf.device, seed=self.seed, before_epoch=self.before_epoch,
+            progress=progress, model=clf.model, batch_transform=augment_fn, sam_rho=opts.sam_rho,
+            sam_adaptive=opts.sam_adaptive,
+        )
+        for h in history:
+            h.pop("loss", None)
+        for p in clf.model.parameters():
+            p.requires_grad_(True)
+        clf.model.eval()
+        if self.teacher is None:  # the guarded model's numbers need the original beside it
+            self.teacher = _teacher(original, clf)
+        return history
+
+    def before_epoch(self, epoch: int) -> None:
+        """Re-solve s_t when due, set this epoch's ``scale * s_t`` (warmed up), train mode."""
+        clf, opts = self.clf, self.opts
+        if opts.resolve_every and epoch > 0 and epoch % opts.resolve_every == 0:
+            s_new = _solve_target(clf, self.fit, self.tf, self.target, self.batch_size, self.margin)
+            self.s_now = torch.as_tensor(s_new, dtype=torch.float32, device=clf.device)
+        self.s = warmup_factor(epoch, self.epochs, opts.warmup) * opts.scale * self.s_now
         clf.model.train()
-        if freeze_norm:
+        if opts.freeze_norm:
             _freeze_batchnorm(clf.model)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        t_logits = None
-        if teacher is not None:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The losses of one batch ``x (B, ...)``, ``y (B,)``."""
+        opts, t_logits = self.opts, None
+        if self.teacher is not None:
             with torch.no_grad():
-                t_logits = teacher.forward(x)[0]
+                t_logits = self.teacher.forward(x)[0]
         loss, loss_clean, loss_trig = purification_loss(
-            clf, x, y, s, beta=beta, teacher_logits=t_logits, distill=distill, keep=keep, target=target,
-            target_weight=target_weight,
+            self.clf, x, y, self.s, beta=opts.beta, teacher_logits=t_logits, distill=opts.distill,
+            keep=opts.keep, target=self.target, target_weight=opts.target_weight,
         )
         return {"loss": loss, "loss_clean": loss_clean, "loss_trigger": loss_trig}
 
-    augment_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-    if augment:
-        augment_fn = partial(shift_flip, generator=torch.Generator().manual_seed(seed))
 
-    with _fixed_threads(run_threads):
-        history = finetune_loop(
-            step, loader, opt, params=params, epochs=epochs, dist=dist, scheduler=sched,
-            device=clf.device, seed=seed, before_epoch=before_epoch, progress=progress, model=clf.model,
-            batch_transform=augment_fn, sam_rho=sam_rho, sam_adaptive=sam_adaptive,
-        )
-    for h in history:
-        h.pop("loss", None)
-    for p in clf.model.parameters():
-        p.requires_grad_(True)
-    clf.model.eval()
-    # the guarded model's numbers need the original beside it: the teacher is its copy on the
-    # device; the caller's model itself is never moved or switched to eval mode
-    if teacher is None:
-        teacher = original.copy()
-        teacher.model.to(clf.device).eval()
-    with _fixed_threads(run_threads):
-        after = _evaluate(clf, held, tf, trigger, target, batch_size, s_t, original=teacher)
-    metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
-    metrics["acc_drop"] = before["acc"] - after["acc"]
-    metrics["acc_drop_guarded"] = before["acc"] - after["acc_guarded"]
-    metrics["n_finetune"], metrics["n_holdout"] = len(fit), len(held)  # counts stay integers
-    clf.source = {**original.source, "purified_from": original.name}
-    return PurifyResult(
-        classifier=clf,
-        target=int(target),
-        perturbation=np.asarray(s_t),
-        metrics=metrics,
-        params={
-            "beta": beta, "scale": scale, "epochs": epochs, "epochs_auto": auto, "lr": lr,
-            "batch_size": batch_size,
-            "train": train,
-            "holdout": holdout, "resolve_every": resolve_every, "freeze_norm": freeze_norm,
-            "distill": distill, "keep": keep, "warmup": warmup, "target_weight": target_weight,
-            "seed": seed, "max_accuracy_drop": max_accuracy_drop,
-            "augment": augment, "sam_rho": sam_rho, "sam_adaptive": sam_adaptive,
-            "threads": run_threads, "determinism": determinism, "processes": dist.world,
-        },
-        report=report,
-        history=history,
-        seconds=time.perf_counter() - t_start,
-        max_accuracy_drop=float(max_accuracy_drop),
-        original=original,
-    )
+def _params(opts: PurifyOptions, run: _FineTune, **runtime: Any) -> dict[str, Any]:
+    """The purification's ``params`` (the record's): the options as given, the epochs run, and
+    ``runtime`` (``batch_size``, ``seed``, ``threads``, ``determinism``, ``processes``)."""
+    return {
+        "beta": opts.beta, "scale": opts.scale, "epochs": run.epochs, "epochs_auto": run.auto, "lr": opts.lr,
+        "batch_size": runtime["batch_size"], "train": opts.train, "holdout": opts.holdout,
+        "resolve_every": opts.resolve_every, "freeze_norm": opts.freeze_norm, "distill": opts.distill,
+        "keep": opts.keep, "warmup": opts.warmup, "target_weight": opts.target_weight,
+        "seed": runtime["seed"], "max_accuracy_drop": opts.max_accuracy_drop, "augment": opts.augment,
+        "sam_rho": opts.sam_rho, "sam_adaptive": opts.sam_adaptive, "threads": runtime["threads"],
+        "determinism": runtime["determinism"], "processes": runtime["processes"],
+    }
 
 
 def shift_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:

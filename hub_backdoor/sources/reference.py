@@ -150,79 +150,12 @@ class ReferenceData:
             self.class_names = source.class_names
             if indices is None:  # wrapping a view keeps the view
                 indices = source.indices
-        elif isinstance(source, datasets.DatasetDict):
-            raise DatasetError(
-                f"got a DatasetDict with splits {list(source)}; pass one split (e.g. ds['test'])"
-            )
-        elif isinstance(source, (datasets.IterableDataset, StreamingReference)):
-            raise DatasetError(
-                "streaming datasets are not indexable; wrap them in StreamingReference (audit() "
-                "does this for a datasets.IterableDataset)"
-            )
         elif isinstance(source, datasets.Dataset):
             self.columns = find_columns(source, image_column=image_column, label_column=label_column)
-            ds = source.select_columns([self.columns.image, self.columns.label])
-            cols = self.columns
-            self._get = lambda i: (ds[int(i)][cols.image], ds[int(i)][cols.label])
-            self._n = len(ds)
+            self._get, self._n, self.description = _dataset_view(source, self.columns)
             self.class_names = class_names(source, self.columns)
-            self.description = {
-                "type": "datasets",
-                "fingerprint": getattr(source, "_fingerprint", None),
-                "columns": [cols.image, cols.label],
-                "num_rows": len(source),
-            }
-        elif isinstance(source, (str, bytes, os.PathLike)):
-            raise DatasetError(
-                f"reference data {source!r} is a path; load it first (datasets.load_from_disk, "
-                "datasets.load_dataset) or pass an (images, labels) pair"
-            )
-        elif isinstance(source, np.ndarray) or torch.is_tensor(source):
-            raise DatasetError(
-                f"reference data is one array of shape {tuple(source.shape)}, without labels; pass an "
-                "(images, labels) pair"
-            )
-        elif isinstance(source, (tuple, list)) and source and all(isinstance(r, dict) for r in source):
-            raise DatasetError(
-                f"reference data is a list of {len(source)} dicts; pass datasets.Dataset.from_list(rows) "
-                "(with an image and a label column) or an (images, labels) pair"
-            )
-        elif isinstance(source, (tuple, list)) and len(source) == 2:
-            X, y = source
-            try:
-                X = torch.as_tensor(np.asarray(X)) if not torch.is_tensor(X) else X
-                y = torch.as_tensor(np.asarray(y)) if not torch.is_tensor(y) else y
-            except (TypeError, ValueError, RuntimeError) as e:
-                raise DatasetError(
-                    "an (images, labels) pair needs a numeric image array and integer labels "
-                    f"({_first(e)})"
-                ) from None
-            if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
-                raise DatasetError(
-                    f"labels of an (images, labels) pair must be integer class indices, one per image; "
-                    f"got {y.dtype} of shape {tuple(y.shape)}"
-                )
-            if X.dim() == 0 or len(X) != len(y):
-                raise DatasetError(f"{len(X)} images but {len(y)} labels")
-            self._get = lambda i: (X[int(i)], int(y[int(i)]))
-            self._n = len(X)
-            self.class_names = None
-            self.description = {"type": "tensors", "shape": list(X.shape)}
-        elif hasattr(source, "__getitem__") and hasattr(source, "__len__"):
-            if isinstance(source, (tuple, list)):
-                raise DatasetError(
-                    f"reference data is a {type(source).__name__} of {len(source)} items; pass an "
-                    "(images, labels) pair or a datasets.Dataset"
-                )
-            self._get = lambda i: source[int(i)]
-            self._n = len(source)
-            self.class_names = None
-            self.description = {"type": type(source).__name__}
         else:
-            raise DatasetError(
-                f"cannot use a {type(source).__name__} as reference data; pass a datasets.Dataset "
-                "or an (images, labels) pair"
-            )
+            self._get, self._n, self.description = _plain_view(source)
         self.indices = np.arange(self._n) if indices is None else np.asarray(indices)
 
     def __len__(self) -> int:
@@ -589,3 +522,82 @@ def iter_batches(
 def require_nonempty(data: ReferenceData) -> None:
     if len(data) == 0:
         raise EmptyDatasetError("the reference dataset is empty; pass a split with labelled images")
+
+
+def _dataset_view(source: Any, cols: Columns) -> tuple[Callable[[int], Any], int, dict[str, Any]]:
+    """``(get, n, description)`` of a ``datasets.Dataset``: ``get(i)`` reads row ``i``'s image and
+    label (the image decoded)."""
+    ds = source.select_columns([cols.image, cols.label])
+    description = {
+        "type": "datasets",
+        "fingerprint": getattr(source, "_fingerprint", None),
+        "columns": [cols.image, cols.label],
+        "num_rows": len(source),
+    }
+    return (lambda i: (ds[int(i)][cols.image], ds[int(i)][cols.label])), len(ds), description
+
+
+def _plain_view(source: Any) -> tuple[Callable[[int], Any], int, dict[str, Any]]:
+    """``(get, n, description)`` of reference data that is not a ``datasets.Dataset``: an
+    ``(images (N, ...), labels (N,))`` pair or a map-style dataset of ``(image, label)``; anything
+    else is a :class:`~hub_backdoor.errors.DatasetError` that says what to pass."""
+    import datasets
+
+    if isinstance(source, datasets.DatasetDict):
+        raise DatasetError(
+            f"got a DatasetDict with splits {list(source)}; pass one split (e.g. ds['test'])"
+        )
+    if isinstance(source, (datasets.IterableDataset, StreamingReference)):
+        raise DatasetError(
+            "streaming datasets are not indexable; wrap them in StreamingReference (audit() "
+            "does this for a datasets.IterableDataset)"
+        )
+    if isinstance(source, (str, bytes, os.PathLike)):
+        raise DatasetError(
+            f"reference data {source!r} is a path; load it first (datasets.load_from_disk, "
+            "datasets.load_dataset) or pass an (images, labels) pair"
+        )
+    if isinstance(source, np.ndarray) or torch.is_tensor(source):
+        raise DatasetError(
+            f"reference data is one array of shape {tuple(source.shape)}, without labels; pass an "
+            "(images, labels) pair"
+        )
+    if isinstance(source, (tuple, list)) and source and all(isinstance(r, dict) for r in source):
+        raise DatasetError(
+            f"reference data is a list of {len(source)} dicts; pass datasets.Dataset.from_list(rows) "
+            "(with an image and a label column) or an (images, labels) pair"
+        )
+    if isinstance(source, (tuple, list)) and len(source) == 2:
+        return _pair_view(*source)
+    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+        if isinstance(source, (tuple, list)):
+            raise DatasetError(
+                f"reference data is a {type(source).__name__} of {len(source)} items; pass an "
+                "(images, labels) pair or a datasets.Dataset"
+            )
+        return (lambda i: source[int(i)]), len(source), {"type": type(source).__name__}
+    raise DatasetError(
+        f"cannot use a {type(source).__name__} as reference data; pass a datasets.Dataset "
+        "or an (images, labels) pair"
+    )
+
+
+def _pair_view(X: Any, y: Any) -> tuple[Callable[[int], Any], int, dict[str, Any]]:
+    """``(get, n, description)`` of an ``(images (N, ...), labels (N,))`` pair of arrays or tensors
+    (integer labels, one per image)."""
+    try:
+        X = torch.as_tensor(np.asarray(X)) if not torch.is_tensor(X) else X
+        y = torch.as_tensor(np.asarray(y)) if not torch.is_tensor(y) else y
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DatasetError(
+            "an (images, labels) pair needs a numeric image array and integer labels "
+            f"({_first(e)})"
+        ) from None
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        raise DatasetError(
+            f"labels of an (images, labels) pair must be integer class indices, one per image; "
+            f"got {y.dtype} of shape {tuple(y.shape)}"
+        )
+    if X.dim() == 0 or len(X) != len(y):
+        raise DatasetError(f"{len(X)} images but {len(y)} labels")
+    return (lambda i: (X[int(i)], int(y[int(i)]))), len(X), {"type": "tensors", "shape": list(X.shape)}

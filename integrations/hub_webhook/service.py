@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from hub_backdoor.jobs import audit_loaded
-from hub_backdoor.options import AuditOptions
+from hub_backdoor.options import AuditOptions, PurifyOptions
 from hub_backdoor.sources.hub import TRANSIENT_STATUS
 
 from .store import Job, JobStore
@@ -67,6 +67,9 @@ DISCUSSION_INTRO = (
 #: ``hub_backdoor.audit`` keywords an operator may set (``--audit-option KEY=VALUE``); the data, the
 #: threshold and the sample count have their own options, the rest belongs to the service.
 AUDIT_OPTIONS = tuple(n for n in AuditOptions.names() if n not in ("threshold", "max_samples"))
+#: :class:`~hub_backdoor.options.PurifyOptions` an operator may set (``--purify-option KEY=VALUE``); the
+#: epochs and the accuracy budget have their own options.
+PURIFY_OPTIONS = tuple(n for n in PurifyOptions.names() if n not in ("epochs", "max_accuracy_drop"))
 
 
 class BadPayload(ValueError):
@@ -81,6 +84,9 @@ class Config:
     ``datasets``: ``(repo pattern, dataset)`` pairs, first match wins; no match: the model card's
     ``datasets:``. ``audit_options``: more :func:`hub_backdoor.audit` keywords (names in
     :data:`AUDIT_OPTIONS`, e.g. ``{"rule": "mad"}``); the purification uses the ones it shares.
+    ``purify_options``: more :class:`~hub_backdoor.options.PurifyOptions` (names in
+    :data:`PURIFY_OPTIONS`, e.g. ``{"beta": 5.0}``); with ``purify_epochs`` and
+    ``max_accuracy_drop`` (a share), :meth:`purification` reads them.
     """
 
     secret: str
@@ -97,6 +103,7 @@ class Config:
     audit_options: dict[str, Any] = field(default_factory=dict)
     purify_epochs: int | None = None  # None: purify's default (auto)
     max_accuracy_drop: float = 0.01  # accuracy budget of the purified model: beyond it no pull request
+    purify_options: dict[str, Any] = field(default_factory=dict)
     queue_size: int = 100
     max_attempts: int = 3
     retry_delay: float = 30.0
@@ -110,6 +117,9 @@ class Config:
         unknown = sorted(set(self.audit_options) - set(AUDIT_OPTIONS))
         if unknown:
             raise ValueError(f"unknown audit options {unknown}; known: {', '.join(AUDIT_OPTIONS)}")
+        unknown = sorted(set(self.purify_options) - set(PURIFY_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown purify options {unknown}; known: {', '.join(PURIFY_OPTIONS)}")
 
     def watches(self, repo: str) -> bool:
         return any(fnmatch.fnmatchcase(repo.lower(), p.lower()) for p in self.repos)
@@ -125,6 +135,14 @@ class Config:
         return AuditOptions.from_mapping(
             {**self.audit_options, "max_samples": self.max_samples or None, "threshold": self.threshold},
             where="audit options",
+        )
+
+    def purification(self) -> PurifyOptions:
+        """The purification options of every pull request (the ones shared with the audit aside)."""
+        return PurifyOptions.from_mapping(
+            {**self.purify_options, "epochs": self.purify_epochs,
+             "max_accuracy_drop": self.max_accuracy_drop},
+            where="purify options",
         )
 
     def audit_kwargs(self) -> dict[str, Any]:
@@ -383,9 +401,8 @@ class Auditor:
             rev.clf,
             rev.data.dataset,
             report=report,
-            epochs=self.config.purify_epochs,
-            max_accuracy_drop=self.config.max_accuracy_drop,
             progress=False,
+            **self.config.purification().kwargs(),
             **{k: opts[k] for k in shared},
         )
         result.classifier.model.to("cpu")
@@ -777,6 +794,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: purify's own (10, or more on a small clean set)"
     )
     p.add_argument(
+        "--purify-option",
+        dest="purify_options",
+        action="append",
+        metavar="KEY=VALUE",
+        help=f"a purification option ({', '.join(PURIFY_OPTIONS)}), e.g. beta=5; VALUE is read as JSON "
+        f"when it parses, else as text (repeatable; {ENV_PREFIX}PURIFY_OPTIONS: comma list)",
+    )
+    p.add_argument(
         "--max-accuracy-drop", type=float, default=float(_env("MAX_ACCURACY_DROP", "1") or 1),
         metavar="POINTS",
         help="no pull request for a purified model that loses more held-out clean accuracy (default 1 point)",
@@ -800,20 +825,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_audit_options(specs: list[str]) -> dict[str, Any]:
-    """``["rule=mad", "seed=1"]`` -> ``{"rule": "mad", "seed": 1}`` (values as JSON, else text)."""
+def parse_audit_options(specs: list[str], *, names: tuple[str, ...] = AUDIT_OPTIONS,
+                        flag: str = "--audit-option") -> dict[str, Any]:
+    """``["rule=mad", "seed=1"]`` -> ``{"rule": "mad", "seed": 1}`` (values as JSON, else text;
+    keys in ``names``, the options ``flag`` may set)."""
     out: dict[str, Any] = {}
     for spec in specs:
         key, sep, text = spec.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in AUDIT_OPTIONS:
-            known = ", ".join(AUDIT_OPTIONS)
-            raise ValueError(f"--audit-option {spec!r}: expected KEY=VALUE with KEY in {known}")
+        if not sep or key not in names:
+            known = ", ".join(names)
+            raise ValueError(f"{flag} {spec!r}: expected KEY=VALUE with KEY in {known}")
         try:
             out[key] = json.loads(text)
         except ValueError:
             out[key] = text
     return out
+
+
+def parse_purify_options(specs: list[str]) -> dict[str, Any]:
+    """``["beta=5", "augment=true"]`` -> ``{"beta": 5, "augment": True}`` (values as JSON, else text)."""
+    return parse_audit_options(specs, names=PURIFY_OPTIONS, flag="--purify-option")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -844,6 +876,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_samples=int(args.max_samples) if args.max_samples else None,
         audit_options=parse_audit_options(args.audit_options or _split_list(_env("AUDIT_OPTIONS"))),
         purify_epochs=args.purify_epochs,
+        purify_options=parse_purify_options(args.purify_options or _split_list(_env("PURIFY_OPTIONS"))),
         max_accuracy_drop=args.max_accuracy_drop / 100.0,
         queue_size=args.queue_size,
         max_attempts=args.max_attempts,
