@@ -734,7 +734,8 @@ class Runner:
             meta = json.loads((folder / "train.json").read_text())
         except (OSError, ValueError):
             return None
-        if not (folder / "audit.npz").exists():
+        # a record of weights trained under another configuration (their hash) is stale too
+        if meta.get("hash") != self.train_hash(spec) or not (folder / "audit.npz").exists():
             return None
         if phase == "detect" or not self.removable(spec):
             return self._read(folder / "detect.json", self.detect_hash(meta["hash"]))
