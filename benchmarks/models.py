@@ -152,6 +152,9 @@ ARCHS: dict[str, dict[str, Any]] = {
     "hf-convnext": {"factory": hf_convnext, "kw": {}, "pretrain": {"epochs": 5, "lr": 0.003, "opt": "adamw"},
                     "train": {"epochs": 3, "lr": 0.002, "opt": "adamw"},
                     "last": ["m.convnext.encoder.stages.3", "m.convnext.layernorm", "m.classifier"]},
+    # the standard zoo's many-class family (100 garment pairs): d = 96, narrower than C - 1 = 99
+    "c100-test-resnet": {"factory": timm_arch, "kw": {"arch": "test_resnet"}, "train": {"epochs": 6},
+                         "last": ["layer4", "fc"]},
     "test-efficientnet": {"factory": timm_arch, "kw": {"arch": "test_efficientnet"},
                           "last": ["blocks.4", "conv_head", "bn2", "classifier"]},
 }

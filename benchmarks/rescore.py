@@ -41,11 +41,17 @@ WORKING_ASR = 0.5
 
 
 def _curve_bound(z: dict[str, Any], flip: float) -> np.ndarray:
-    """Per class, the bound at which ``flip`` of the images reach it (from the stored curves)."""
+    """Per class, the bound at which ``flip`` of the images reach it (from the stored curves;
+    ``nan`` for a class the search skipped)."""
     from hub_backdoor.detection.verification import first_crossing
 
     eps, curves = np.asarray(z["eps"], np.float64), np.asarray(z["flip_curve"], np.float64)
-    return np.array([first_crossing(eps, c, flip) for c in curves])
+    found = np.array([first_crossing(eps, c, flip) for c in curves])
+    if "input_classes" not in z:
+        return found
+    out = np.full(len(z["norms"]), np.nan)
+    out[np.asarray(z["input_classes"], np.int64)] = found
+    return out
 
 
 def _input_mean_log(z: dict[str, Any]) -> np.ndarray:
@@ -440,6 +446,29 @@ def markdown(det: dict[str, Any]) -> str:
     return "\n".join(L) + "\n"
 
 
+def stored_with(suite: str) -> list[dict[str, Any]]:
+    """The configurations of ``suite`` and of the suites whose statistics join its folder (a
+    family with data of its own, e.g. ``standard-c100`` for ``standard``)."""
+    from .run import SUITES  # here: run imports this module
+
+    return [SUITES[suite]] + [cfg for name, cfg in SUITES.items()
+                              if name != suite and cfg.get("stats") == SUITES[suite].get("stats", suite)]
+
+
+def sibling_records(out: Path, suite: str) -> list[dict[str, Any]]:
+    """The removal records the joining suites' runs wrote (``<suite>.json`` of each)."""
+    from .run import SUITES
+
+    recs: list[dict[str, Any]] = []
+    for name, cfg in SUITES.items():
+        if name != suite and cfg.get("stats") == SUITES[suite].get("stats", suite):
+            try:
+                recs += json.loads((out / f"{name}.json").read_text()).get("records", [])
+            except (OSError, ValueError):
+                continue
+    return recs
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="standard")
@@ -460,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from .run import SUITES, model_specs  # here: run imports this module
 
     if args.suite in SUITES:  # files of models the zoo no longer has (a changed attack) are left out
-        ids = {spec["id"] for spec in model_specs(SUITES[args.suite])}
+        ids = {spec["id"] for cfg in stored_with(args.suite) for spec in model_specs(cfg)}
         zs = [z for z in zs if z["spec"]["id"] in ids]
     if not zs:
         raise SystemExit(f"no stored statistics under {args.out / args.suite}; run benchmarks.run first")
@@ -471,7 +500,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from .run import markdown as run_markdown
 
         out = json.loads(js.read_text())
-        det["end_to_end"] = end_to_end(out.get("records", []), zs,
+        siblings = sibling_records(args.out, args.suite) if args.suite in SUITES else []
+        det["end_to_end"] = end_to_end(out.get("records", []) + siblings, zs,
                                        list(dict.fromkeys([DEFAULT_RULE, LATENT_RULE, "mad"])))
         out["summary"]["detection_standard"] = det
         js.write_text(json.dumps(out, indent=1, default=float))

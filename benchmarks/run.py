@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from hub_backdoor.defaults import PURIFY
+from hub_backdoor.detection.audit import screened_classes
 from hub_backdoor.detection.report import AuditReport, ClassRow, atomic_write_text
 from hub_backdoor.detection.rules import (
     DEFAULT_RULE,
@@ -187,6 +188,21 @@ SUITES: dict[str, dict[str, Any]] = {
         "study": STANDARD_STUDY, "study_rates": [0.1],
         "clean_fraction": 0.05, "group": 1, "stacked": False, "stats": "standard", "channels_last": True,
     },
+    # the standard zoo's many-class family: 100 classes of Fashion-MNIST garment pairs (32x32
+    # RGB, class 10 * left + right) on timm's test_resnet (d = 96 < C - 1); its own data, so a
+    # suite of its own, whose statistics join the standard suite's (rescore counts it as one more
+    # family). Above 32 classes the input-space searches cover the latent screen's top 16
+    # classes, as the library's audit does
+    "standard-c100": {
+        "data": ("fashion-pairs", {"size": 32, "n_train": 10000, "n_test": 2000, "rgb": True}),
+        "num_classes": 100,
+        "zoo": {"c100-test-resnet": (["badnets", "blend", "wanet", "trojan", "sig", "inputaware"], [0.1])},
+        "attack_kw": {"wanet": {"s": 3.0, "cross": 0.0}}, "n_clean": 6,
+        "epochs": 4, "lr": 0.05, "bs": 128, "ft_epochs": 10, "nc_steps": 60, "nc_bs": 4,
+        "verify": {"n_images": 40, "steps": 20}, "verify_mask": {"steps": 60, "batch": 16},
+        "study": ["library default"], "study_rates": [0.1],
+        "clean_fraction": 0.1, "group": 1, "stacked": False, "stats": "standard", "channels_last": True,
+    },
     # the standard suite's code paths on a sliver (tests and a CPU dry run in minutes)
     "standard-smoke": {
         "data": ("fashion-mnist", {"size": 32, "train_limit": 1200, "test_limit": 300, "rgb": True,
@@ -226,21 +242,22 @@ def model_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     A spec's ``attacks`` / ``targets`` list every planted trigger (two for a two-target model,
     ``cfg["two_target"] = (attack, attack, rate)``); ``attack`` / ``target`` name the first."""
     per_arch = []
+    C = cfg.get("num_classes", 10)  # the suite's data's classes (targets are drawn among them)
     for arch, (attacks, rates) in cfg["zoo"].items():
         specs: list[dict[str, Any]] = []
         n = 0
         for atk in attacks:
             for rate in cfg.get("attack_rates", {}).get(atk, rates):
                 mid = f"{arch}-{atk}-{int(round(rate * 100))}pct"
-                t = zlib.crc32(mid.encode()) % 10
+                t = zlib.crc32(mid.encode()) % C
                 specs.append({"id": mid, "arch": arch, "attack": atk, "rate": rate, "seed": n,
                               "target": t, "attacks": [atk], "targets": [t]})
                 n += 1
         if cfg.get("two_target"):
             a1, a2, rate = cfg["two_target"]
             mid = f"{arch}-two-{a1}-{a2}-{int(round(rate * 100))}pct"
-            t1 = zlib.crc32(mid.encode()) % 10
-            t2 = (t1 + 1 + zlib.crc32(mid[::-1].encode()) % 9) % 10
+            t1 = zlib.crc32(mid.encode()) % C
+            t2 = (t1 + 1 + zlib.crc32(mid[::-1].encode()) % (C - 1)) % C
             specs.append({"id": mid, "arch": arch, "attack": f"{a1}+{a2}", "rate": rate, "seed": n,
                           "target": t1, "attacks": [a1, a2], "targets": [t1, t2]})
             n += 1
@@ -584,15 +601,19 @@ class Runner:
         rec["audit_timings"] = au.timings
         rec["audit_stats"] = core.audit_stats(au.inp)
         ver = None
+        # the classes the library's audit searches in input space: all up to 32 classes, else
+        # the latent screen's top 16
+        classes = screened_classes(au.inp.norms, au.inp.perturbations, au.inp.h_std)
         if self.cfg.get("verify"):
             with self.timed(rec, "input-space verification"):
-                ver = verify_input_space(view, self.Xc, self.Yc, seed=0, **self.cfg["verify"])
+                ver = verify_input_space(view, self.Xc, self.Yc, seed=0, classes=classes,
+                                         **self.cfg["verify"])
             au.inp.input_bounds = ver.full_bounds(view.num_classes)
             rec["verification"] = {"bounds": ver.bounds.tolist(), "seconds": ver.seconds}
         mask = None
         if self.cfg.get("verify_mask"):
             with self.timed(rec, "mask verification"):
-                mask = verify_mask(view, self.Xc, self.Yc, seed=0, **self.cfg["verify_mask"])
+                mask = verify_mask(view, self.Xc, self.Yc, seed=0, classes=classes, **self.cfg["verify_mask"])
             au.inp.mask_l1 = mask.full_l1(view.num_classes)
             rec["mask_verification"] = {"l1": mask.mask_l1.tolist(), "flip": mask.flip.tolist(),
                                         "seconds": mask.seconds}
@@ -713,7 +734,8 @@ class Runner:
             meta = json.loads((folder / "train.json").read_text())
         except (OSError, ValueError):
             return None
-        if not (folder / "audit.npz").exists():
+        # a record of weights trained under another configuration (their hash) is stale too
+        if meta.get("hash") != self.train_hash(spec) or not (folder / "audit.npz").exists():
             return None
         if phase == "detect" or not self.removable(spec):
             return self._read(folder / "detect.json", self.detect_hash(meta["hash"]))

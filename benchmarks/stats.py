@@ -12,8 +12,10 @@ One compressed ``.npz`` per model (``benchmarks/results/<suite>/<model id>.npz``
   centred), ``pc_var (P,)``, ``h_mean (d,)``, ``h_std (d,)``;
 * ``emb (m, d)`` float16 and ``emb_labels (m,)``: a stratified sample of reference embeddings;
 * ``perturbations (C, d)``, ``norms``, ``nonneg_norms``, ``quantile_norms`` (C,): the latent QPs;
-* ``input_bounds (C,)``, ``flip_curve (C, T)``, ``eps (T,)``: the input-space verification (when run);
-* ``mask_l1 (C,)``, ``mask_flip (C,)``: the mask verification (when run);
+* ``input_bounds (C,)``, ``flip_curve (K, T)``, ``eps (T,)``: the input-space verification (when run;
+  ``nan`` bounds for classes not searched); ``input_classes (K,)``: the classes searched (absent:
+  all C; above 32 classes the latent screen's top 16, as the library's audit);
+* ``mask_l1 (C,)``, ``mask_flip (K,)``, ``mask_classes (K,)``: the mask verification (when run);
 * ``tac (T_k, d)``: for backdoored models, the true latent TAC ``mean h(x') - h(x)`` per trigger
   on test images (not of its target); ``nc_l1 (C,)``: Neural Cleanse's mask norms.
 """
@@ -75,8 +77,12 @@ def save(path: Path, *, spec: dict[str, Any], rec: dict[str, Any], clf: Any, X: 
     if verification is not None:
         arrays |= {"input_bounds": verification.full_bounds(C), "eps": verification.eps,
                    "flip_curve": verification.flip_curve.astype(np.float16)}
+        if len(verification.classes) < C:  # absent: every class searched (older files too)
+            arrays["input_classes"] = np.asarray(verification.classes, np.int16)
     if mask is not None:
         arrays |= {"mask_l1": mask.full_l1(C), "mask_flip": mask.flip.astype(np.float32)}
+        if len(mask.classes) < C:
+            arrays["mask_classes"] = np.asarray(mask.classes, np.int16)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
     os.close(fd)

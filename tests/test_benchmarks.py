@@ -277,3 +277,43 @@ def test_benchmark_purifies_through_purify(tmp_path):
         assert sd.keys() == sr.keys() and all(torch.equal(sd[k], sr[k]) for k in sd)
         assert any(not torch.equal(sd[k], before[k]) for k in sd)  # it did train
     assert all(torch.equal(v, before[k]) for k, v in clf.model.state_dict().items())  # the zoo's model stays
+
+
+def test_many_class_family_joins_the_standard_statistics():
+    """The standard zoo's 100-class family: its own suite (its own data), targets among its 100
+    classes, statistics in the standard folder, which rescore counts as one more family; the
+    10-class families' targets are those their stored statistics were made with."""
+    from pathlib import Path
+
+    import numpy as np
+
+    cfg = run.SUITES["standard-c100"]
+    specs = run.model_specs(cfg)
+    assert cfg["stats"] == run.SUITES["standard"]["stats"] and cfg["num_classes"] == 100
+    assert {s["arch"] for s in specs} == set(cfg["zoo"])
+    bd = [s for s in specs if s["attack"]]
+    assert len(bd) == 6 and len(specs) - len(bd) == cfg["n_clean"]
+    assert all(0 <= s["target"] < 100 for s in bd) and any(s["target"] >= 10 for s in bd)
+    assert cfg in rescore.stored_with("standard") and rescore.stored_with("micro") == [run.SUITES["micro"]]
+    # the 10-class zoo keeps its targets (and so its cache keys and committed statistics)
+    stored = Path(run.__file__).parent / "results" / "standard"
+    ten = {s["id"]: s["targets"] for s in run.model_specs(run.SUITES["standard"])}
+    for path in sorted(stored.glob("*badnets-10pct.npz")) + sorted(stored.glob("*two-*.npz")):
+        with np.load(path) as z:
+            spec = json.loads(str(z["spec"]))
+        if spec["id"] in ten:
+            assert spec["targets"] == ten[spec["id"]]
+
+
+def test_curve_bounds_of_a_partial_search_map_to_their_classes():
+    """Above 32 classes the input search covers 16 of them; the stored curves are per searched
+    class and rescore's curve-based scores place them back among all C (nan elsewhere)."""
+    import numpy as np
+
+    eps = np.array([0.5, 1.0, 2.0])
+    curves = np.array([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    z = {"eps": eps, "flip_curve": curves, "norms": np.ones(5), "input_classes": np.array([1, 3])}
+    b = rescore._curve_bound(z, 0.5)
+    assert b.shape == (5,) and np.isnan(b[[0, 2, 4]]).all() and 0.5 < b[1] < b[3] <= 2.0
+    full = rescore._curve_bound({"eps": eps, "flip_curve": curves}, 0.5)  # every class searched
+    assert np.allclose(full, b[[1, 3]])
