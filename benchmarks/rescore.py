@@ -386,6 +386,17 @@ def write_calibration(trainings: list[tuple[list[dict[str, Any]], str]], path: P
     atomic_write_text(path, json.dumps(out, indent=1) + "\n")
 
 
+def write_detection_rates(zs: list[dict[str, Any]], path: Path, *, suite: str) -> None:
+    """Only the measured detection of every library rule (the card's miss rate) in the calibration
+    file, from every family of the stored statistics; the clean-model null (the p-values, and the
+    class counts it covers) stays as it is."""
+    out = json.loads(path.read_text())
+    out["detection"] = {"source": f"benchmarks {suite} zoo, every family (the committed statistics), "
+                                  "working single-target backdoors, the rule's own threshold",
+                        "rules": detection_rates(zs)}
+    atomic_write_text(path, json.dumps(out, indent=1) + "\n")
+
+
 def _f(x: float) -> str:
     return "–" if x is None or not np.isfinite(x) else f"{x:.2f}"
 
@@ -480,6 +491,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="also write the clean models' highest scores per library rule to "
                          "hub_backdoor/detection/calibration/<suite>.json (the audit's p-values), "
                          "replacing this training's entry and keeping the other trainings'")
+    ap.add_argument("--write-detection-rates", action="store_true",
+                    help="write only each library rule's measured detection (the card's miss rate) to "
+                         "the calibration file, from every family; its clean-model null stays")
     ap.add_argument("--calibration-from", nargs=2, action="append", default=[], metavar=("DIR", "LABEL"),
                     help="with --write-calibration: also take the clean models of another training's "
                          "statistics folder (DIR/<suite>/*.npz), labelled LABEL")
@@ -506,6 +520,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["summary"]["detection_standard"] = det
         js.write_text(json.dumps(out, indent=1, default=float))
         (args.out / f"{args.suite}.md").write_text(run_markdown(out))
+    if args.write_detection_rates:
+        write_detection_rates(zs, CALIBRATION_DIR / f"{args.suite}.json", suite=args.suite)
     if args.write_calibration:
         others = [(stats.load_all(Path(d) / args.suite), label) for d, label in args.calibration_from]
         write_calibration(others + [(zs, "the committed statistics")], CALIBRATION_DIR / f"{args.suite}.json",
