@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from hub_backdoor.detection.calibration import CALIBRATION_DIR
 from hub_backdoor.detection.report import atomic_write_text
 from hub_backdoor.detection.rules import DEFAULT_RULE, LATENT_RULE, RULE_THRESHOLDS, RULES, anomaly_index
 
@@ -318,7 +319,6 @@ def detection_table(zs: list[dict[str, Any]], rules: list[str] | None = None) ->
                                             "asr": z["record"].get("asr_by_trigger") or []} for z in zs}}
 
 
-CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "hub_backdoor" / "detection" / "calibration"
 
 
 def training_key(zs: list[dict[str, Any]]) -> str:
@@ -365,6 +365,12 @@ def detection_rates(zs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _detection_section(zs: list[dict[str, Any]], source: str) -> dict[str, Any]:
+    """The calibration file's ``detection`` section: each library rule's measured detection."""
+    return {"source": f"{source}, working single-target backdoors, the rule's own threshold",
+            "rules": detection_rates(zs)}
+
+
 def write_calibration(trainings: list[tuple[list[dict[str, Any]], str]], path: Path, *, suite: str) -> None:
     """The clean-model null of every library rule (:mod:`hub_backdoor.detection.calibration`), pooled over
     trainings of the zoo. ``trainings``: ``(stored statistics, label)`` per training; each replaces
@@ -380,9 +386,7 @@ def write_calibration(trainings: list[tuple[list[dict[str, Any]], str]], path: P
     out = {"source": f"benchmarks {suite} zoo: {n} clean models over {len(entries)} trainings",
            "trainings": entries,
            # measured on the training the statistics are committed for (the last one given)
-           "detection": {"source": f"benchmarks {suite} zoo ({trainings[-1][1]}), working single-target "
-                                   "backdoors, the rule's own threshold",
-                         "rules": detection_rates(trainings[-1][0])}}
+           "detection": _detection_section(trainings[-1][0], f"benchmarks {suite} zoo ({trainings[-1][1]})")}
     atomic_write_text(path, json.dumps(out, indent=1) + "\n")
 
 
@@ -391,9 +395,8 @@ def write_detection_rates(zs: list[dict[str, Any]], path: Path, *, suite: str) -
     file, from every family of the stored statistics; the clean-model null (the p-values, and the
     class counts it covers) stays as it is."""
     out = json.loads(path.read_text())
-    out["detection"] = {"source": f"benchmarks {suite} zoo, every family (the committed statistics), "
-                                  "working single-target backdoors, the rule's own threshold",
-                        "rules": detection_rates(zs)}
+    out["detection"] = _detection_section(
+        zs, f"benchmarks {suite} zoo, every family (the committed statistics)")
     atomic_write_text(path, json.dumps(out, indent=1) + "\n")
 
 

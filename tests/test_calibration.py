@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from hub_backdoor.detection.calibration import _DIR, Calibration, load_calibration
+from hub_backdoor.detection.calibration import CALIBRATION_DIR, Calibration, load_calibration
 from hub_backdoor.detection.rules import AUDIT_RULES, REGISTRY
 
 
@@ -32,7 +32,7 @@ def test_shipped_calibration_covers_the_audit_rules_and_sets_the_input_threshold
 
 
 def test_shipped_calibration_pools_every_training_of_the_zoo():
-    trainings = json.loads((_DIR / "standard.json").read_text())["trainings"]
+    trainings = json.loads((CALIBRATION_DIR / "standard.json").read_text())["trainings"]
     assert len(trainings) >= 2 and len({t["key"] for t in trainings}) == len(trainings)
     for rule in AUDIT_RULES:
         cal = load_calibration(rule)
@@ -46,7 +46,7 @@ def test_the_shipped_miss_rate_is_the_benchmark_table_s():
     # the figure a clean verdict carries is the one the detection table reports, per rule
     from hub_backdoor.detection.rules import DEFAULT_RULE
 
-    table = json.loads((_DIR.parents[2] / "benchmarks" / "results" / "standard.json").read_text())
+    table = json.loads((CALIBRATION_DIR.parents[2] / "benchmarks" / "results" / "standard.json").read_text())
     rows = table["summary"]["detection_standard"]["rules"]
     for rule in AUDIT_RULES:
         det = load_calibration(rule).detection

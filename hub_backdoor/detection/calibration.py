@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Calibration", "load_calibration", "p_values"]
+__all__ = ["CALIBRATION_DIR", "Calibration", "load_calibration", "p_values"]
 
-_DIR = Path(__file__).resolve().parent / "calibration"
+#: The folder of the shipped calibration files (``<name>.json``).
+CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration"
 DEFAULT = "standard"
 
 
@@ -82,7 +83,7 @@ class Calibration:
 
 @lru_cache(maxsize=8)
 def _read(name: str) -> dict:
-    path = _DIR / f"{name}.json"
+    path = CALIBRATION_DIR / f"{name}.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
