@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import stat
@@ -29,10 +28,10 @@ from typing import Any
 from . import cli
 from .cli.options import data_options, detection_options, model_options, runtime_options
 from .cli.ui import UI, print_table
+from .config import CONFIG_KEYS, read_config
 from .detection.report import AuditReport
 from .errors import VERDICT_EXIT, ExitCode, HubBackdoorError, OptionError
-from .options import AuditOptions, positive_int
-from .options import flag as _flag
+from .options import AuditOptions
 
 __all__ = [
     "CONFIG_KEYS",
@@ -159,94 +158,6 @@ def summary_markdown(
 
 
 # -- [tool.hub-backdoor] --------------------------------------------------------------------------------
-def _config_type(f: Any) -> type:
-    kind = f.metadata["type"]
-    return int if kind is positive_int else kind
-
-
-#: Keys of ``[tool.hub-backdoor]`` and hook options: name -> (audit flag or None, type). Every
-#: :class:`~hub_backdoor.options.AuditOptions` field is one, by its flag's name.
-CONFIG_KEYS: dict[str, tuple[str | None, type]] = {
-    "dataset": ("--dataset", str),
-    "split": ("--split", str),
-    **{f.name.replace("_", "-"): (_flag(f.name), _config_type(f)) for f in dataclasses.fields(AuditOptions)},
-    "allow-pickle": ("--allow-pickle", bool),
-    "trust-remote-code": ("--trust-remote-code", bool),
-    "models": (None, list),
-}
-
-
-def _load_toml(path: Path) -> dict[str, Any]:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise HubBackdoorError(
-                f"reading {path} needs Python >= 3.11 or the tomli package (pip install tomli)"
-            ) from None
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except OSError as e:
-        raise HubBackdoorError(f"cannot read {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise HubBackdoorError(f"{path} is not valid TOML ({e})") from None
-
-
-def read_config(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """The ``[tool.hub-backdoor]`` table of ``path`` (default: ``./pyproject.toml`` when it exists).
-
-    Keys are those of :data:`CONFIG_KEYS` (``_`` and ``-`` are the same); values are checked. Relative
-    paths (``dataset`` when it names an existing folder, ``models``) are resolved against the file's
-    folder. Returns ``{}`` when there is no file or no such table.
-    """
-    explicit = path is not None
-    file = Path(path) if path is not None else Path("pyproject.toml")
-    if not file.is_file():
-        if explicit:
-            raise HubBackdoorError(f"config file {file} does not exist")
-        return {}
-    table = _load_toml(file).get("tool", {}).get("hub-backdoor")
-    if table is None:
-        return {}
-    if not isinstance(table, dict):
-        raise HubBackdoorError(f"{file}: [tool.hub-backdoor] must be a table")
-    out: dict[str, Any] = {}
-    base = file.resolve().parent
-    for raw_key, value in table.items():
-        key = raw_key.replace("_", "-")
-        if key == "model":
-            key = "models"
-        if key not in CONFIG_KEYS:
-            raise HubBackdoorError(
-                f"{file}: unknown key {raw_key!r} in [tool.hub-backdoor]; known: {', '.join(CONFIG_KEYS)}"
-            )
-        kind = CONFIG_KEYS[key][1]
-        if key == "models":
-            value = [value] if isinstance(value, str) else value
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise HubBackdoorError(f"{file}: 'models' must be a folder or a list of folders")
-            value = [str(base / v) for v in value]
-        elif kind is bool:
-            if not isinstance(value, bool):
-                raise HubBackdoorError(f"{file}: {raw_key!r} must be true or false")
-        elif kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise HubBackdoorError(f"{file}: {raw_key!r} must be a number")
-            value = float(value)
-        elif kind is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise HubBackdoorError(f"{file}: {raw_key!r} must be an integer")
-        elif not isinstance(value, str):
-            raise HubBackdoorError(f"{file}: {raw_key!r} must be a string")
-        if key == "dataset" and (base / value).exists() and not Path(value).is_absolute():
-            value = str(base / value)
-        out[key] = value
-    return out
-
-
 def audit_options(options: dict[str, Any]) -> list[str]:
     """``hub-backdoor audit`` flags for config / hook options (:data:`CONFIG_KEYS`)."""
     argv: list[str] = []
@@ -359,10 +270,10 @@ def pre_commit_main(argv: Sequence[str] | None = None) -> int:
     except HubBackdoorError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    options = {k: v for k, v in config.items() if k != "models"}
+    options = {k: v for k, v in config.items() if k not in ("models", "purify")}
     for key in CONFIG_KEYS:
         value = getattr(args, key.replace("-", "_"), None)
-        if value is not None and key != "models":
+        if value is not None and CONFIG_KEYS[key][0] is not None:
             options[key] = value
     root = Path.cwd()
     changed = [Path(f) for f in args.filenames if _is_model_file(f)]

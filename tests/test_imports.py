@@ -117,7 +117,7 @@ STAGES: list[tuple[str, ...]] = [
     ("sources",),
     ("adapters",),
     ("detection",),
-    ("options",),  # the typed options of both jobs (they name the detection rules)
+    ("options", "config"),  # the typed options of both jobs (they name the detection rules), and their file
     ("purification",),
     ("outputs",),
     ("jobs", "zoo", "demo"),  # the workflow layer

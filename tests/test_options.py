@@ -1,8 +1,8 @@
 """Every audit option is declared once (hub_backdoor.options.AuditOptions) and reaches every front end
 with the library's default: Python, the command line, the [tool.hub-backdoor] config and the hook, the
 GitHub Action and the webhook. Every purification option is declared once too
-(hub_backdoor.options.PurifyOptions) and reaches Python, the command line, the card's Reproduce line and
-the webhook with the library's default (the config file and the hook only audit)."""
+(hub_backdoor.options.PurifyOptions) and reaches Python, the command line, the card's Reproduce line,
+the config file's purify sub-table and the webhook with the library's default."""
 
 from __future__ import annotations
 
@@ -203,3 +203,52 @@ def test_purify_webhook_config():
 def test_an_unknown_purify_option_is_named():
     with pytest.raises(OptionError, match="betaa"):
         PurifyOptions.from_mapping({"betaa": 3})
+
+
+def _toml(value):
+    return f'"{value}"' if isinstance(value, str) else str(value).lower()  # TOML: true
+
+
+def _config_file(tmp_path, audit, purify, name="hub-backdoor.toml"):
+    lines = ["[tool.hub-backdoor]"] + [f"{k.replace('_', '-')} = {_toml(v)}" for k, v in audit.items()]
+    lines += ["[tool.hub-backdoor.purify]"] + [f"{k} = {_toml(v)}" for k, v in purify.items()]
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _points(options):
+    # the file takes the flags' values: max-accuracy-drop in points
+    return {k: 100 * v if k == "max_accuracy_drop" else v for k, v in options.items()}
+
+
+def test_config_file_sets_every_audit_and_purify_option_of_the_commands(tmp_path):
+    from hub_backdoor.cli.app import parse_args
+
+    path = _config_file(tmp_path, OTHER, _points(POTHER))
+    args = parse_args(build_parser(), ["purify", "org/m", "--out", "x", "--config", str(path)])
+    assert AuditOptions.from_args(args) == AuditOptions(**OTHER)
+    assert PurifyOptions.from_args(args) == PurifyOptions(**POTHER)
+    args = parse_args(build_parser(), ["audit", "org/m", "--config", str(path)])
+    assert AuditOptions.from_args(args) == AuditOptions(**OTHER)
+    # an empty table keeps every default; a flag on the command line wins over the file
+    empty = _config_file(tmp_path, {}, {}, "empty.toml")
+    args = parse_args(build_parser(), ["purify", "org/m", "--out", "x", "--config", str(empty)])
+    assert PurifyOptions.from_args(args) == PurifyOptions()
+    assert AuditOptions.from_args(args) == AuditOptions(rule=detection.DEFAULT_RULE)
+    argv = ["purify", "org/m", "--config", str(path), "--beta", "7", "--seed", "9"]
+    args = parse_args(build_parser(), argv)
+    assert (args.beta, args.seed, args.scale) == (7.0, 9, POTHER["scale"])
+
+
+def test_a_bad_config_file_is_a_usage_error(tmp_path, capsys):
+    from hub_backdoor.cli import main
+
+    path = _config_file(tmp_path, {}, {"betaa": 1.0})
+    assert main(["purify", "org/m", "--out", str(tmp_path / "o"), "--config", str(path)]) == 2
+    assert "unknown key 'betaa' in [tool.hub-backdoor.purify]" in capsys.readouterr().err
+    path = _config_file(tmp_path, {}, {"epochs": "many"})
+    assert main(["purify", "org/m", "--out", str(tmp_path / "o"), "--config", str(path)]) == 2
+    assert "'epochs' must be an integer" in capsys.readouterr().err
+    assert main(["audit", "org/m", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -13,12 +13,13 @@ import warnings
 from typing import Any
 
 from .. import __version__
+from ..config import command_defaults, read_config
 from ..errors import ExitCode, HubBackdoorError, exit_codes_text
 from . import audit, card, demo, purify
 from .options import Parser
 from .ui import UI, one_line
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main", "parse_args"]
 
 #: OS errors that come from where the user asked to write, not from a bug (exit 2).
 _USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.EROFS, errno.EACCES,
@@ -41,6 +42,19 @@ def build_parser(prog: str = "hub-backdoor") -> argparse.ArgumentParser:
     for command in COMMANDS:
         command.register(sub)
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``argv`` parsed by ``parser``; with ``--config FILE``, parsed again with the file's
+    ``[tool.hub-backdoor]`` values as the command's defaults, so that the flags given win. A bad file
+    is a :class:`~hub_backdoor.errors.HubBackdoorError` (exit 2)."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        return args
+    defaults = command_defaults(read_config(args.config), purify=args.command == "purify")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub.choices[args.command].set_defaults(**defaults)
+    return parser.parse_args(argv)
 
 
 def _set_progress_bars(enabled: bool) -> None:
@@ -83,9 +97,12 @@ def main(argv: list[str] | None = None, *, prog: str = "hub-backdoor") -> int:
     """Run the CLI; returns the exit code (docs/cli.md, :class:`~hub_backdoor.errors.ExitCode`)."""
     parser = build_parser(prog)
     try:
-        args = parser.parse_args(argv)
+        args = parse_args(parser, argv)
     except SystemExit as e:  # --help / --version (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.USAGE))
+    except HubBackdoorError as e:  # an unreadable --config file
+        UI(quiet=False).error(one_line(str(e)))
+        return int(e.exit_code)
     if args.command is None:
         parser.print_help(sys.stderr)
         return int(ExitCode.USAGE)

@@ -74,9 +74,15 @@ def model_options() -> argparse.ArgumentParser:
 
 
 def data_options() -> argparse.ArgumentParser:
-    """The reference data: dataset, split, columns, subset, seed, batch size."""
+    """The reference data: dataset, split, columns, subset, seed, batch size; and ``--config``."""
     data = argparse.ArgumentParser(add_help=False)
     g = data.add_argument_group("reference data")
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file whose [tool.hub-backdoor] table (and, for purify, its purify sub-table) sets "
+        "the defaults of these options; flags given here win (docs/cli.md#config-file)",
+    )
     g.add_argument(
         "--dataset",
         default=None,
