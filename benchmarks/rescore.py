@@ -371,7 +371,8 @@ def _detection_section(zs: list[dict[str, Any]], source: str) -> dict[str, Any]:
             "rules": detection_rates(zs)}
 
 
-def write_calibration(trainings: list[tuple[list[dict[str, Any]], str]], path: Path, *, suite: str) -> None:
+def write_calibration(trainings: list[tuple[list[dict[str, Any]], str]], path: Path, *, suite: str,
+                      detection: list[dict[str, Any]] | None = None) -> None:
     """The clean-model null of every library rule (:mod:`hub_backdoor.detection.calibration`), pooled over
     trainings of the zoo. ``trainings``: ``(stored statistics, label)`` per training; each replaces
     the file's entry of the same training and the others' entries stay, so the null keeps the
@@ -381,12 +382,18 @@ def write_calibration(trainings: list[tuple[list[dict[str, Any]], str]], path: P
         entries = list(json.loads(path.read_text()).get("trainings", []))
     for zs, label in trainings:
         e = calibration_entry(zs, suite=suite, label=label)
+        same = [x for x in entries if x.get("key") == e["key"]]
+        if same:  # the same training again: its first label (where and when it was trained) stays
+            e["source"] = same[0]["source"]
         entries = [x for x in entries if x.get("key") != e["key"]] + [e]
     n = sum(len(next(iter(e["rules"].values()))["clean_max"]) for e in entries)
     out = {"source": f"benchmarks {suite} zoo: {n} clean models over {len(entries)} trainings",
            "trainings": entries,
-           # measured on the training the statistics are committed for (the last one given)
-           "detection": _detection_section(trainings[-1][0], f"benchmarks {suite} zoo ({trainings[-1][1]})")}
+           # measured on the statistics committed (``detection``; default: the last training given)
+           "detection": _detection_section(
+               trainings[-1][0] if detection is None else detection,
+               f"benchmarks {suite} zoo, every family (the committed statistics)" if detection is not None
+               else f"benchmarks {suite} zoo ({trainings[-1][1]})")}
     atomic_write_text(path, json.dumps(out, indent=1) + "\n")
 
 
@@ -469,6 +476,24 @@ def stored_with(suite: str) -> list[dict[str, Any]]:
                               if name != suite and cfg.get("stats") == SUITES[suite].get("stats", suite)]
 
 
+def committed_trainings(zs: list[dict[str, Any]], suite: str) -> list[tuple[list[dict[str, Any]], str]]:
+    """The committed statistics as calibration trainings: one per configuration that stored them
+    (the zoo, and each family with data of its own), so that adding a family adds its clean models
+    without counting the others' twice."""
+    from .run import SUITES, model_specs  # here: run imports this module
+
+    if suite not in SUITES:
+        return [(zs, "the committed statistics")]
+    out = []
+    for cfg in stored_with(suite):
+        ids = {spec["id"] for spec in model_specs(cfg)}
+        part = [z for z in zs if z["spec"]["id"] in ids]
+        name = next(n for n, c in SUITES.items() if c is cfg)
+        if any(not z["spec"].get("targets") for z in part):
+            out.append((part, f"the committed statistics of suite {name}"))
+    return out
+
+
 def sibling_records(out: Path, suite: str) -> list[dict[str, Any]]:
     """The removal records the joining suites' runs wrote (``<suite>.json`` of each)."""
     from .run import SUITES
@@ -527,8 +552,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_detection_rates(zs, CALIBRATION_DIR / f"{args.suite}.json", suite=args.suite)
     if args.write_calibration:
         others = [(stats.load_all(Path(d) / args.suite), label) for d, label in args.calibration_from]
-        write_calibration(others + [(zs, "the committed statistics")], CALIBRATION_DIR / f"{args.suite}.json",
-                          suite=args.suite)
+        write_calibration(others + committed_trainings(zs, args.suite),
+                          CALIBRATION_DIR / f"{args.suite}.json", suite=args.suite, detection=zs)
     if not args.quiet:
         print(markdown(det))
         print(f"rescored {len(zs)} models in {det['rescore_seconds']:.1f} s")

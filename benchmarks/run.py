@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hub_backdoor.defaults import PURIFY
+from hub_backdoor.defaults import PURIFY, VERIFY
 from hub_backdoor.detection.audit import screened_classes
 from hub_backdoor.detection.report import AuditReport, ClassRow, atomic_write_text
 from hub_backdoor.detection.rules import (
@@ -191,7 +191,7 @@ SUITES: dict[str, dict[str, Any]] = {
     # the standard zoo's many-class family: 100 classes of Fashion-MNIST garment pairs (32x32
     # RGB, class 10 * left + right) on timm's test_resnet (d = 96 < C - 1); its own data, so a
     # suite of its own, whose statistics join the standard suite's (rescore counts it as one more
-    # family). Above 32 classes the input-space searches cover the latent screen's top 16
+    # family). Above 32 classes the input-space searches cover the latent screen's top VERIFY["top"]
     # classes, as the library's audit does
     "standard-c100": {
         "data": ("fashion-pairs", {"size": 32, "n_train": 10000, "n_test": 2000, "rgb": True}),
@@ -602,7 +602,7 @@ class Runner:
         rec["audit_stats"] = core.audit_stats(au.inp)
         ver = None
         # the classes the library's audit searches in input space: all up to 32 classes, else
-        # the latent screen's top 16
+        # the latent screen's top VERIFY["top"]
         classes = screened_classes(au.inp.norms, au.inp.perturbations, au.inp.h_std)
         if self.cfg.get("verify"):
             with self.timed(rec, "input-space verification"):
@@ -744,7 +744,9 @@ class Runner:
     def detect_hash(self, train_hash: str) -> str:
         cfg = self.cfg
         return _hash({"base": self.base_hash(train_hash), "verify": cfg.get("verify"),
-                      "mask": cfg.get("verify_mask"), "stats": cfg.get("stats")})
+                      "mask": cfg.get("verify_mask"), "stats": cfg.get("stats"),
+                      # which classes the searches cover above VERIFY["all_up_to"] classes
+                      **({"screen": VERIFY} if cfg.get("num_classes", 10) > VERIFY["all_up_to"] else {})})
 
     def base_hash(self, train_hash: str) -> str:
         """What the removal part depends on: the model, the clean set, NC's reverse engineering

@@ -14,7 +14,7 @@ One compressed ``.npz`` per model (``benchmarks/results/<suite>/<model id>.npz``
 * ``perturbations (C, d)``, ``norms``, ``nonneg_norms``, ``quantile_norms`` (C,): the latent QPs;
 * ``input_bounds (C,)``, ``flip_curve (K, T)``, ``eps (T,)``: the input-space verification (when run;
   ``nan`` bounds for classes not searched); ``input_classes (K,)``: the classes searched (absent:
-  all C; above 32 classes the latent screen's top 16, as the library's audit);
+  all C; above 32 classes the latent screen's top ``VERIFY["top"]``, as the library's audit);
 * ``mask_l1 (C,)``, ``mask_flip (K,)``, ``mask_classes (K,)``: the mask verification (when run);
 * ``tac (T_k, d)``: for backdoored models, the true latent TAC ``mean h(x') - h(x)`` per trigger
   on test images (not of its target); ``nc_l1 (C,)``: Neural Cleanse's mask norms.

@@ -10,7 +10,7 @@ __all__ = ["DEMO", "PURIFY", "VERIFY", "ZOO_ARCHS", "ZOO_ATTACKS"]
 #: it, the ``top`` classes the latent rule ranks most suspicious, so that its cost (``classes x
 #: images`` images a step) does not grow with C. The calibration's thresholds are measured with
 #: ``images`` reference images.
-VERIFY: dict[str, int] = {"all_up_to": 32, "top": 16, "images": 40}
+VERIFY: dict[str, int] = {"all_up_to": 32, "top": 12, "images": 40}
 
 PURIFY: dict[str, float | int | str] = {
     "beta": 10.0,  # weight of CE(head(h + scale * s_t), y)

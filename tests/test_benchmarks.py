@@ -306,7 +306,7 @@ def test_many_class_family_joins_the_standard_statistics():
 
 
 def test_curve_bounds_of_a_partial_search_map_to_their_classes():
-    """Above 32 classes the input search covers 16 of them; the stored curves are per searched
+    """Above 32 classes the input search covers some of them; the stored curves are per searched
     class and rescore's curve-based scores place them back among all C (nan elsewhere)."""
     import numpy as np
 
@@ -317,3 +317,31 @@ def test_curve_bounds_of_a_partial_search_map_to_their_classes():
     assert b.shape == (5,) and np.isnan(b[[0, 2, 4]]).all() and 0.5 < b[1] < b[3] <= 2.0
     full = rescore._curve_bound({"eps": eps, "flip_curve": curves}, 0.5)  # every class searched
     assert np.allclose(full, b[[1, 3]])
+
+
+def test_screen_study_restricts_the_search_to_the_screen_s_top_classes():
+    """benchmarks.screen keeps the bounds of the latent screen's top k classes only (the classes the
+    audit would search with verify_top=k), nan elsewhere, and a planted low bound on a screened
+    class is found at every k that covers it."""
+    import numpy as np
+
+    from benchmarks import screen
+    from hub_backdoor.detection.audit import screened_classes
+
+    rng = np.random.default_rng(0)
+    C, d = 40, 8
+    norms = rng.uniform(1.0, 2.0, C)
+    z = {"norms": norms, "nonneg_norms": norms, "quantile_norms": norms, "perturbations": rng.normal(size=(C, d)),
+         "h_std": np.ones(d), "input_bounds": rng.uniform(20.0, 30.0, C),
+         "spec": {"id": "m", "targets": []}, "record": {}}
+    z["logits"] = rng.normal(size=(50, C))
+    z["labels"] = rng.integers(0, C, 50)
+    for k in (4, 8):
+        inp = screen.restricted(z, k)
+        kept = np.flatnonzero(np.isfinite(inp.input_bounds))
+        assert kept.tolist() == screened_classes(norms, z["perturbations"], z["h_std"], top=k)
+    top4 = screened_classes(norms, z["perturbations"], z["h_std"], top=4)
+    z["input_bounds"][top4[0]] = 1.0  # a shortcut far below every other class
+    z["spec"], z["record"] = {"id": "m", "targets": [top4[0]]}, {"asr_by_trigger": [1.0]}
+    res = screen.study([z], tops=(4, 8))
+    assert [res["summary"][k]["input_found"] for k in ("4", "8")] == [1, 1]

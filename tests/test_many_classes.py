@@ -14,6 +14,7 @@ from PIL import Image
 
 from hub_backdoor import audit, cli, purify, zoo
 from hub_backdoor.adapters import load_classifier
+from hub_backdoor.defaults import VERIFY
 from hub_backdoor.detection.calibration import load_calibration
 from hub_backdoor.detection.rules import DEFAULT_RULE
 
@@ -203,4 +204,4 @@ def test_a_trained_100_class_model_on_a_96_wide_embedding_gets_a_verdict(tmp_pat
     r = json.loads(report_path.read_text())
     assert r["reason"] is None or r["reason"].startswith("outside calibration")
     search = {s["stage"]: s for s in r["evidence"]["stages"]}["additive verification"]
-    assert search["classes"] == 16
+    assert search["classes"] == VERIFY["top"]
