@@ -332,7 +332,8 @@ def test_screen_study_restricts_the_search_to_the_screen_s_top_classes():
     C, d = 40, 8
     norms = rng.uniform(1.0, 2.0, C)
     z = {"norms": norms, "nonneg_norms": norms, "quantile_norms": norms,
-         "perturbations": rng.normal(size=(C, d)), "h_std": np.ones(d), "input_bounds": rng.uniform(20.0, 30.0, C),
+         "perturbations": rng.normal(size=(C, d)), "h_std": np.ones(d),
+         "input_bounds": rng.uniform(20.0, 30.0, C),
          "spec": {"id": "m", "targets": []}, "record": {}}
     z["logits"] = rng.normal(size=(50, C))
     z["labels"] = rng.integers(0, C, 50)
