@@ -54,6 +54,11 @@ CONFIG_KEYS: dict[str, tuple[str | None, type]] = {
 PURIFY_KEYS: dict[str, type] = {
     f.name.replace("_", "-"): _config_type(f) for f in dataclasses.fields(PurifyOptions)
 }
+#: The values a purify key may take where its flag has choices (``train``), as on the command line.
+_PURIFY_CHOICES: dict[str, tuple[str, ...]] = {
+    f.name.replace("_", "-"): f.metadata["choices"] for f in dataclasses.fields(PurifyOptions)
+    if f.metadata["choices"]
+}
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
@@ -103,6 +108,8 @@ def _purify_table(table: Any, file: Path) -> dict[str, Any]:
             where = "[tool.hub-backdoor.purify]"
             raise HubBackdoorError(f"{file}: unknown key {raw_key!r} in {where}; known: {known}")
         out[key] = _checked(value, PURIFY_KEYS[key], f"{file}: {raw_key!r}")
+        if key in _PURIFY_CHOICES and value not in _PURIFY_CHOICES[key]:
+            raise HubBackdoorError(f"{file}: {raw_key!r} must be one of {', '.join(_PURIFY_CHOICES[key])}")
     return out
 
 

@@ -250,5 +250,8 @@ def test_a_bad_config_file_is_a_usage_error(tmp_path, capsys):
     path = _config_file(tmp_path, {}, {"epochs": "many"})
     assert main(["purify", "org/m", "--out", str(tmp_path / "o"), "--config", str(path)]) == 2
     assert "'epochs' must be an integer" in capsys.readouterr().err
+    path = _config_file(tmp_path, {}, {"train": "heads"})  # the flag's choices hold in the file too
+    assert main(["purify", "org/m", "--out", str(tmp_path / "o"), "--config", str(path)]) == 2
+    assert "'train' must be one of backbone, last-stage, all" in capsys.readouterr().err
     assert main(["audit", "org/m", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
