@@ -214,16 +214,7 @@ class AuditOptions:
     def from_mapping(cls, values: Mapping[str, Any], *, where: str = "options") -> AuditOptions:
         """From ``{name: value}`` (``-`` and ``_`` alike; ``None`` values keep the default); an
         unknown name is an :class:`~hub_backdoor.errors.OptionError`."""
-        names = set(cls.names())
-        types = {f.name: f.metadata["type"] for f in dataclasses.fields(cls)}
-        kw: dict[str, Any] = {}
-        for raw, value in values.items():
-            name = raw.replace("-", "_")
-            if name not in names:
-                raise OptionError(f"{where}: unknown audit option {raw!r}; known: {', '.join(sorted(names))}")
-            if value is not None:
-                kw[name] = _switch(value, raw) if types[name] is bool else value
-        return cls(**kw)
+        return cls(**_keywords(cls, values, where=where, kind="audit"))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AuditOptions:
@@ -239,6 +230,21 @@ class AuditOptions:
                 continue
             out += [flag(f.name)] if f.metadata["type"] is bool else [flag(f.name), str(value)]
         return out
+
+
+def _keywords(cls: Any, values: Mapping[str, Any], *, where: str, kind: str) -> dict[str, Any]:
+    """The keywords of the options dataclass ``cls`` from ``{name: value}`` (``-`` and ``_`` alike;
+    ``None`` values left out; switches read by :func:`_switch`); an unknown name is an
+    :class:`~hub_backdoor.errors.OptionError` that names the ``kind`` of option and the known ones."""
+    types = {f.name: f.metadata["type"] for f in dataclasses.fields(cls)}
+    kw: dict[str, Any] = {}
+    for raw, value in values.items():
+        name = raw.replace("-", "_")
+        if name not in types:
+            raise OptionError(f"{where}: unknown {kind} option {raw!r}; known: {', '.join(sorted(types))}")
+        if value is not None:
+            kw[name] = _switch(value, raw) if types[name] is bool else value
+    return kw
 
 
 def _switch(value: Any, name: str) -> bool:
@@ -445,17 +451,7 @@ class PurifyOptions:
         """From ``{name: value}`` (``-`` and ``_`` alike; ``None`` values keep the default, but for
         ``epochs`` and ``resolve_every``, whose default is None); an unknown name is an
         :class:`~hub_backdoor.errors.OptionError`."""
-        names = set(cls.names())
-        types = {f.name: f.metadata["type"] for f in dataclasses.fields(cls)}
-        kw: dict[str, Any] = {}
-        for raw, value in values.items():
-            name = raw.replace("-", "_")
-            if name not in names:
-                raise OptionError(
-                    f"{where}: unknown purification option {raw!r}; known: {', '.join(sorted(names))}")
-            if value is not None:
-                kw[name] = _switch(value, raw) if types[name] is bool else value
-        return cls(**kw)
+        return cls(**_keywords(cls, values, where=where, kind="purification"))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PurifyOptions:
