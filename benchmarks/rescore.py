@@ -365,14 +365,16 @@ def detection_rates(zs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _detection_section(zs: list[dict[str, Any]], source: str) -> dict[str, Any]:
-    """The calibration file's ``detection`` section: each library rule's measured detection."""
-    return {"source": f"{source}, working single-target backdoors, the rule's own threshold",
+def _detection_section(zs: list[dict[str, Any]], suite: str) -> dict[str, Any]:
+    """The calibration file's ``detection`` section: each library rule's measured detection on the
+    committed statistics ``zs`` of every family."""
+    return {"source": f"benchmarks {suite} zoo, every family (the committed statistics), working "
+                      "single-target backdoors, the rule's own threshold",
             "rules": detection_rates(zs)}
 
 
 def write_calibration(trainings: list[tuple[list[dict[str, Any]], str]], path: Path, *, suite: str,
-                      detection: list[dict[str, Any]] | None = None) -> None:
+                      detection: list[dict[str, Any]]) -> None:
     """The clean-model null of every library rule (:mod:`hub_backdoor.detection.calibration`), pooled over
     trainings of the zoo. ``trainings``: ``(stored statistics, label)`` per training; each replaces
     the file's entry of the same training and the others' entries stay, so the null keeps the
@@ -389,11 +391,7 @@ def write_calibration(trainings: list[tuple[list[dict[str, Any]], str]], path: P
     n = sum(len(next(iter(e["rules"].values()))["clean_max"]) for e in entries)
     out = {"source": f"benchmarks {suite} zoo: {n} clean models over {len(entries)} trainings",
            "trainings": entries,
-           # measured on the statistics committed (``detection``; default: the last training given)
-           "detection": _detection_section(
-               trainings[-1][0] if detection is None else detection,
-               f"benchmarks {suite} zoo, every family (the committed statistics)" if detection is not None
-               else f"benchmarks {suite} zoo ({trainings[-1][1]})")}
+           "detection": _detection_section(detection, suite)}
     atomic_write_text(path, json.dumps(out, indent=1) + "\n")
 
 
@@ -402,8 +400,7 @@ def write_detection_rates(zs: list[dict[str, Any]], path: Path, *, suite: str) -
     file, from every family of the stored statistics; the clean-model null (the p-values, and the
     class counts it covers) stays as it is."""
     out = json.loads(path.read_text())
-    out["detection"] = _detection_section(
-        zs, f"benchmarks {suite} zoo, every family (the committed statistics)")
+    out["detection"] = _detection_section(zs, suite)
     atomic_write_text(path, json.dumps(out, indent=1) + "\n")
 
 

@@ -72,7 +72,7 @@ def test_micro_suite_end_to_end_and_resumes(tmp_path):
         zs = stats.load_all(tmp_path / "micro")
         clean = [z for z in zs if not z["spec"].get("targets")]
         for _ in range(2):
-            rescore.write_calibration([(zs, "micro")], cal, suite="micro")
+            rescore.write_calibration([(zs, "micro")], cal, suite="micro", detection=zs)
         entries = json.loads(cal.read_text())["trainings"]
         assert [e["key"] for e in entries] == ["another-training", rescore.training_key(clean)]
         assert len(entries[1]["rules"]["mad"]["clean_max"]) == 1  # the micro zoo's one clean model
